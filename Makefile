@@ -1,0 +1,34 @@
+# Quickstart: `make demo` (synth -> shards -> train -> evaluate) and `make test`.
+# Both create or reuse .venv and install the project into it from pyproject.toml.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   ?= demo_out
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m shardgen synth --out $(DEMO)/raw --images 40 --seed 0
+	$(PY) -m shardgen build --annotations $(DEMO)/raw/annotations --images $(DEMO)/raw/images \
+		--out $(DEMO)/shards --workers 2
+	@echo "demo: shards and manifest in $(DEMO)/shards"
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+bench: $(STAMP)
+	$(PY) bench/shardgen_bench.py
+
+clean:
+	rm -rf $(DEMO)

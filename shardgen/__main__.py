@@ -1,0 +1,103 @@
+"""shardgen command line.
+
+    python -m shardgen synth --out DIR --images N --seed S
+    python -m shardgen build --annotations XML_DIR --images IMG_DIR --out URL [options]
+    python -m shardgen verify URL
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .build import BuildOptions, ShardgenError, build
+from .classes import MODES, REFLECTION_POLICIES
+from .splits import parse_ratios
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shardgen", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write a synthetic Sarine-like dataset (PNG scans + CVAT XML)")
+    s.add_argument("--out", required=True, help="output folder: DIR/images/*.png, DIR/annotations/*.xml")
+    s.add_argument("--images", type=int, default=40, help="number of scans (default 40)")
+    s.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
+    s.add_argument("--workers", type=int, default=1, help="processes (output does not depend on it)")
+
+    d = BuildOptions()
+    b = sub.add_parser("build", help="CVAT XML + PNG scans -> WebDataset tile shards + manifest.json")
+    b.add_argument("--annotations", required=True, help="folder of CVAT for images 1.1 XML files (or one file)")
+    b.add_argument("--images", required=True, help="folder of the scans named in the XML")
+    b.add_argument("--out", required=True, help="output URL: a local path, s3://bucket/prefix, memory://...")
+    b.add_argument("--mode", choices=MODES, default=d.mode, help="multiclass ids 0..10, or binary (any defect is 1)")
+    b.add_argument("--reflections", choices=REFLECTION_POLICIES, default=d.reflections,
+                   help="reflections paint their parent class (merge), 255 (ignore) or 0 (background)")
+    b.add_argument("--unknown-labels", choices=("error", "ignore"), default=d.unknown_labels,
+                   help="an unknown label fails the build (error) or is skipped and counted (ignore)")
+    b.add_argument("--skip-missing", action="store_true", help="count images missing on disk instead of failing")
+    b.add_argument("--channels", type=int, choices=(1, 3), default=d.channels, help="1: grayscale, 3: RGB tiles")
+    b.add_argument("--image-size", type=int, default=d.image_size, help="crop resize side (default %(default)s)")
+    b.add_argument("--tile", type=int, default=d.tile, help="tile side (default %(default)s)")
+    b.add_argument("--stride", type=int, default=d.stride, help="tile stride (default %(default)s)")
+    b.add_argument("--shard-size", type=int, default=d.shard_size, help="samples per shard (default %(default)s)")
+    b.add_argument("--split-ratios", type=parse_ratios, default=d.split_ratios,
+                   help="e.g. train=0.6,val=0.1,test=0.3 (the default)")
+    b.add_argument("--stone-id-regex", default=None,
+                   help="regex on the image id whose first group is the stone id (default: image id)")
+    b.add_argument("--polyline-width", type=int, default=d.polyline_width, help="px (default %(default)s)")
+    b.add_argument("--point-radius", type=int, default=d.point_radius, help="px (default %(default)s)")
+    b.add_argument("--png-level", type=int, choices=range(10), default=d.png_level, metavar="0-9",
+                   help="zlib level of tile PNGs (default %(default)s)")
+    b.add_argument("--classes", default=d.classes, help="class map YAML (default configs/classes.yaml)")
+    b.add_argument("--workers", type=int, default=1, help="processes; output bytes do not depend on it")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    v = sub.add_parser("verify", help="check every shard against the manifest's sha256 and counts")
+    v.add_argument("url", help="dataset root or manifest URL")
+    return p
+
+
+def _build(args) -> int:
+    opts = BuildOptions(
+        mode=args.mode, reflections=args.reflections, unknown_labels=args.unknown_labels,
+        skip_missing=args.skip_missing, channels=args.channels, image_size=args.image_size, tile=args.tile,
+        stride=args.stride, shard_size=args.shard_size, split_ratios=args.split_ratios,
+        stone_id_regex=args.stone_id_regex, polyline_width=args.polyline_width,
+        point_radius=args.point_radius, png_level=args.png_level, classes=args.classes,
+    )  # fmt: skip
+    summary = build(args.annotations, args.images, args.out, opts, workers=args.workers, progress=not args.quiet)
+    for w in summary["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    tiles = ", ".join(f"{k} {v}" for k, v in summary["tiles"].items())
+    print(f"images: {summary['images']}  tiles: {tiles}  shards: {summary['shards']} "
+          f"({summary['reused_shards']} reused)")  # fmt: skip
+    for reason, n in summary["skipped"].items():
+        print(f"skipped: {n} x {reason}")
+    print(f"throughput: {summary['images_per_s']:.2f} images/s in {summary['seconds']:.1f} s")
+    print(f"manifest: {summary['manifest']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "build":
+            return _build(args)
+        if args.command == "synth":
+            from .synth import write_synthetic
+
+            summary = write_synthetic(args.out, args.images, args.seed, workers=args.workers)
+            print(json.dumps(summary, indent=1, default=str))
+            return 0
+        from .verify import verify
+
+        return verify(args.url)
+    except (ShardgenError, ValueError, OSError) as e:
+        print(f"shardgen: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Crust removal and the 1200x1200 resize, and their inverse.
+
+The crust is the border rows and columns that are entirely black (every channel 0). The crop box is the
+bounding box of the remaining content; the crop is resized to ``size x size``: the image with Lanczos, the
+mask with nearest so class ids stay exact. ``Geometry`` records the crop box and scale so that predictions
+can be mapped back onto the original scan (``uncrop``); evaluate imports this module rather than copying it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+
+class CrustError(ValueError):
+    """The scan has no content once the crust is removed."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    width: int  # original scan width
+    height: int  # original scan height
+    box: tuple[int, int, int, int]  # crop box (left, top, right, bottom), right/bottom exclusive
+    size: int  # side of the square the crop is resized to
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(sx, sy): resized pixels per source pixel."""
+        left, top, right, bottom = self.box
+        return self.size / (right - left), self.size / (bottom - top)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "box": list(self.box), "scale": list(self.scale)}
+
+
+def crust_box(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) of the non-black content of an (H, W) or (H, W, C) array; None if all black."""
+    content = pixels.any(axis=2) if pixels.ndim == 3 else pixels != 0
+    rows = np.flatnonzero(content.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(content.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def geometry_of(pixels: np.ndarray, size: int = 1200, name: str = "image") -> Geometry:
+    box = crust_box(pixels)
+    if box is None:
+        raise CrustError(f"{name}: image is entirely black, no content after crust removal")
+    return Geometry(width=pixels.shape[1], height=pixels.shape[0], box=box, size=size)
+
+
+def crop_resize(image: Image.Image, geom: Geometry, resample=Image.Resampling.LANCZOS) -> Image.Image:
+    """Crop ``image`` to the crust box and resize it to ``geom.size`` square."""
+    return image.resize((geom.size, geom.size), resample=resample, box=geom.box)
+
+
+def crop_resize_mask(mask: np.ndarray, geom: Geometry) -> np.ndarray:
+    """The mask counterpart of ``crop_resize``: nearest, so labels stay exact."""
+    out = Image.fromarray(mask).resize((geom.size, geom.size), Image.Resampling.NEAREST, box=geom.box)
+    return np.asarray(out)
+
+
+def uncrop(mask: np.ndarray, geom: Geometry, fill: int = 0) -> np.ndarray:
+    """Map a ``size x size`` mask back onto the original scan: undo the resize (nearest), re-pad the crust."""
+    left, top, right, bottom = geom.box
+    back = Image.fromarray(mask).resize((right - left, bottom - top), Image.Resampling.NEAREST)
+    out = np.full((geom.height, geom.width), fill, dtype=mask.dtype)
+    out[top:bottom, left:right] = np.asarray(back)
+    return out

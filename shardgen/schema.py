@@ -1,0 +1,116 @@
+"""The shard schema and manifest: the public contract between shardgen, trainer and evaluate.
+
+Shards are ``URL/{split}-{000000..}.tar``. Each sample's ``__key__`` is ``{image_id}_{i}_{j}`` and it holds
+``image.png`` (8-bit L, or RGB with ``--channels 3``), ``mask.png`` (8-bit class ids, 255 = ignore) and
+``json`` (tile metadata). The 25 tiles of an image are consecutive in one shard. ``URL/manifest.json`` is
+written last; a dataset without one is incomplete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import PurePath
+
+import numpy as np
+from PIL import Image
+
+from . import storage
+
+FORMAT = "diamond-defect-shards"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+IMAGE_KEY = "image.png"
+MASK_KEY = "mask.png"
+META_KEY = "json"
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, unreadable or of another format."""
+
+
+def image_id_of(file_name: str) -> str:
+    """The image id is the file stem with '.' replaced by '-' (keys may not contain dots)."""
+    return PurePath(file_name).stem.replace(".", "-")
+
+
+def sample_key(image_id: str, i: int, j: int) -> str:
+    return f"{image_id}_{i}_{j}"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def encode_png(pixels: np.ndarray, compress_level: int = 1) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> uint8 array with the exact stored values: (H, W) for L, (H, W, 3) for RGB."""
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode not in ("L", "RGB"):
+            raise ValueError(f"unexpected PNG mode {im.mode} (shards hold L or RGB)")
+        return np.asarray(im).copy()
+
+
+def decode_sample(sample: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A raw webdataset sample -> (image (C, H, W) uint8, mask (H, W) uint8, meta).
+
+    Masks are decoded by PIL from mode L as stored, never through webdataset's "l"/"pil" decoders, which
+    rescale values.
+    """
+    image = decode_png(sample[IMAGE_KEY])
+    image = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
+    mask = decode_png(sample[MASK_KEY])
+    meta = sample[META_KEY]
+    meta = json.loads(meta) if isinstance(meta, (bytes, str)) else meta
+    return np.ascontiguousarray(image), mask, meta
+
+
+def manifest_url(url: str) -> str:
+    """Accept either a dataset root or the manifest itself."""
+    return url if url.endswith(".json") else storage.join(url, MANIFEST_NAME)
+
+
+def root_of(manifest: str) -> str:
+    return manifest.rsplit("/", 1)[0] if "/" in manifest else "."
+
+
+def read_manifest(url: str) -> dict:
+    """Load and validate ``manifest.json`` (``url`` is the dataset root or the manifest's own URL)."""
+    murl = manifest_url(url)
+    try:
+        text = storage.read_text(murl)
+    except FileNotFoundError:
+        raise ManifestError(f"{murl}: no manifest (the dataset is missing or its build did not finish)") from None
+    except OSError as e:
+        raise ManifestError(f"{murl}: cannot read manifest: {e}") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{murl}: not valid JSON: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ManifestError(f"{murl}: not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ManifestError(
+            f"{murl}: manifest format version {manifest.get('format_version')!r}, "
+            f"this code reads version {FORMAT_VERSION}; rebuild the shards with this shardgen"
+        )
+    manifest["_url"] = murl
+    return manifest
+
+
+def split_info(manifest: dict, split: str) -> dict:
+    splits = manifest["splits"]
+    if split not in splits:
+        raise ManifestError(f"{manifest.get('_url', 'manifest')}: no split {split!r} (has {sorted(splits)})")
+    return splits[split]
+
+
+def shard_urls(manifest: dict, split: str) -> list[str]:
+    """Absolute URLs of a split's shards, resolved against the manifest's location."""
+    root = root_of(manifest["_url"])
+    return [storage.join(root, s["url"]) for s in split_info(manifest, split)["shards"]]

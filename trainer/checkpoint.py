@@ -1,0 +1,94 @@
+"""Checkpoints: written atomically, local or s3://, loaded with ``torch.load(weights_only=True)``.
+
+``{out_dir}/last.pt`` and ``{out_dir}/best.pt`` are kept. ``{out_dir}/latest.json`` names the newest one and
+is rewritten only after the checkpoint itself is completely stored (a local temp file renamed into place, or
+a finished S3 upload), so a reader following the pointer never finds a partial file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import random
+import zipfile
+
+import numpy as np
+import torch
+
+from shardgen import storage
+
+LATEST = "latest.json"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _numpy_state() -> list:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save(out_dir: str, name: str, state: dict) -> str:
+    """Store ``state`` as ``{out_dir}/{name}.pt`` atomically, then point ``latest.json`` at it."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    url = storage.join(out_dir, f"{name}.pt")
+    storage.write_bytes_atomic(url, buf.getvalue())
+    pointer = {"checkpoint": f"{name}.pt", "step": int(state.get("step", 0))}
+    storage.write_bytes_atomic(storage.join(out_dir, LATEST), json.dumps(pointer).encode())
+    return url
+
+
+def latest(out_dir: str) -> str | None:
+    """URL of the newest checkpoint in ``out_dir``, or None when there is none."""
+    pointer = storage.join(out_dir, LATEST)
+    if not storage.exists(pointer):
+        return None
+    name = json.loads(storage.read_text(pointer))["checkpoint"]
+    return storage.join(out_dir, name)
+
+
+def load(url: str, map_location="cpu") -> dict:
+    """A checkpoint dict; a missing or corrupt file is a one-line CheckpointError naming it."""
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise CheckpointError(f"{url}: checkpoint not found") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{url}: not a readable checkpoint ({first})") from None
+    if not isinstance(state, dict) or "model" not in state or "meta" not in state:
+        raise CheckpointError(f"{url}: not a trainer checkpoint (no model/meta entries)")
+    return state
+
+
+def check_compatible(state: dict, meta: dict, url: str) -> None:
+    """A checkpoint must match the model it is loaded into; say which setting differs."""
+    saved = state["meta"]
+    for key in ("model", "in_channels", "n_classes"):
+        if saved.get(key) != meta[key]:
+            raise CheckpointError(f"{url}: checkpoint has {key}={saved.get(key)!r}, this run has {key}={meta[key]!r}")

@@ -1,0 +1,165 @@
+"""Shard streams for training and validation, read through the dataset's manifest (never globbed).
+
+Training: an infinite, resampled stream. Each (seed, rank, worker, epoch) draws its shards and shuffles its
+samples with its own RNG, so two runs with the same seed see the same samples, and every rank simply takes
+``steps`` batches: ranks can never disagree on the step count, whatever the shard count.
+
+Validation: images are dealt to ranks round-robin and shards to workers, so every sample is seen exactly
+once across the job. Ranks may hold unequal counts; validation runs no collective until the confusion
+matrices are summed, so it cannot hang.
+
+Decoding happens in the DataLoader workers into uint8 tensors; masks are decoded by PIL as stored, so label
+values are exact. Batches are (images uint8 (B, C, H, W), masks uint8 (B, H, W), skipped), where
+``skipped`` counts the corrupt training samples the worker dropped since its previous batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shardgen import schema, storage
+from shardgen.reader import CorruptSample, iter_shard
+
+from .config import DataConfig
+
+log = logging.getLogger(__name__)
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def decode(url: str, key: str, parts: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw tar members -> (image uint8 (C, H, W), mask uint8 (H, W)); CorruptSample if unreadable."""
+    try:
+        image, mask, _ = schema.decode_sample(parts)
+    except Exception as e:  # a bad member can fail in PIL, zlib or json in many ways
+        raise CorruptSample(url, key, f"cannot decode: {type(e).__name__}: {e}") from None
+    if image.shape[1:] != mask.shape:
+        raise CorruptSample(url, key, f"image {image.shape[1:]} and mask {mask.shape} differ in size")
+    return torch.from_numpy(image), torch.from_numpy(mask)
+
+
+def collate(tiles: list[tuple[torch.Tensor, torch.Tensor]], skipped: int = 0):
+    return torch.stack([t[0] for t in tiles]), torch.stack([t[1] for t in tiles]), skipped
+
+
+class TrainTiles(IterableDataset):
+    """Infinite batches of training tiles for one rank."""
+
+    def __init__(self, urls: list[str], cfg: DataConfig, seed: int, rank: int, start_epoch: int = 0):
+        self.urls, self.cfg, self.seed, self.rank, self.start_epoch = urls, cfg, seed, rank, start_epoch
+        self.skipped = 0  # corrupt samples dropped in this worker and not yet reported with a batch
+
+    def shards(self, worker: int) -> Iterator[str]:
+        """Shard URLs drawn with replacement, one epoch's worth per RNG."""
+        epoch = self.start_epoch
+        while True:
+            rng = random.Random(f"shards/{self.seed}/{self.rank}/{worker}/{epoch}")
+            for _ in range(len(self.urls)):
+                yield rng.choice(self.urls)
+            epoch += 1
+
+    def samples(self, worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Decoded tiles; a corrupt sample is logged with its shard and key, counted, and skipped."""
+        for url in self.shards(worker):
+            try:
+                for key, parts in iter_shard(url, retries=self.cfg.io_retries, backoff=self.cfg.io_backoff):
+                    try:
+                        yield decode(url, key, parts)
+                    except CorruptSample as e:
+                        self._skip(e)
+            except CorruptSample as e:  # the rest of a broken shard is unreadable
+                self._skip(e)
+
+    def _skip(self, e: CorruptSample) -> None:
+        log.warning("skipping corrupt sample: %s", e)
+        self.skipped += 1
+
+    def __iter__(self):
+        worker, _ = _worker()
+        storage.register_gopen()
+        rng = random.Random(f"shuffle/{self.seed}/{self.rank}/{worker}/{self.start_epoch}")
+        buffer, batch = [], []
+        for tile in self.samples(worker):  # yields decoded tiles
+            if len(buffer) < self.cfg.shuffle_buffer:
+                buffer.append(tile)
+                continue
+            k = rng.randrange(len(buffer))  # reservoir-style shuffle: emit a random element, keep the new one
+            buffer[k], tile = tile, buffer[k]
+            batch.append(tile)
+            if len(batch) == self.cfg.batch_size:
+                yield collate(batch, self.skipped)  # yields (images, masks, skipped)
+                batch, self.skipped = [], 0
+
+
+class ValTiles(IterableDataset):
+    """Every validation tile exactly once across ranks; corrupt data raises (nothing is quietly dropped).
+
+    Images are dealt round-robin to ranks in manifest order (image k goes to rank k % world), so shares
+    differ by at most one image whatever the shard count; each worker streams a subset of the shards and
+    keeps its rank's images.
+    """
+
+    def __init__(self, manifest: dict, split: str, cfg: DataConfig, rank: int, world: int):
+        self.urls = schema.shard_urls(manifest, split)
+        self.offsets = image_offsets(manifest, split)
+        self.cfg, self.rank, self.world = cfg, rank, world
+
+    def __iter__(self):
+        worker, workers = _worker()
+        storage.register_gopen()
+        batch = []
+        for url, offset in list(zip(self.urls, self.offsets, strict=True))[worker::workers]:
+            index, current = offset - 1, None
+            for key, parts in iter_shard(url, retries=self.cfg.io_retries, backoff=self.cfg.io_backoff):
+                image_id = key.rsplit("_", 2)[0]
+                if image_id != current:  # the 25 tiles of an image are consecutive in one shard
+                    index, current = index + 1, image_id
+                if index % self.world != self.rank:
+                    continue
+                batch.append(decode(url, key, parts))
+                if len(batch) == self.cfg.batch_size:
+                    yield collate(batch)
+                    batch = []
+        if batch:
+            yield collate(batch)
+
+
+def image_offsets(manifest: dict, split: str) -> list[int]:
+    """Global index of the first image of each shard of ``split``, in manifest order."""
+    counts = [s["images"] for s in schema.split_info(manifest, split)["shards"]]
+    return [sum(counts[:k]) for k in range(len(counts))]
+
+
+def rank_share(manifest: dict, split: str, rank: int, world: int) -> int:
+    """Samples of ``split`` that ``rank`` validates."""
+    info = schema.split_info(manifest, split)
+    images = len(range(rank, info["images"], world))
+    return images * manifest["tiles_per_image"]
+
+
+def _loader(ds: IterableDataset, cfg: DataConfig, workers: int, pin: bool) -> DataLoader:
+    kw = dict(prefetch_factor=cfg.prefetch_factor, persistent_workers=False) if workers else {}
+    return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin, **kw)
+
+
+def train_loader(manifest: dict, split: str, cfg: DataConfig, seed: int, rank: int, start_epoch: int, pin: bool):
+    urls = schema.shard_urls(manifest, split)
+    return _loader(TrainTiles(urls, cfg, seed, rank, start_epoch), cfg, cfg.workers, pin)
+
+
+def val_loader(manifest: dict, split: str, cfg: DataConfig, rank: int, world: int, pin: bool):
+    ds = ValTiles(manifest, split, cfg, rank, world)
+    return _loader(ds, cfg, min(cfg.workers, len(ds.urls)), pin)
+
+
+def class_histogram(manifest: dict, split: str) -> np.ndarray:
+    return np.asarray(schema.split_info(manifest, split)["class_pixels"], dtype=np.int64)

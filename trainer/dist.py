@@ -1,0 +1,90 @@
+"""torch.distributed in one place; every function also works in a plain single process."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+MAX = dist.ReduceOp.MAX
+SUM = dist.ReduceOp.SUM
+log = logging.getLogger(__name__)
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce(t: torch.Tensor, op=SUM) -> torch.Tensor:
+    """In-place sum (by default) across ranks; returns ``t`` for chaining."""
+    if is_dist():
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order."""
+    if not is_dist():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def setup(device: str = "auto", attempts: int = 3) -> torch.device:
+    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group: NCCL on CUDA, gloo on CPU.
+
+    Joining is retried: after torchrun restarts a group, a gloo rendezvous sometimes fails to connect once,
+    and a retry costs seconds where a failed process would burn one of torchrun's --max-restarts.
+    """
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is cuda but no CUDA device is available")
+    dev = torch.device("cuda", local_rank()) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_dist():
+        backend = "nccl" if use_cuda else "gloo"
+        for attempt in range(1, attempts + 1):
+            try:
+                dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10),
+                                        device_id=dev if use_cuda else None)
+                break
+            except (RuntimeError, dist.DistBackendError) as e:
+                if attempt == attempts:
+                    raise
+                log.warning("process group failed to form (%s); retry %d/%d", e, attempt, attempts - 1)
+                if is_dist():
+                    dist.destroy_process_group()
+                time.sleep(2.0 * attempt)
+    return dev
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.destroy_process_group()

@@ -1,0 +1,197 @@
+"""Segmentation losses: (B)CE + soft Dice, 255 ignored everywhere, summed over deep-supervision outputs.
+
+- one output channel (binary): ``ce_weight * BCEWithLogits(pos_weight) + dice_weight * Dice(sigmoid)``;
+  the research recipe is 0.5 / 0.5 with pos_weight 50.
+- two or more channels (multiclass): ``ce_weight * CrossEntropy(class weights) + dice_weight *
+  Dice(softmax)``, the Dice averaged over defect classes 1..N-1 (background is left to the cross-entropy).
+- a list/tuple of outputs (U2-Net: fused map + 6 side maps) gets the loss of each, summed, as the official
+  U2-Net ``muti_bce_loss_fusion`` does.
+Dice is computed over the whole batch (not per tile), so tiles without defects do not each count as a
+perfect or a failed Dice on their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = 255
+CLASS_WEIGHTINGS = ("median_freq", "inv_sqrt", "none")
+
+
+@dataclass
+class LossConfig:
+    ce_weight: float = 0.5  # weight of the BCE (binary) / cross-entropy (multiclass) term; research: 0.5
+    dice_weight: float = 0.5  # weight of the soft Dice term; research: 0.5
+    pos_weight: float = 50.0  # binary only: BCE weight of defect pixels (research default, defects are rare)
+    class_weighting: str = "median_freq"  # multiclass CE weights: median_freq | inv_sqrt | none
+    class_weight_min: float = 0.1  # clip of the CE class weights (median-frequency class = 1.0) ...
+    class_weight_max: float = 10.0  # ... so a near-empty class cannot dominate the loss
+    dice_smooth: float = 1.0  # added to Dice numerator and denominator: absent class, no prediction -> 0
+
+    def __post_init__(self) -> None:
+        if self.class_weighting not in CLASS_WEIGHTINGS:
+            raise ValueError(f"loss config: class_weighting must be one of {CLASS_WEIGHTINGS}, "
+                             f"got {self.class_weighting!r}")
+        for name in ("ce_weight", "dice_weight", "dice_smooth"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loss config: {name} must be >= 0, got {getattr(self, name)}")
+        if self.pos_weight <= 0:
+            raise ValueError(f"loss config: pos_weight must be > 0, got {self.pos_weight}")
+        if not 0 < self.class_weight_min <= self.class_weight_max:
+            raise ValueError(f"loss config: need 0 < class_weight_min <= class_weight_max, got "
+                             f"{self.class_weight_min} and {self.class_weight_max}")
+
+
+def class_weights_from_histogram(counts: Sequence[int], method: str = "median_freq", min_weight: float = 0.1,
+                                 max_weight: float = 10.0) -> torch.Tensor:
+    """CE class weights from per-class pixel counts (index = class id, 255 not included).
+
+    ``median_freq``: ``median(freq) / freq_c`` (Eigen & Fergus); ``inv_sqrt``: its square root
+    ``sqrt(median(freq) / freq_c)``, the gentler choice; ``none``: all ones. The median runs over classes
+    that have pixels, so the typical class weighs 1, then weights are clipped to [min_weight, max_weight].
+    A class with no pixels gets the largest weight: it cannot occur in the batches the histogram describes,
+    and if it shows up elsewhere (e.g. validation) it is as rare as it gets.
+    """
+    c = torch.as_tensor(list(counts), dtype=torch.float64)
+    if c.ndim != 1 or c.numel() < 2:
+        raise ValueError(f"class histogram: need one pixel count per class (>= 2 classes), "
+                         f"got {list(counts)}")
+    if (c < 0).any() or not torch.isfinite(c).all():
+        raise ValueError(f"class histogram: counts must be finite and >= 0, got {list(counts)}")
+    present = c > 0
+    if not present.any():
+        raise ValueError("class histogram: every class has 0 pixels")
+    if method == "none":
+        return torch.ones(c.numel(), dtype=torch.float32)
+    freq = c / c.sum()
+    # The true median (mean of the middle two for an even count); Tensor.median() takes the lower one.
+    ratio = freq[present].quantile(0.5) / freq[present]
+    if method == "median_freq":
+        w_present = ratio
+    elif method == "inv_sqrt":
+        w_present = ratio.sqrt()
+    else:
+        raise ValueError(f"class histogram: method must be one of {CLASS_WEIGHTINGS}, got {method!r}")
+    w_present = w_present.clamp(min_weight, max_weight)
+    w = torch.full_like(c, float(w_present.max()))
+    w[present] = w_present
+    return w.to(torch.float32)
+
+
+def _soft_dice_loss(
+    probs: torch.Tensor, onehot: torch.Tensor, valid: torch.Tensor, smooth: float
+) -> torch.Tensor:
+    """Mean over channels of ``1 - (2|P*T| + s) / (|P| + |T| + s)``; sums run over valid pixels of the batch.
+
+    probs/onehot: (B, K, H, W); valid: (B, 1, H, W) float.
+    """
+    p = probs * valid
+    t = onehot * valid
+    inter = (p * t).sum(dim=(0, 2, 3))
+    denom = p.sum(dim=(0, 2, 3)) + t.sum(dim=(0, 2, 3))
+    return (1.0 - (2.0 * inter + smooth) / (denom + smooth)).mean()
+
+
+class _DeepSupervisedLoss(nn.Module):
+    """forward(outputs, target): ``outputs`` is logits (B, C, H, W) or a list/tuple of them; losses add up."""
+
+    n_channels: int
+
+    def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        outs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+        if not outs:
+            raise ValueError("loss: got an empty list of outputs")
+        self._check_target(target, outs)
+        return torch.stack([self.single(o.float(), target) for o in outs]).sum()
+
+    def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_target(self, target: torch.Tensor, outs: list[torch.Tensor]) -> None:
+        if target.ndim != 3 or target.is_floating_point():
+            raise ValueError(f"loss: target must be integer (B, H, W) class ids, got {target.dtype} "
+                             f"{tuple(target.shape)}")
+        for i, o in enumerate(outs):
+            if o.ndim != 4 or o.shape[1] != self.n_channels or o.shape[0] != target.shape[0] \
+                    or o.shape[-2:] != target.shape[-2:]:
+                b, h, w = target.shape
+                raise ValueError(f"loss: output {i} has shape {tuple(o.shape)}, expected "
+                                 f"({b}, {self.n_channels}, {h}, {w})")
+        # One host sync per step; an out-of-range id would otherwise be a CUDA device-side assert (CE) or a
+        # silently wrong BCE target.
+        top = max(self.n_channels, 2) - 1
+        if bool(((target < 0) | ((target > top) & (target != IGNORE_INDEX))).any()):
+            raise ValueError(f"loss: target holds ids outside 0..{top} and {IGNORE_INDEX} (ignore)")
+
+
+class BinaryDiceBCELoss(_DeepSupervisedLoss):
+    """One logit channel; target 0 (background), 1 (defect), 255 (ignore)."""
+
+    n_channels = 1
+
+    def __init__(self, cfg: LossConfig) -> None:
+        super().__init__()
+        self.ce_weight, self.dice_weight, self.smooth = cfg.ce_weight, cfg.dice_weight, cfg.dice_smooth
+        self.register_buffer("pos_weight", torch.tensor([cfg.pos_weight]), persistent=False)
+
+    def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        valid = (target != IGNORE_INDEX)[:, None].to(logits.dtype)
+        t = (target == 1)[:, None].to(logits.dtype)
+        bce = F.binary_cross_entropy_with_logits(logits, t, pos_weight=self.pos_weight, reduction="none")
+        # Mean over valid pixels; an all-ignore batch gives 0, not NaN.
+        bce = (bce * valid).sum() / valid.sum().clamp_min(1.0)
+        dice = _soft_dice_loss(torch.sigmoid(logits), t, valid, self.smooth)
+        return self.ce_weight * bce + self.dice_weight * dice
+
+
+class MulticlassDiceCELoss(_DeepSupervisedLoss):
+    """N >= 2 logit channels; target 0..N-1 and 255 (ignore). Dice over defect classes 1..N-1."""
+
+    def __init__(self, cfg: LossConfig, class_weights: torch.Tensor) -> None:
+        super().__init__()
+        self.n_channels = class_weights.numel()
+        self.ce_weight, self.dice_weight, self.smooth = cfg.ce_weight, cfg.dice_weight, cfg.dice_smooth
+        self.register_buffer("class_weights", class_weights.to(torch.float32), persistent=False)
+
+    def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        valid = target != IGNORE_INDEX
+        safe = torch.where(valid, target, 0)
+        # Weighted mean over valid pixels, as F.cross_entropy(weight=...) does, but 0 rather than NaN when
+        # every pixel is ignored.
+        ce = F.cross_entropy(logits, target, weight=self.class_weights, ignore_index=IGNORE_INDEX,
+                             reduction="sum")
+        ce = ce / (self.class_weights[safe] * valid).sum().clamp_min(1e-6)
+        onehot = F.one_hot(safe, self.n_channels).permute(0, 3, 1, 2).to(logits.dtype)
+        probs = logits.softmax(dim=1)
+        dice = _soft_dice_loss(probs[:, 1:], onehot[:, 1:], valid[:, None].to(logits.dtype), self.smooth)
+        return self.ce_weight * ce + self.dice_weight * dice
+
+
+def build_loss(cfg: LossConfig, n_classes: int, class_hist: Sequence[int] | None = None) -> nn.Module:
+    """The training loss for a model with ``n_classes`` output channels.
+
+    ``n_classes == 1``: binary (sigmoid) loss, ``class_hist`` unused. ``n_classes >= 2``: multiclass loss;
+    ``class_hist`` (pixel count per class id 0..n_classes-1, from the train manifest) is required unless
+    ``cfg.class_weighting == "none"``.
+    """
+    if n_classes == 1:
+        return BinaryDiceBCELoss(cfg)
+    if n_classes < 1:
+        raise ValueError(f"loss: n_classes must be >= 1, got {n_classes}")
+    if cfg.class_weighting == "none":
+        weights = torch.ones(n_classes)
+    elif class_hist is None:
+        raise ValueError(f"loss: class_weighting={cfg.class_weighting!r} needs the per-class pixel histogram "
+                         f"of the train split (or set class_weighting: none)")
+    elif len(class_hist) != n_classes:
+        raise ValueError(f"loss: class histogram has {len(class_hist)} entries but the model has {n_classes} "
+                         f"classes")
+    else:
+        weights = class_weights_from_histogram(class_hist, cfg.class_weighting, cfg.class_weight_min,
+                                               cfg.class_weight_max)
+    return MulticlassDiceCELoss(cfg, weights)

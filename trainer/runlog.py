@@ -1,0 +1,106 @@
+"""What a run reports, on rank 0: log lines, TensorBoard events, metrics.csv and the resolved config."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+
+import torch
+
+from shardgen import storage
+
+from .config import Config, dump_yaml
+
+log = logging.getLogger("trainer")
+
+
+class RunLog:
+    def __init__(self, cfg: Config, total_steps: int, enabled: bool):
+        self.cfg, self.total, self.enabled = cfg, total_steps, enabled
+        self.rows: list[dict] = []
+        self.last_val: dict | None = None
+        self._loss, self._n, self._time, self._wait, self._samples = 0.0, 0, 0.0, 0.0, 0
+        self.tb = None
+        if not enabled:
+            return
+        out = cfg.train.out_dir
+        storage.makedirs(out)
+        old = storage.join(out, "metrics.csv")
+        if cfg.train.resume != "none" and storage.exists(old):  # a resumed run appends to its history
+            self.rows = list(csv.DictReader(io.StringIO(storage.read_text(old))))
+        # The resolved config sits next to the checkpoints, so a run can always be reproduced.
+        storage.write_bytes_atomic(storage.join(out, "config.yaml"), dump_yaml(cfg).encode())
+        if storage.is_local(out) and "://" not in out:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(storage.join(out, "tb"))
+
+    @staticmethod
+    def class_names(classes: list[str], binary: bool) -> list[str]:
+        return ["background", "defect"] if binary else list(classes)
+
+    def train_step(self, step, loss: torch.Tensor, lr, global_batch, seconds, wait, skipped, bad) -> None:
+        if not self.enabled:
+            return
+        if not bad:
+            self._loss += float(loss)  # one host sync per step on rank 0; the step is done anyway
+            self._n += 1
+        self._time += seconds
+        self._wait += wait
+        self._samples += global_batch
+        if step % self.cfg.train.log_every and step != self.total:
+            return
+        loss_avg = self._loss / max(1, self._n)
+        rate = self._samples / max(self._time, 1e-9)
+        wait_frac = self._wait / max(self._time, 1e-9)
+        log.info("step %d/%d loss %.4f lr %.3g %.1f samples/s data-wait %.0f%% skipped %d",
+                 step, self.total, loss_avg, lr, rate, 100 * wait_frac, skipped)  # fmt: skip
+        self._row(step=step, phase="train", loss=loss_avg, lr=lr, samples_per_s=rate, data_wait=wait_frac,
+                  skipped_samples=skipped)  # fmt: skip
+        if self.tb:
+            self.tb.add_scalar("train/loss", loss_avg, step)
+            self.tb.add_scalar("train/lr", lr, step)
+            self.tb.add_scalar("train/samples_per_s", rate, step)
+            self.tb.add_scalar("train/data_wait", wait_frac, step)
+        self._loss, self._n, self._time, self._wait, self._samples = 0.0, 0, 0.0, 0.0, 0
+
+    def val(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.last_val = metrics
+        ious = {f"iou_{k}": v["iou"] for k, v in metrics["per_class"].items()}
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        log.info("val step %d: mIoU %s | %s", step, fmt(metrics["miou"]),
+                 " ".join(f"{k[4:]} {fmt(v)}" for k, v in ious.items()))  # fmt: skip
+        self._row(step=step, phase="val", miou=metrics["miou"], **ious)
+        if self.tb:
+            if metrics["miou"] is not None:
+                self.tb.add_scalar("val/miou", metrics["miou"], step)
+            for k, v in ious.items():
+                if v is not None:
+                    self.tb.add_scalar(f"val/{k}", v, step)
+        self._flush()
+
+    def _row(self, **row) -> None:
+        self.rows.append(row)
+
+    def _flush(self) -> None:
+        fields = []
+        for row in self.rows:
+            fields += [k for k in row if k not in fields]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        storage.write_bytes_atomic(storage.join(self.cfg.train.out_dir, "metrics.csv"), buf.getvalue().encode())
+
+    def close(self, skipped: int) -> None:
+        if not self.enabled:
+            return
+        self._row(phase="end", skipped_samples=skipped)
+        if skipped:
+            log.warning("skipped %d corrupt training samples in total (see the warnings above)", skipped)
+        self._flush()
+        if self.tb:
+            self.tb.close()

@@ -1,0 +1,206 @@
+"""The training loop: one process per device, DDP when launched by torchrun.
+
+    python -m trainer --config demo.yaml                                  # CPU smoke run
+    python -m trainer --config configs/unet.yaml optim.lr=3e-4 data.batch_size=16
+    torchrun --standalone --nproc_per_node=8 -m trainer --config u2net.yaml
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        --rdzv_id=diamond --max-restarts=2 -m trainer --config u2net.yaml   # on each node
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from shardgen import schema
+
+from . import checkpoint, dist, runlog
+from .augment import GpuAugment
+from .config import Config, to_dict
+from .data import class_histogram, rank_share, train_loader, val_loader
+from .losses import build_loss
+from .metrics import ConfusionMatrix
+from .models import build_model
+
+log = logging.getLogger("trainer")
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+def lr_factor(step: int, total: int, cfg) -> float:
+    """LR multiplier at ``step``: linear warmup, then cosine down to ``min_lr_ratio`` (or constant)."""
+    if cfg.schedule != "cosine":
+        return 1.0
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def predict(logits: torch.Tensor) -> torch.Tensor:
+    """Class ids from logits: argmax, or sigmoid > 0.5 for a single (binary) channel."""
+    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+
+
+@torch.no_grad()
+def evaluate(model, loader, augment, n_classes, class_names, device, amp) -> dict:
+    """Validation mIoU from a confusion matrix summed over every rank."""
+    model.eval()
+    augment.eval()
+    cm = ConfusionMatrix(max(n_classes, 2), class_names=class_names, device=device)
+    for images, masks, _ in loader:
+        x, y = augment(images.to(device, non_blocking=True), masks.to(device, non_blocking=True))
+        with amp:
+            logits = model(x)
+        cm.update(y, predict(logits.float()))
+    cm.reduce_from_all_processes()  # every rank reaches this once, whatever its share
+    model.train()
+    augment.train()
+    return cm.compute()
+
+
+def train(cfg: Config) -> dict:
+    device = dist.setup(cfg.train.device)
+    rank, world = dist.rank(), dist.world_size()
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    manifest = schema.read_manifest(cfg.data.train)
+    val_manifest = schema.read_manifest(cfg.data.val) if cfg.data.val else manifest
+    n_train = schema.split_info(manifest, cfg.data.train_split)["samples"]
+    if n_train == 0:
+        raise TrainError(f"{manifest['_url']}: split {cfg.data.train_split!r} has no samples")
+    share = rank_share(val_manifest, cfg.data.val_split, rank, world)
+    if share < cfg.data.batch_size:
+        raise TrainError(
+            f"{val_manifest['_url']}: rank {rank} of {world} validates {share} samples of split "
+            f"{cfg.data.val_split!r}, fewer than data.batch_size={cfg.data.batch_size}; lower the batch size"
+        )
+
+    classes, binary = manifest["classes"], manifest["mode"] == "binary"
+    n_classes = 1 if binary else len(classes)
+    model = build_model(cfg.model.name, manifest["channels"], n_classes, **cfg.model.kwargs).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    augment = GpuAugment(cfg.augment, cfg.normalize).to(device)
+    loss_fn = build_loss(cfg.loss, n_classes, class_histogram(manifest, cfg.data.train_split)).to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+    )
+    global_batch = cfg.data.batch_size * world * cfg.optim.accum_steps
+    total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * n_train / global_batch))
+    if cfg.optim.schedule == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=cfg.optim.plateau_factor, patience=cfg.optim.plateau_patience
+        )
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.optim))
+    use_bf16 = device.type == "cuda" and cfg.train.amp in ("auto", "bf16")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    scaler = torch.amp.GradScaler(enabled=False)  # bf16 needs no loss scaling; kept for the checkpoint format
+    meta = {"model": cfg.model.name, "in_channels": manifest["channels"], "n_classes": n_classes,
+            "classes": classes, "mode": manifest["mode"], "config": to_dict(cfg)}  # fmt: skip
+
+    step, best, skipped_before = 0, -1.0, 0  # skipped_before: corrupt samples skipped by earlier attempts
+    resume = checkpoint.latest(cfg.train.out_dir) if cfg.train.resume == "auto" else None
+    resume = cfg.train.resume if cfg.train.resume not in ("auto", "none") else resume
+    if resume:
+        state = checkpoint.load(resume)
+        checkpoint.check_compatible(state, meta, resume)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        step, best, skipped_before = state["step"], state["best_miou"], state["skipped_samples"]
+        log.info("resumed from %s at step %d", resume, step)
+
+    raw_model = model  # unwrapped, for checkpoints and validation (no DDP collectives in eval)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    pin = cfg.data.pin_memory and device.type == "cuda"
+    start_epoch = step * global_batch // n_train  # a resumed run draws fresh shards, not a replay
+    batches = iter(train_loader(manifest, cfg.data.train_split, cfg.data, cfg.train.seed, rank, start_epoch, pin))
+    val_batches = val_loader(val_manifest, cfg.data.val_split, cfg.data, rank, world, pin)
+    logger = runlog.RunLog(cfg, total, enabled=dist.is_main())
+
+    skipped_here = 0  # corrupt samples this rank's loader skipped in this attempt
+
+    def skipped_total() -> int:  # a collective: every rank calls it at the same points
+        return skipped_before + int(dist.all_reduce(torch.tensor(skipped_here, device=device)).item())
+
+    def save(name: str) -> None:
+        skipped = skipped_total()
+        if dist.is_main():
+            checkpoint.save(cfg.train.out_dir, name, {
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                "best_miou": best, "skipped_samples": skipped, "rng": checkpoint.rng_state(), "meta": meta,
+            })  # fmt: skip
+        dist.barrier()  # no rank runs ahead of a checkpoint it might need to resume from
+
+    model.train()
+    bad_in_row = 0
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not dist.is_main())
+    while step < total:
+        t0 = time.perf_counter()
+        wait, loss_sum = 0.0, torch.zeros((), device=device)
+        for micro in range(cfg.optim.accum_steps):
+            tw = time.perf_counter()
+            images, masks, skipped = next(batches)  # uint8 (B, C, H, W), uint8 (B, H, W)
+            wait += time.perf_counter() - tw
+            skipped_here += skipped
+            images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+            x, y = augment(images, masks)  # kornia on the device: float (B, C, H, W), long (B, H, W)
+            if cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            # Gradients are all-reduced only on the last micro-batch of an accumulation.
+            sync = model.no_sync() if world > 1 and micro < cfg.optim.accum_steps - 1 else nullcontext()
+            with sync, amp:
+                loss = loss_fn(model(x), y) / cfg.optim.accum_steps
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip or float("inf"))
+        # Every rank must take the same decision, or DDP's next all-reduce would pair mismatched steps.
+        bad = dist.all_reduce((~torch.isfinite(loss_sum + grad_norm)).float(), op=dist.MAX).item() > 0
+        if bad:
+            bad_in_row += 1
+            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, bad_in_row)
+            if bad_in_row >= cfg.train.max_bad_steps:
+                raise TrainError(f"{bad_in_row} non-finite losses in a row at step {step}; aborting")
+        else:
+            bad_in_row = 0
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step()
+        step += 1
+        bar.update(1)
+        logger.train_step(step, loss_sum, optimizer.param_groups[0]["lr"], global_batch,
+                          time.perf_counter() - t0, wait, skipped_before + skipped_here, bad)  # fmt: skip
+
+        if step % cfg.train.val_every == 0 or step == total:
+            metrics = evaluate(raw_model, val_batches, augment, n_classes, logger.class_names(classes, binary),
+                               device, amp)  # fmt: skip
+            miou = metrics["miou"] if metrics["miou"] is not None else 0.0
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(miou)
+            logger.val(step, metrics)
+            if miou > best:
+                best = miou
+                save("best")
+        if step % cfg.train.ckpt_every == 0 or step == total:
+            save("last")
+    bar.close()
+    skipped = skipped_total()
+    logger.close(skipped)
+    return {"steps": step, "best_miou": best, "last_val": logger.last_val, "skipped_samples": skipped,
+            "out_dir": cfg.train.out_dir}  # fmt: skip
