@@ -16,6 +16,14 @@ from .classes import MODES, REFLECTION_POLICIES
 from .splits import parse_ratios
 
 
+def _ratios(text: str) -> dict[str, float]:
+    # argparse replaces a type's ValueError with a generic "invalid value"; this keeps parse_ratios' reason.
+    try:
+        return parse_ratios(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shardgen", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -42,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--tile", type=int, default=d.tile, help="tile side (default %(default)s)")
     b.add_argument("--stride", type=int, default=d.stride, help="tile stride (default %(default)s)")
     b.add_argument("--shard-size", type=int, default=d.shard_size, help="samples per shard (default %(default)s)")
-    b.add_argument("--split-ratios", type=parse_ratios, default=d.split_ratios,
+    b.add_argument("--split-ratios", type=_ratios, default=d.split_ratios,
                    help="e.g. train=0.6,val=0.1,test=0.3 (the default)")
     b.add_argument("--stone-id-regex", default=None,
                    help="regex on the image id whose first group is the stone id (default: image id)")

@@ -79,8 +79,15 @@ def _find_image(images_dir: Path, name: str) -> Path | None:
     return None
 
 
-def plan(annotations: Path, images: Path, opts: BuildOptions, skipped: Counter) -> list[ImageJob]:
-    """Every image to build, validated, in a deterministic order (split, image id)."""
+def plan(
+    annotations: Path, images: Path, opts: BuildOptions, skipped: Counter, warnings: list[str] | None = None
+) -> list[ImageJob]:
+    """Every image to build, validated, in a deterministic order (split, image id).
+
+    What is left out by option (unknown labels with ``--unknown-labels ignore``, missing images with
+    ``--skip-missing``) is counted in ``skipped`` and reported as ``FILE:LINE: reason`` in ``warnings``.
+    """
+    warnings = warnings if warnings is not None else []
     cmap = ClassMap.load(opts.classes)
     xml_files = sorted(annotations.glob("*.xml")) if annotations.is_dir() else [annotations]
     if not xml_files:
@@ -100,6 +107,7 @@ def plan(annotations: Path, images: Path, opts: BuildOptions, skipped: Counter) 
                     if opts.unknown_labels != "ignore":
                         raise ShardgenError(msg + " (use --unknown-labels ignore to skip such shapes)")
                     skipped[f"unknown label {shape.label!r}"] += 1
+                    warnings.append(msg + ", shape skipped")
                     values.append(None)
                 else:
                     values.append(cmap.paint_value(info, opts.mode, opts.reflections))
@@ -110,6 +118,7 @@ def plan(annotations: Path, images: Path, opts: BuildOptions, skipped: Counter) 
                         f"{xml}:{ann.line}: image {ann.name!r} not found in {images} (use --skip-missing to skip)"
                     )
                 skipped["image missing"] += 1
+                warnings.append(f"{xml}:{ann.line}: image {ann.name!r} not found in {images}, skipped")
                 continue
             try:
                 with Image.open(path) as im:
@@ -212,6 +221,18 @@ def _process(args):
     return process_image(*args)
 
 
+def _die_with_parent() -> None:
+    """Pool initializer: a worker gets SIGKILL when the build process dies (Linux), so killing a build
+    never leaves orphans that keep burning CPU."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 # ------------------------------------------------------------------------------------------- shards
 
 
@@ -281,9 +302,12 @@ def _write_shard(out: str, split: str, index: int, results: list[dict]) -> tuple
 def build(annotations, images, out: str, opts: BuildOptions, workers: int = 1, progress: bool = True) -> dict:
     """Build the dataset at ``out``; returns the summary (also printed by the CLI)."""
     start = time.perf_counter()
+    # Bad options fail before any input is read or any output (an earlier build's manifest) is touched.
+    TileGrid(opts.image_size, opts.tile, opts.stride)
     storage.register_gopen()
     skipped: Counter = Counter()
-    jobs = plan(Path(annotations), Path(images), opts, skipped)
+    plan_warnings: list[str] = []
+    jobs = plan(Path(annotations), Path(images), opts, skipped, plan_warnings)
     cmap = ClassMap.load(opts.classes)
     storage.makedirs(out)
     storage.makedirs(storage.join(out, BUILD_DIR))
@@ -303,10 +327,10 @@ def build(annotations, images, out: str, opts: BuildOptions, workers: int = 1, p
 
     todo = [(job, opts) for _, _, shard_jobs in pending for job in shard_jobs]
     ctx = mp.get_context("fork")
-    pool = ctx.Pool(workers) if workers > 1 and todo else None
+    pool = ctx.Pool(workers, initializer=_die_with_parent) if workers > 1 and todo else None
+    bar = tqdm(total=len(jobs), desc="shardgen", unit="img", disable=not progress)
     try:
         results = pool.imap(_process, todo) if pool else map(_process, todo)
-        bar = tqdm(total=len(jobs), desc="shardgen", unit="img", disable=not progress)
         bar.update(sum(r["images"] for r in records.values()))
         for split, index, shard_jobs in pending:
             name = schema.shard_name(split, index)
@@ -333,12 +357,12 @@ def build(annotations, images, out: str, opts: BuildOptions, workers: int = 1, p
             }
             rec_url = storage.join(storage.join(out, BUILD_DIR), name + ".json")
             storage.write_bytes_atomic(rec_url, json.dumps(records[name], sort_keys=True).encode())
-        bar.close()
     finally:
+        bar.close()  # also on error, so the error message starts on a line of its own
         if pool:
             pool.terminate()
     # Reused shards report their warnings again, so a resumed build prints what a fresh one would.
-    warnings = [w for s, i, _ in plans for w in records[schema.shard_name(s, i)]["warnings"]]
+    warnings = plan_warnings + [w for s, i, _ in plans for w in records[schema.shard_name(s, i)]["warnings"]]
     for rec in records.values():
         skipped.update(rec["skipped"])
 

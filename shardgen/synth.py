@@ -163,9 +163,7 @@ def _pinpoint(sc: Scene):
 def _crystal(sc: Scene):
     rng = sc.rng
     size = max(3.0, rng.uniform(8, 28) * sc.s)
-    parts = [
-        Part("polygon", _blob(rng, sc.point(size), size, int(rng.integers(5, 8)), 0.45, rng.uniform(0.5, 1)))
-    ]
+    parts = [Part("polygon", _blob(rng, sc.point(size), size, int(rng.integers(5, 8)), 0.45, rng.uniform(0.5, 1)))]
     fill, rim = rng.uniform(25, 80), rng.uniform(190, 240)
 
     def paint(sc, parts, k):
@@ -181,9 +179,7 @@ def _needle(sc: Scene):
     rng = sc.rng
     length = max(6.0, rng.uniform(20, 110) * sc.s)
     start = sc.point(length)
-    parts = [
-        Part("polyline", _curve(rng, start, length, rng.uniform(-0.05, 0.05) * length, 3), 1 + (sc.s > 0.6))
-    ]
+    parts = [Part("polyline", _curve(rng, start, length, rng.uniform(-0.05, 0.05) * length, 3), 1 + (sc.s > 0.6))]
     value, alpha = _polarity(rng, (170, 250), (20, 70)), rng.uniform(0.7, 0.95)
     return parts, lambda sc, parts, k: _blend(sc, *_scaled(_mask(sc, parts), k * alpha), value)
 
@@ -196,9 +192,7 @@ def _feather(sc: Scene):
     parts = [Part("polyline", main, width)]
     for _ in range(int(rng.integers(1, 4))):
         root = main[int(rng.integers(2, 7))]
-        parts.append(
-            Part("polyline", _curve(rng, root, 0.45 * length, rng.uniform(-0.2, 0.2) * length, 5), width)
-        )
+        parts.append(Part("polyline", _curve(rng, root, 0.45 * length, rng.uniform(-0.2, 0.2) * length, 5), width))
     value, alpha = rng.uniform(200, 245), rng.uniform(0.55, 0.85)
     return parts, lambda sc, parts, k: _blend(sc, *_scaled(_mask(sc, parts), k * alpha), value)
 
@@ -235,18 +229,14 @@ def _graining(sc: Scene):
 def _cloud(sc: Scene):
     rng = sc.rng
     size = max(4.0, rng.uniform(20, 70) * sc.s)
-    parts = [
-        Part(
-            "polygon", _blob(rng, sc.point(size), size, int(rng.integers(12, 19)), 0.35, rng.uniform(0.5, 1))
-        )
-    ]
+    parts = [Part("polygon", _blob(rng, sc.point(size), size, int(rng.integers(12, 19)), 0.35, rng.uniform(0.5, 1)))]
     delta, alpha = _polarity(rng, (50, 90), (-70, -40)), rng.uniform(0.5, 0.85)
 
     def paint(sc, parts, k):
         box, m = _mask(sc, parts, blur=size / 2.5)
         x0, y0, x1, y1 = box
         grain = rng.random(m.shape, dtype=np.float32)  # a cloud is a haze of sub-pixel pinpoints
-        _blend(sc, box, m * k * alpha * (0.4 + 0.6 * grain**2), sc.gray[y0:y1, x0:x1] + delta)
+        _blend(sc, box, m**2 * k * alpha * (0.4 + 0.6 * grain**2), sc.gray[y0:y1, x0:x1] + delta)
 
     return parts, paint
 
@@ -288,11 +278,7 @@ def _pit(sc: Scene):
     a = sc.rng.uniform(0, 2 * np.pi)
     size = max(1.5, rng.uniform(3, 8) * sc.s)
     r = sc.edge(a) - size - rng.uniform(2, 12) * sc.s - 2
-    parts = [
-        Part(
-            "polygon", _blob(rng, np.array([sc.cx + r * math.cos(a), sc.cy + r * math.sin(a)]), size, 7, 0.3)
-        )
-    ]
+    parts = [Part("polygon", _blob(rng, np.array([sc.cx + r * math.cos(a), sc.cy + r * math.sin(a)]), size, 7, 0.3))]
     fill, rim = rng.uniform(20, 60), rng.uniform(170, 230)
 
     def paint(sc, parts, k):
@@ -307,9 +293,7 @@ def _pit(sc: Scene):
 def _burn(sc: Scene):
     rng = sc.rng
     size = max(5.0, rng.uniform(25, 90) * sc.s)
-    parts = [
-        Part("polygon", _blob(rng, sc.point(size), size, int(rng.integers(10, 16)), 0.4, rng.uniform(0.4, 1)))
-    ]
+    parts = [Part("polygon", _blob(rng, sc.point(size), size, int(rng.integers(10, 16)), 0.4, rng.uniform(0.4, 1)))]
     strength = rng.uniform(0.4, 0.7)
 
     def paint(sc, parts, k):
@@ -425,9 +409,7 @@ def _draw_stone(sc: Scene) -> None:
     ]
     lines += [polar(np.array([table, e]), np.array([a, a])) for a, e in zip(vert, edge_at, strict=True)]
     inner = np.array([ring_r[int(round(a / (2 * np.pi) * 128))] for a in odd])
-    lines += [
-        polar(np.array([i, sc.edge(a + sc.rot)]), np.array([a, a])) for a, i in zip(odd, inner, strict=True)
-    ]
+    lines += [polar(np.array([i, sc.edge(a + sc.rot)]), np.array([a, a])) for a, i in zip(odd, inner, strict=True)]
     width = 1 + int(sc.s > 0.6)
     box, alpha = _mask(sc, [Part("polyline", p, width) for p in lines])
     _blend(sc, box, alpha * rng.uniform(0.5, 0.8), _polarity(rng, (190, 240), (40, 70)))
@@ -449,9 +431,7 @@ def _to_rgb(sc: Scene, gains: np.ndarray) -> np.ndarray:
 def _variant(rng: np.random.Generator, label: str) -> str:
     """A real-world spelling of ``label`` that ClassMap.lookup still resolves."""
     words = label.replace("_", " ")
-    options = [
-        v for v in dict.fromkeys([words, words.lower(), label.upper(), words.capitalize()]) if v != label
-    ]
+    options = [v for v in dict.fromkeys([words, words.lower(), label.upper(), words.capitalize()]) if v != label]
     return options[int(rng.integers(len(options)))]
 
 
@@ -501,9 +481,7 @@ def _prepare(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     foreign = sorted(p.name for p in directory.iterdir() if not OWN_FILE.fullmatch(p.name))
     if foreign:
-        raise ValueError(
-            f"{directory}: holds {foreign[0]}, not written by the generator; use an empty directory"
-        )
+        raise ValueError(f"{directory}: holds {foreign[0]}, not written by the generator; use an empty directory")
     for p in directory.iterdir():
         p.unlink()
 
@@ -518,8 +496,11 @@ def write_synthetic(
 ) -> dict:
     """Write ``n_images`` scans to ``out_dir/images`` and their CVAT XML to ``out_dir/annotations``."""
     lo, hi = size_range
-    if n_images < 1 or seed < 0 or workers < 1:
-        raise ValueError(f"need n_images >= 1, seed >= 0, workers >= 1; got {n_images}, {seed}, {workers}")
+    for name, value in (("n_images", n_images), ("workers", workers)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     if not MIN_SIDE <= lo < hi:
         raise ValueError(f"size_range {size_range}: need {MIN_SIDE} <= low < high (scans are not square)")
     out = Path(out_dir)

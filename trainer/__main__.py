@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from shardgen.reader import StorageUnavailable
+from shardgen.reader import CorruptSample, StorageUnavailable
 from shardgen.schema import ManifestError
 
 from . import dist
@@ -30,15 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = train(cfg)
-    except (ConfigError, ManifestError, CheckpointError, TrainError, StorageUnavailable) as e:
+        main_rank = dist.is_main()  # asked before cleanup, after which every process looks like rank 0
+    # CorruptSample: a validation tile read in this process (data.workers: 0); training skips corrupt tiles.
+    except (ConfigError, ManifestError, CheckpointError, TrainError, StorageUnavailable, CorruptSample) as e:
         print(f"trainer: error: {e}", file=sys.stderr)
         return 2
     finally:
         dist.cleanup()
-    if dist.is_main():
-        miou = (summary["last_val"] or {}).get("miou")
-        print(json.dumps({"steps": summary["steps"], "val_miou": miou, "best_miou": summary["best_miou"],
-                          "skipped_samples": summary["skipped_samples"], "out_dir": summary["out_dir"]}))
+    if main_rank:
+        last = summary["last_val"] or {}
+        keys = ("steps", "best_miou", "skipped_samples", "bad_steps", "rank_steps", "params_in_sync", "out_dir")
+        print(json.dumps({"val_miou": last.get("miou"), "val_samples": last.get("samples"),
+                          "val_pixels": last.get("pixels"), **{k: summary[k] for k in keys}}))  # fmt: skip
     return 0
 
 

@@ -27,8 +27,8 @@ class CheckpointError(ValueError):
 
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's device only: *_all would open a context on every GPU
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -43,7 +43,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _as_tuple(x):
@@ -89,6 +89,6 @@ def load(url: str, map_location="cpu") -> dict:
 def check_compatible(state: dict, meta: dict, url: str) -> None:
     """A checkpoint must match the model it is loaded into; say which setting differs."""
     saved = state["meta"]
-    for key in ("model", "in_channels", "n_classes"):
+    for key in ("model", "in_channels", "n_classes", "classes"):  # same count, other classes: other meaning
         if saved.get(key) != meta[key]:
             raise CheckpointError(f"{url}: checkpoint has {key}={saved.get(key)!r}, this run has {key}={meta[key]!r}")

@@ -9,6 +9,7 @@ errors that name the key and list the valid ones: a typo must never silently do 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,10 +21,26 @@ from shardgen.classes import CONFIG_DIR
 
 from .augment import AugmentConfig, NormalizeConfig
 from .losses import LossConfig
+from .models import MODELS
+
+SCHEDULES = ("cosine", "plateau", "constant")
+DEVICES = ("auto", "cuda", "cpu")
+AMP_MODES = ("auto", "bf16", "off")
 
 
 class ConfigError(ValueError):
     pass
+
+
+def _at_least(section, low, *names) -> None:
+    for name in names:
+        if getattr(section, name) < low:
+            raise ValueError(f"{name} must be >= {low}, got {getattr(section, name)}")
+
+
+def _one_of(section, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(section, name) not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(section, name)!r}")
 
 
 @dataclass
@@ -40,11 +57,18 @@ class DataConfig:
     io_retries: int = 6  # attempts to open/read a shard before giving up (exponential backoff)
     io_backoff: float = 0.5  # seconds before the first retry; doubles each time, capped at 30 s
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "batch_size", "shuffle_buffer", "prefetch_factor", "io_retries")
+        _at_least(self, 0, "workers", "io_backoff")
+
 
 @dataclass
 class ModelConfig:
     name: str = "unet"  # unet | u2net | u2netp | resnet_unet
     kwargs: dict = field(default_factory=dict)  # passed to the model class, e.g. {channels: [16, 24, 32, 40, 48]}
+
+    def __post_init__(self) -> None:
+        _one_of(self, "name", tuple(MODELS))
 
 
 @dataclass
@@ -59,6 +83,15 @@ class OptimConfig:
     plateau_factor: float = 0.5  # LR multiplier on a plateau
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     accum_steps: int = 1  # micro-batches accumulated per optimizer step
+
+    def __post_init__(self) -> None:
+        _one_of(self, "schedule", SCHEDULES)  # a typo here would otherwise train at a constant LR
+        _at_least(self, 0, "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip")
+        _at_least(self, 1, "accum_steps", "plateau_patience")
+        if self.lr <= 0 or len(self.betas) != 2 or not 0 < self.plateau_factor < 1 or self.min_lr_ratio > 1:
+            raise ValueError(f"need lr > 0, two betas, 0 < plateau_factor < 1 and min_lr_ratio <= 1; got lr "
+                             f"{self.lr}, betas {self.betas}, plateau_factor {self.plateau_factor}, "
+                             f"min_lr_ratio {self.min_lr_ratio}")
 
 
 @dataclass
@@ -77,6 +110,14 @@ class TrainConfig:
     resume: str = "auto"  # auto: continue from out_dir's latest checkpoint if any | none | a checkpoint path
     max_bad_steps: int = 5  # abort after this many NaN/inf losses in a row
 
+    def __post_init__(self) -> None:
+        _one_of(self, "device", DEVICES)
+        _one_of(self, "amp", AMP_MODES)
+        _at_least(self, 0, "steps")
+        _at_least(self, 1, "log_every", "val_every", "ckpt_every", "max_bad_steps")
+        if self.steps == 0 and self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0 when steps is 0, got {self.epochs}")
+
 
 @dataclass
 class Config:
@@ -90,6 +131,28 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------- loading
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader with YAML 1.2 scalars: ``3e-4`` is a number (PyYAML follows YAML 1.1, where
+    a float needs a dot, so ``optim.lr=3e-4`` would arrive as the string "3e-4"), and only true/false are
+    booleans (YAML 1.1 also reads on/off/yes/no, so ``train.amp=off`` would arrive as False)."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _yaml(text):
+    return yaml.load(text, Loader=_Loader)  # safe: a SafeLoader subclass
 
 
 def _check(value, tp, where: str):
@@ -171,7 +234,9 @@ def resolve_config_path(name: str) -> Path:
 def _set(tree: dict, dotted: str, value) -> None:
     node, parts = tree, dotted.split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section (``optim:`` with every key commented out)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {part} is not a section")
     node[parts[-1]] = value
@@ -181,15 +246,21 @@ def load_config(name: str, overrides: list[str] = ()) -> Config:
     path = resolve_config_path(name)
     with open(path, encoding="utf-8") as f:
         try:
-            tree = yaml.safe_load(f) or {}
+            tree = _yaml(f) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+            raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {tree!r}")
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected section.key=value")
-        _set(tree, key.strip(), yaml.safe_load(text))
-    return from_dict(Config, tree, str(path))
+        try:
+            value = _yaml(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: invalid YAML value: {' '.join(str(e).split())}") from None
+        _set(tree, key.strip(), value)
+    return from_dict(Config, tree, f"{path}: config")
 
 
 def to_dict(cfg) -> dict:

@@ -2,7 +2,8 @@
 
 Training: an infinite, resampled stream. Each (seed, rank, worker, epoch) draws its shards and shuffles its
 samples with its own RNG, so two runs with the same seed see the same samples, and every rank simply takes
-``steps`` batches: ranks can never disagree on the step count, whatever the shard count.
+``steps`` batches: ranks can never disagree on the step count, whatever the shard count. A resumed run keys
+its RNGs with the step it resumes at as well, so it draws fresh samples instead of replaying the start.
 
 Validation: images are dealt to ranks round-robin and shards to workers, so every sample is seen exactly
 once across the job. Ranks may hold unequal counts; validation runs no collective until the confusion
@@ -54,15 +55,15 @@ def collate(tiles: list[tuple[torch.Tensor, torch.Tensor]], skipped: int = 0):
 class TrainTiles(IterableDataset):
     """Infinite batches of training tiles for one rank."""
 
-    def __init__(self, urls: list[str], cfg: DataConfig, seed: int, rank: int, start_epoch: int = 0):
-        self.urls, self.cfg, self.seed, self.rank, self.start_epoch = urls, cfg, seed, rank, start_epoch
+    def __init__(self, urls: list[str], cfg: DataConfig, seed: int, rank: int, start_step: int = 0):
+        self.urls, self.cfg, self.seed, self.rank, self.start_step = urls, cfg, seed, rank, start_step
         self.skipped = 0  # corrupt samples dropped in this worker and not yet reported with a batch
 
     def shards(self, worker: int) -> Iterator[str]:
         """Shard URLs drawn with replacement, one epoch's worth per RNG."""
-        epoch = self.start_epoch
+        epoch = 0
         while True:
-            rng = random.Random(f"shards/{self.seed}/{self.rank}/{worker}/{epoch}")
+            rng = random.Random(f"shards/{self.seed}/{self.rank}/{worker}/{self.start_step}/{epoch}")
             for _ in range(len(self.urls)):
                 yield rng.choice(self.urls)
             epoch += 1
@@ -86,7 +87,7 @@ class TrainTiles(IterableDataset):
     def __iter__(self):
         worker, _ = _worker()
         storage.register_gopen()
-        rng = random.Random(f"shuffle/{self.seed}/{self.rank}/{worker}/{self.start_epoch}")
+        rng = random.Random(f"shuffle/{self.seed}/{self.rank}/{worker}/{self.start_step}")
         buffer, batch = [], []
         for tile in self.samples(worker):  # yields decoded tiles
             if len(buffer) < self.cfg.shuffle_buffer:
@@ -151,9 +152,9 @@ def _loader(ds: IterableDataset, cfg: DataConfig, workers: int, pin: bool) -> Da
     return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin, **kw)
 
 
-def train_loader(manifest: dict, split: str, cfg: DataConfig, seed: int, rank: int, start_epoch: int, pin: bool):
+def train_loader(manifest: dict, split: str, cfg: DataConfig, seed: int, rank: int, start_step: int, pin: bool):
     urls = schema.shard_urls(manifest, split)
-    return _loader(TrainTiles(urls, cfg, seed, rank, start_epoch), cfg, cfg.workers, pin)
+    return _loader(TrainTiles(urls, cfg, seed, rank, start_step), cfg, cfg.workers, pin)
 
 
 def val_loader(manifest: dict, split: str, cfg: DataConfig, rank: int, world: int, pin: bool):

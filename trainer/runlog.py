@@ -16,7 +16,7 @@ log = logging.getLogger("trainer")
 
 
 class RunLog:
-    def __init__(self, cfg: Config, total_steps: int, enabled: bool):
+    def __init__(self, cfg: Config, total_steps: int, enabled: bool, start_step: int = 0):
         self.cfg, self.total, self.enabled = cfg, total_steps, enabled
         self.rows: list[dict] = []
         self.last_val: dict | None = None
@@ -27,14 +27,18 @@ class RunLog:
         out = cfg.train.out_dir
         storage.makedirs(out)
         old = storage.join(out, "metrics.csv")
-        if cfg.train.resume != "none" and storage.exists(old):  # a resumed run appends to its history
-            self.rows = list(csv.DictReader(io.StringIO(storage.read_text(old))))
+        if start_step and storage.exists(old):
+            # A resumed run continues the history up to its checkpoint; rows a killed attempt wrote after
+            # that step are replaced by the ones this run writes again (and an old "end" row is dropped).
+            rows = csv.DictReader(io.StringIO(storage.read_text(old)))
+            self.rows = [r for r in rows if r.get("step") and int(r["step"]) <= start_step]
         # The resolved config sits next to the checkpoints, so a run can always be reproduced.
         storage.write_bytes_atomic(storage.join(out, "config.yaml"), dump_yaml(cfg).encode())
         if storage.is_local(out) and "://" not in out:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(storage.join(out, "tb"))
+            # purge_step hides the events a killed attempt wrote after the checkpoint it resumes from.
+            self.tb = SummaryWriter(storage.join(out, "tb"), purge_step=start_step + 1 if start_step else None)
 
     @staticmethod
     def class_names(classes: list[str], binary: bool) -> list[str]:

@@ -9,9 +9,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import random
 import time
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -45,6 +48,20 @@ def lr_factor(step: int, total: int, cfg) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of a rank's torch RNG (augmentation draws) from ``step`` on: ranks must not augment alike."""
+    return random.Random(f"torch/{seed}/{rank}/{step}").getrandbits(63)
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter's name and bytes: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def predict(logits: torch.Tensor) -> torch.Tensor:
     """Class ids from logits: argmax, or sigmoid > 0.5 for a single (binary) channel."""
     return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
@@ -52,19 +69,23 @@ def predict(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, loader, augment, n_classes, class_names, device, amp) -> dict:
-    """Validation mIoU from a confusion matrix summed over every rank."""
+    """Validation metrics from a confusion matrix summed over every rank, plus ``samples`` (tiles seen by all
+    ranks together) and ``pixels`` (scored, i.e. not ignored, pixels)."""
     model.eval()
     augment.eval()
     cm = ConfusionMatrix(max(n_classes, 2), class_names=class_names, device=device)
+    samples = torch.zeros((), dtype=torch.int64, device=device)
     for images, masks, _ in loader:
         x, y = augment(images.to(device, non_blocking=True), masks.to(device, non_blocking=True))
         with amp:
             logits = model(x)
         cm.update(y, predict(logits.float()))
+        samples += images.shape[0]
     cm.reduce_from_all_processes()  # every rank reaches this once, whatever its share
+    dist.all_reduce(samples)
     model.train()
     augment.train()
-    return cm.compute()
+    return {**cm.compute(), "samples": int(samples), "pixels": int(cm.mat.sum())}
 
 
 def train(cfg: Config) -> dict:
@@ -76,18 +97,26 @@ def train(cfg: Config) -> dict:
     n_train = schema.split_info(manifest, cfg.data.train_split)["samples"]
     if n_train == 0:
         raise TrainError(f"{manifest['_url']}: split {cfg.data.train_split!r} has no samples")
-    share = rank_share(val_manifest, cfg.data.val_split, rank, world)
+    n_val = schema.split_info(val_manifest, cfg.data.val_split)["samples"]
+    if n_val == 0:
+        raise TrainError(f"{val_manifest['_url']}: split {cfg.data.val_split!r} has no samples")
+    # The last rank gets the fewest images; checking it on every rank makes all ranks fail alike.
+    share = rank_share(val_manifest, cfg.data.val_split, world - 1, world)
     if share < cfg.data.batch_size:
         raise TrainError(
-            f"{val_manifest['_url']}: rank {rank} of {world} validates {share} samples of split "
+            f"{val_manifest['_url']}: rank {world - 1} of {world} validates {share} samples of split "
             f"{cfg.data.val_split!r}, fewer than data.batch_size={cfg.data.batch_size}; lower the batch size"
         )
 
     classes, binary = manifest["classes"], manifest["mode"] == "binary"
     n_classes = 1 if binary else len(classes)
-    model = build_model(cfg.model.name, manifest["channels"], n_classes, **cfg.model.kwargs).to(device)
+    try:
+        model = build_model(cfg.model.name, manifest["channels"], n_classes, **cfg.model.kwargs).to(device)
+    except (TypeError, ValueError) as e:  # model.kwargs the model does not take, or values it rejects
+        raise TrainError(f"model {cfg.model.name!r} with model.kwargs {cfg.model.kwargs}: {e}") from None
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    torch.manual_seed(rank_seed(cfg.train.seed, rank, 0))
     augment = GpuAugment(cfg.augment, cfg.normalize).to(device)
     loss_fn = build_loss(cfg.loss, n_classes, class_histogram(manifest, cfg.data.train_split)).to(device)
     optimizer = torch.optim.AdamW(
@@ -107,18 +136,28 @@ def train(cfg: Config) -> dict:
     meta = {"model": cfg.model.name, "in_channels": manifest["channels"], "n_classes": n_classes,
             "classes": classes, "mode": manifest["mode"], "config": to_dict(cfg)}  # fmt: skip
 
-    step, best, skipped_before = 0, -1.0, 0  # skipped_before: corrupt samples skipped by earlier attempts
+    step, best, skipped_before, bad_total = 0, -1.0, 0, 0  # skipped_before: skipped by earlier attempts
     resume = checkpoint.latest(cfg.train.out_dir) if cfg.train.resume == "auto" else None
     resume = cfg.train.resume if cfg.train.resume not in ("auto", "none") else resume
     if resume:
         state = checkpoint.load(resume)
         checkpoint.check_compatible(state, meta, resume)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:  # same architecture name, other widths (model.kwargs)
+            lines = str(e).splitlines()  # a header, then one line per mismatch
+            raise checkpoint.CheckpointError(
+                f"{resume}: weights do not fit this model: {lines[min(1, len(lines) - 1)].strip()}"
+            ) from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
         step, best, skipped_before = state["step"], state["best_miou"], state["skipped_samples"]
+        bad_total, rngs = state.get("bad_steps", 0), state.get("rng")
+        if isinstance(rngs, list) and len(rngs) == world:  # one RNG state per rank
+            checkpoint.set_rng_state(rngs[rank])
+        else:
+            torch.manual_seed(rank_seed(cfg.train.seed, rank, step))
         log.info("resumed from %s at step %d", resume, step)
 
     raw_model = model  # unwrapped, for checkpoints and validation (no DDP collectives in eval)
@@ -127,10 +166,11 @@ def train(cfg: Config) -> dict:
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     pin = cfg.data.pin_memory and device.type == "cuda"
-    start_epoch = step * global_batch // n_train  # a resumed run draws fresh shards, not a replay
-    batches = iter(train_loader(manifest, cfg.data.train_split, cfg.data, cfg.train.seed, rank, start_epoch, pin))
+    # start_step=step: a resumed run draws fresh samples, not a replay of the first ones.
+    batches = iter(train_loader(manifest, cfg.data.train_split, cfg.data, cfg.train.seed, rank, step, pin))
     val_batches = val_loader(val_manifest, cfg.data.val_split, cfg.data, rank, world, pin)
-    logger = runlog.RunLog(cfg, total, enabled=dist.is_main())
+    logger = runlog.RunLog(cfg, total, enabled=dist.is_main(), start_step=step)
+    last_metrics = None
 
     skipped_here = 0  # corrupt samples this rank's loader skipped in this attempt
 
@@ -139,68 +179,84 @@ def train(cfg: Config) -> dict:
 
     def save(name: str) -> None:
         skipped = skipped_total()
+        rngs = dist.all_gather_object(checkpoint.rng_state())
         if dist.is_main():
             checkpoint.save(cfg.train.out_dir, name, {
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                "best_miou": best, "skipped_samples": skipped, "rng": checkpoint.rng_state(), "meta": meta,
+                "best_miou": best, "skipped_samples": skipped, "bad_steps": bad_total, "rng": rngs, "meta": meta,
             })  # fmt: skip
         dist.barrier()  # no rank runs ahead of a checkpoint it might need to resume from
 
     model.train()
     bad_in_row = 0
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not dist.is_main())
-    while step < total:
-        t0 = time.perf_counter()
-        wait, loss_sum = 0.0, torch.zeros((), device=device)
-        for micro in range(cfg.optim.accum_steps):
-            tw = time.perf_counter()
-            images, masks, skipped = next(batches)  # uint8 (B, C, H, W), uint8 (B, H, W)
-            wait += time.perf_counter() - tw
-            skipped_here += skipped
-            images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-            x, y = augment(images, masks)  # kornia on the device: float (B, C, H, W), long (B, H, W)
-            if cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            # Gradients are all-reduced only on the last micro-batch of an accumulation.
-            sync = model.no_sync() if world > 1 and micro < cfg.optim.accum_steps - 1 else nullcontext()
-            with sync, amp:
-                loss = loss_fn(model(x), y) / cfg.optim.accum_steps
-            loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip or float("inf"))
-        # Every rank must take the same decision, or DDP's next all-reduce would pair mismatched steps.
-        bad = dist.all_reduce((~torch.isfinite(loss_sum + grad_norm)).float(), op=dist.MAX).item() > 0
-        if bad:
-            bad_in_row += 1
-            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, bad_in_row)
-            if bad_in_row >= cfg.train.max_bad_steps:
-                raise TrainError(f"{bad_in_row} non-finite losses in a row at step {step}; aborting")
-        else:
-            bad_in_row = 0
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step()
-        step += 1
-        bar.update(1)
-        logger.train_step(step, loss_sum, optimizer.param_groups[0]["lr"], global_batch,
-                          time.perf_counter() - t0, wait, skipped_before + skipped_here, bad)  # fmt: skip
+    # The context closes the bar on an error too, so an error message starts on a line of its own.
+    with tqdm(total=total, initial=step, desc="train", unit="step", disable=not dist.is_main()) as bar:
+        while step < total:
+            t0 = time.perf_counter()
+            wait, loss_sum = 0.0, torch.zeros((), device=device)
+            for micro in range(cfg.optim.accum_steps):
+                tw = time.perf_counter()
+                images, masks, skipped = next(batches)  # uint8 (B, C, H, W), uint8 (B, H, W)
+                wait += time.perf_counter() - tw
+                skipped_here += skipped
+                images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+                x, y = augment(images, masks)  # kornia on the device: float (B, C, H, W), long (B, H, W)
+                if cfg.train.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                # Gradients are all-reduced only on the last micro-batch of an accumulation.
+                sync = model.no_sync() if world > 1 and micro < cfg.optim.accum_steps - 1 else nullcontext()
+                with sync, amp:
+                    loss = loss_fn(model(x), y) / cfg.optim.accum_steps
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip or float("inf"))
+            # Every rank must take the same decision, or DDP's next all-reduce would pair mismatched steps.
+            bad = dist.all_reduce((~torch.isfinite(loss_sum + grad_norm)).float(), op=dist.MAX).item() > 0
+            if bad:
+                bad_in_row += 1
+                bad_total += 1
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, bad_in_row)
+                if bad_in_row >= cfg.train.max_bad_steps:
+                    raise TrainError(f"{bad_in_row} non-finite losses in a row at step {step}; aborting")
+            else:
+                bad_in_row = 0
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                with warnings.catch_warnings():  # a skipped first step is no misuse of the scheduler
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                    scheduler.step()
+            step += 1
+            bar.update(1)
+            logger.train_step(step, loss_sum, optimizer.param_groups[0]["lr"], global_batch,
+                              time.perf_counter() - t0, wait, skipped_before + skipped_here, bad)  # fmt: skip
 
-        if step % cfg.train.val_every == 0 or step == total:
-            metrics = evaluate(raw_model, val_batches, augment, n_classes, logger.class_names(classes, binary),
-                               device, amp)  # fmt: skip
-            miou = metrics["miou"] if metrics["miou"] is not None else 0.0
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(miou)
-            logger.val(step, metrics)
-            if miou > best:
-                best = miou
-                save("best")
-        if step % cfg.train.ckpt_every == 0 or step == total:
-            save("last")
-    bar.close()
+            if step % cfg.train.val_every == 0 or step == total:
+                metrics = evaluate(raw_model, val_batches, augment, n_classes, logger.class_names(classes, binary),
+                                   device, amp)  # fmt: skip
+                if metrics["samples"] != n_val:  # the dealing to ranks and workers lost or repeated tiles
+                    raise TrainError(f"{val_manifest['_url']}: validation saw {metrics['samples']} samples of split "
+                                     f"{cfg.data.val_split!r}, the manifest lists {n_val}")
+                last_metrics = metrics
+                miou = metrics["miou"] if metrics["miou"] is not None else 0.0
+                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    scheduler.step(miou)
+                logger.val(step, metrics)
+                if miou > best:
+                    best = miou
+                    save("best")
+            if step % cfg.train.ckpt_every == 0 or step == total:
+                save("last")
     skipped = skipped_total()
     logger.close(skipped)
-    return {"steps": step, "best_miou": best, "last_val": logger.last_val, "skipped_samples": skipped,
+    # DDP keeps ranks in lockstep with identical weights; say so, or loudly say it did not.
+    ranks = dist.all_gather_object((step, param_digest(raw_model)))
+    in_sync = len(set(ranks)) == 1
+    if not in_sync:
+        log.warning("ranks disagree: steps %s, parameter digests %s", [s for s, _ in ranks], [d for _, d in ranks])
+    elif world > 1:
+        log.info("%d ranks took %d steps each and hold identical parameters", world, step)
+    return {"steps": step, "best_miou": best, "last_val": last_metrics, "skipped_samples": skipped,
+            "bad_steps": bad_total, "rank_steps": [s for s, _ in ranks], "params_in_sync": in_sync,
             "out_dir": cfg.train.out_dir}  # fmt: skip

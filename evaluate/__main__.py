@@ -1,0 +1,97 @@
+"""Evaluate a checkpoint on a split of a shard dataset, or predict raw scans.
+
+    python -m evaluate --checkpoint CKPT --data URL [--split test] --out DIR [--blend gaussian|mean]
+                       [--batch-size 25] [--device auto|cuda|cpu] [--worst 12] [--workers 2]
+    torchrun --standalone --nproc_per_node=8 -m evaluate --checkpoint CKPT --data URL --out DIR
+    python -m evaluate predict --checkpoint CKPT --images DIR_OR_URL --out DIR [--device ...] [--blend ...]
+                       [--batch-size 25] [--image-size 1200 --tile 400 --stride 200]
+
+Bad input (a missing or corrupt checkpoint, a checkpoint for other classes, a broken manifest or shard, an
+incomplete image) is reported in one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .blend import BLEND_MODES
+
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a trainer checkpoint (.pt), local or s3://")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--blend",
+        choices=BLEND_MODES,
+        default="gaussian",
+        help="weighting of overlapping tiles (default: %(default)s)",
+    )
+    p.add_argument("--batch-size", type=int, default=25, help="tiles per forward pass (default: %(default)s)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda when available (default)")
+
+
+def _evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    _common(p)
+    p.add_argument("--data", required=True, help="dataset root or manifest.json (local or s3://)")
+    p.add_argument("--split", default="test", help="split to score (default: %(default)s)")
+    p.add_argument("--worst", type=int, default=12, help="images shown in the report (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="processes decoding shards (default: %(default)s)")
+    return p
+
+
+def _predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m evaluate predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    _common(p)
+    p.add_argument("--images", required=True, help="folder or URL prefix of the scans (*.png)")
+    p.add_argument("--image-size", type=int, help="side of the resized crust crop the model was trained on")
+    p.add_argument("--tile", type=int, help="tile side the model was trained on")
+    p.add_argument("--stride", type=int, help="tile stride")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    predicting = bool(argv) and argv[0] == "predict"
+    args = (_predict_parser() if predicting else _evaluate_parser()).parse_args(
+        argv[1:] if predicting else argv
+    )
+    # torch loads after argument errors are reported.
+    from shardgen.schema import ManifestError
+    from trainer import dist
+    from trainer.checkpoint import CheckpointError
+
+    from . import EvaluateError
+    from .predict import PredictOptions, predict_scans
+    from .run import EvalOptions, evaluate
+
+    try:
+        if predicting:
+            summary = predict_scans(PredictOptions(
+                args.checkpoint, args.images, args.out, args.device, args.blend, args.batch_size,
+                args.image_size, args.tile, args.stride))  # fmt: skip
+            print(json.dumps(summary, indent=1))
+            return 0
+        metrics = evaluate(EvalOptions(
+            args.checkpoint, args.data, args.out, args.split, args.blend, args.batch_size, args.device,
+            args.worst, args.workers))  # fmt: skip
+    except (EvaluateError, CheckpointError, ManifestError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        dist.cleanup()
+    if "report" in metrics:  # rank 0 wrote it
+        miou = metrics["miou"]
+        print(f"report: {metrics['report']}")
+        print(f"mIoU: {'—' if miou is None else f'{miou:.4f}'} ({metrics['n_images']} images)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

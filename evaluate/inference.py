@@ -1,0 +1,169 @@
+"""Running a trained checkpoint: tiles in, full-image class maps out.
+
+``load_model`` rebuilds the network from the checkpoint's own ``meta`` (architecture, channels, classes,
+normalization), so nothing about the model has to be repeated on the command line. ``Predictor`` runs
+tiles through it in fixed-size batches that may span images, turns logits into probabilities (softmax, or
+sigmoid for a single binary output), blends each image's tile probabilities with ``blend_tiles`` and
+decides the class per pixel: argmax, or probability > ``BINARY_THRESHOLD`` for binary models. It is the
+same preprocessing as validation in training: ``GpuAugment.normalize`` in eval mode, bf16 autocast on CUDA.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from shardgen.tiling import TileGrid
+from trainer import checkpoint
+from trainer.augment import AugmentConfig, GpuAugment, NormalizeConfig
+from trainer.config import ConfigError, from_dict
+from trainer.models import build_model
+
+from . import EvaluateError
+from .blend import blend_tiles
+
+BINARY_THRESHOLD = 0.5  # sigmoid probability above which a binary model's pixel is a defect
+META_KEYS = ("model", "in_channels", "n_classes", "classes", "mode", "config")
+
+
+@dataclass
+class Model:
+    net: nn.Module  # in eval mode, on ``device``
+    normalize: GpuAugment  # eval mode: normalization only
+    meta: dict  # the checkpoint's meta
+    url: str  # where the checkpoint was read from
+    device: torch.device
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.meta["in_channels"])
+
+
+def load_model(url: str, device: torch.device) -> Model:
+    """The checkpoint at ``url`` as an eval-mode network; a bad checkpoint raises ``CheckpointError``."""
+    state = checkpoint.load(url, map_location="cpu")
+    meta = state["meta"]
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise checkpoint.CheckpointError(f"{url}: checkpoint meta lacks {', '.join(missing)}")
+    config = meta["config"]
+    # The checkpoint holds every weight: a backbone initialisation file named at training time need not
+    # exist where the model is evaluated.
+    kwargs = {k: v for k, v in config["model"]["kwargs"].items() if k != "weights_path"}
+    try:
+        net = build_model(meta["model"], meta["in_channels"], meta["n_classes"], **kwargs)
+        net.load_state_dict(state["model"])
+        norm = from_dict(NormalizeConfig, config.get("normalize"), "checkpoint normalize")
+    except (KeyError, TypeError, RuntimeError, ConfigError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise checkpoint.CheckpointError(f"{url}: cannot rebuild the model: {first}") from None
+    normalize = GpuAugment(AugmentConfig(enabled=False), norm).to(device).eval()
+    return Model(net.to(device).eval(), normalize, meta, url, device)
+
+
+def check_dataset(model: Model, manifest: dict) -> None:
+    """The checkpoint must predict the dataset's classes from its kind of images."""
+    classes, mode, url = list(manifest["classes"]), manifest["mode"], manifest.get("_url", "dataset")
+    if len(model.class_names) != len(classes) or model.meta["mode"] != mode:
+        raise EvaluateError(
+            f"{model.url}: checkpoint has {len(model.class_names)} classes ({model.meta['mode']}) but "
+            f"dataset {url} has {len(classes)} classes ({mode})"
+        )
+    if model.class_names != classes:
+        raise EvaluateError(
+            f"{model.url}: checkpoint classes {model.class_names} differ from {url}: {classes}"
+        )
+    if model.in_channels != manifest["channels"]:
+        raise EvaluateError(
+            f"{model.url}: checkpoint takes {model.in_channels}-channel images but {url} has "
+            f"{manifest['channels']}-channel tiles"
+        )
+
+
+@dataclass
+class _Pending:
+    payload: Any
+    outputs: list  # tile probabilities gathered so far, in tile order
+    done: int = 0
+
+
+class Predictor:
+    """Class maps of whole images from their tiles, batching ``batch_size`` tiles across images."""
+
+    def __init__(self, model: Model, grid: TileGrid, blend: str = "gaussian", batch_size: int = 25):
+        if batch_size < 1:
+            raise EvaluateError(f"--batch-size must be >= 1, got {batch_size}")
+        self.model, self.grid, self.blend, self.batch_size = model, grid, blend, batch_size
+        cuda = model.device.type == "cuda"
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+
+    @torch.no_grad()
+    def tile_probabilities(self, tiles: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, t, t) -> float32 (N, K, t, t): softmax over classes, or the sigmoid of one logit."""
+        x = self.model.normalize.normalize(tiles.to(self.model.device, non_blocking=True))
+        with self.amp:
+            logits = self.model.net(x)
+        logits = logits.float()
+        return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+    def classes(self, probs: torch.Tensor) -> np.ndarray:
+        """Blended (K, S, S) probabilities -> (S, S) uint8 class ids."""
+        pred = probs[0] > BINARY_THRESHOLD if probs.shape[0] == 1 else probs.argmax(0)
+        return pred.to(torch.uint8).cpu().numpy()
+
+    def predict(self, items: Iterable[tuple[torch.Tensor, Any]]) -> Iterator[tuple[np.ndarray, Any]]:
+        """(tiles uint8 (count, C, t, t) in grid order, payload) -> (class map (S, S) uint8, payload).
+
+        Tiles wait until ``batch_size`` of them are queued, so a batch may hold the end of one image and the
+        start of the next; an image is blended as soon as its last tile is predicted.
+        """
+        count = self.grid.count
+        pending: deque[_Pending] = deque()
+        queue: list[torch.Tensor] = []
+        queued = 0
+        for tiles, payload in items:
+            if tiles.ndim != 4 or tiles.shape[0] != count:
+                raise EvaluateError(
+                    f"expected {count} tiles per image, got tensor of shape {tuple(tiles.shape)}"
+                )
+            pending.append(_Pending(payload, []))
+            queue.append(tiles)
+            queued += count
+            while queued >= self.batch_size:
+                batch = torch.cat(queue)
+                queue = [batch[self.batch_size :]]
+                queued -= self.batch_size
+                self._distribute(pending, self.tile_probabilities(batch[: self.batch_size]))
+            yield from self._finished(pending)
+        if queued:
+            self._distribute(pending, self.tile_probabilities(torch.cat(queue)))
+        yield from self._finished(pending)
+
+    def _distribute(self, pending: deque[_Pending], probs: torch.Tensor) -> None:
+        """Hand a batch's outputs, in order, to the images still missing tiles."""
+        count, used = self.grid.count, 0
+        for p in pending:
+            if used == len(probs):
+                break
+            take = min(count - p.done, len(probs) - used)
+            if take:
+                p.outputs.append(probs[used : used + take])
+                p.done += take
+                used += take
+
+    def _finished(self, pending: deque[_Pending]) -> Iterator[tuple[np.ndarray, Any]]:
+        while pending and pending[0].done == self.grid.count:
+            p = pending.popleft()
+            probs = blend_tiles(torch.cat(p.outputs), self.grid, self.blend)
+            yield self.classes(probs), p.payload

@@ -1,0 +1,137 @@
+"""``python -m evaluate predict``: raw scans of any size -> class masks at their own size, overlays, CVAT XML.
+
+Each scan goes through exactly the preprocessing shardgen gives training images (``shardgen.crust``, as in
+``shardgen.build.process_image``): crust detection on the RGB scan, then ``.convert("L")`` for a 1-channel
+model, crop to the crust box and Lanczos resize to the grid's square. Its tiles are predicted and blended
+(``inference.Predictor``), and the class map is mapped back onto the scan with ``uncrop`` (nearest; the
+crust is background).
+
+Outputs in ``--out``: ``masks/{stem}.png`` (uint8 class ids, the scan's size), ``overlays/{stem}.png`` and
+``predictions.xml``, a CVAT for images 1.1 file with one polygon per predicted component in scan
+coordinates (``contours``: holes are not represented, components of 1-2 pixels are dropped and counted),
+labelled with the checkpoint's class names. It imports into CVAT as pre-annotations and builds into shards
+with ``shardgen build`` like any hand-made export.
+
+The grid (image size, tile, stride) must be the one the model was trained on: ``--image-size``, ``--tile``
+and ``--stride``, else the checkpoint's ``meta["grid"]`` when it records one, else shardgen's defaults.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from shardgen import storage
+from shardgen.crust import CrustError, Geometry, crop_resize, geometry_of, uncrop
+from shardgen.cvat import ImageAnnotation, write_cvat
+from shardgen.tiling import TileGrid
+
+from . import EvaluateError
+from .contours import mask_polygons
+from .inference import Predictor, load_model
+from .overlay import overlay
+from .run import select_device
+
+SCAN_PATTERN = "*.png"
+XML_NAME = "predictions.xml"
+
+
+@dataclass
+class PredictOptions:
+    checkpoint: str
+    images: str  # folder or URL prefix holding the scans (*.png)
+    out: str  # local output folder
+    device: str = "auto"  # auto | cuda | cpu
+    blend: str = "gaussian"
+    batch_size: int = 25
+    image_size: int | None = None  # grid; None: the checkpoint's meta["grid"], else TileGrid's default
+    tile: int | None = None
+    stride: int | None = None
+
+
+def resolve_grid(meta: dict, image_size: int | None, tile: int | None, stride: int | None) -> TileGrid:
+    """The grid given on the command line, else recorded in the checkpoint, else the production default."""
+    default = TileGrid()
+    saved = meta.get("grid") or {}
+    given = {"image_size": image_size, "tile": tile, "stride": stride}
+    values = {k: v if v is not None else saved.get(k, getattr(default, k)) for k, v in given.items()}
+    try:
+        return TileGrid(**values)
+    except ValueError as e:
+        raise EvaluateError(str(e)) from None
+
+
+def list_scans(url: str) -> list[tuple[str, str]]:
+    """(file name, path for the url's filesystem) of every ``*.png`` directly under ``url``, sorted."""
+    fs, path = storage.fs_for(url)
+    found = sorted(fs.glob(path.rstrip("/") + "/" + SCAN_PATTERN))
+    if not found:
+        raise EvaluateError(f"{url}: no {SCAN_PATTERN} scans found")
+    return [(PurePosixPath(p).name, p) for p in found]
+
+
+def load_scan(
+    url: str, path: str, name: str, channels: int, size: int
+) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """(scan at its own size, crust crop resized to ``size`` square, geometry); (H, W) or (H, W, 3) uint8."""
+    fs, _ = storage.fs_for(url)
+    try:
+        with Image.open(io.BytesIO(fs.cat_file(path))) as im:
+            im.load()
+            rgb = im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise EvaluateError(f"{path}: not a readable image: {e}") from None
+    try:
+        geom = geometry_of(np.asarray(rgb), size, name=path)
+    except CrustError as e:
+        raise EvaluateError(str(e)) from None
+    source = rgb if channels == 3 else rgb.convert("L")
+    return np.asarray(source), np.array(crop_resize(source, geom)), geom
+
+
+def tiles_of(image: np.ndarray, grid: TileGrid) -> torch.Tensor:
+    """(S, S) or (S, S, C) uint8 -> (count, C, tile, tile) uint8 in grid order."""
+    chw = torch.from_numpy(np.ascontiguousarray(image[None] if image.ndim == 2 else image.transpose(2, 0, 1)))
+    t = grid.tile
+    return torch.stack([chw[:, y : y + t, x : x + t] for _, _, y, x in grid.positions()])
+
+
+def predict_scans(opts: PredictOptions) -> dict:
+    """Predict every scan under ``opts.images``; returns a summary (images, polygons, dropped per class)."""
+    device = select_device(opts.device)
+    model = load_model(opts.checkpoint, device)
+    grid = resolve_grid(model.meta, opts.image_size, opts.tile, opts.stride)
+    predictor = Predictor(model, grid, opts.blend, opts.batch_size)
+    scans = list_scans(opts.images)
+    out = Path(opts.out)
+    for sub in ("masks", "overlays"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+
+    def inputs():
+        for name, path in scans:
+            original, resized, geom = load_scan(opts.images, path, name, model.in_channels, grid.image_size)
+            yield tiles_of(resized, grid), (name, original, geom)
+
+    names = model.class_names
+    annotations, polygons, dropped = [], Counter(), Counter()
+    bar = tqdm(predictor.predict(inputs()), total=len(scans), desc="predict", unit="scan")
+    for pred, (name, original, geom) in bar:
+        mask = uncrop(pred, geom)
+        stem = PurePosixPath(name).stem
+        Image.fromarray(mask).save(out / "masks" / f"{stem}.png")
+        Image.fromarray(overlay(original, mask)).save(out / "overlays" / f"{stem}.png")
+        shapes, lost = mask_polygons(mask, names)
+        polygons.update(s.label for s in shapes)
+        dropped.update(lost)
+        annotations.append(ImageAnnotation(name, geom.width, geom.height, tuple(shapes), XML_NAME, 0))
+    xml = out / XML_NAME
+    write_cvat(xml, annotations, names[1:], source="auto")
+    return {"images": len(annotations), "polygons": dict(polygons), "dropped_components": dict(dropped),
+            "xml": str(xml), "grid": [grid.image_size, grid.tile, grid.stride]}  # fmt: skip

@@ -1,0 +1,219 @@
+"""``python -m evaluate``: score a checkpoint on the full images of a split and write the report.
+
+Every image is predicted tile by tile, its tile probabilities blended into the full image (``blend``), and
+compared with its ground truth reassembled from the same tiles. All pixel metrics come from one confusion
+matrix summed over the split (``trainer.metrics.summarize``), object counts are summed the same way, and
+per-image Dice is kept per (image, class) (``evaluate.metrics``). Under torchrun each rank scores every
+world-th image; matrices and counts are all-reduced, per-image rows gathered, and rank 0 writes
+``metrics.json``, ``per_image.csv`` and ``report.html``. Each rank writes its own images' ``predictions/``
+and ``overlays/`` PNGs, so with several nodes ``--out`` must be a shared filesystem.
+
+A rank that fails tells the others before the first collective, so every rank stops with the same one-line
+error instead of waiting for a rank that is gone.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from shardgen import schema
+from shardgen.classes import IGNORE_INDEX
+from shardgen.tiling import TileGrid
+from trainer import dist
+from trainer.metrics import summarize
+
+from . import EvaluateError
+from .blend import reassemble_mask
+from .inference import Predictor, check_dataset, load_model
+from .metrics import dice_summary, image_confusion, object_counts, object_summary, per_image_dice
+from .overlay import overlay
+from .report import write_report
+from .tiles import grid_of, image_loader, rank_images
+
+PNG_WRITERS = 4  # threads encoding overlay/prediction PNGs while the next images are predicted
+MAX_QUEUED_WRITES = 2 * PNG_WRITERS  # bounds the images held in memory waiting for their PNGs
+
+
+@dataclass
+class EvalOptions:
+    checkpoint: str
+    data: str  # dataset root or manifest URL
+    out: str  # local output folder
+    split: str = "test"
+    blend: str = "gaussian"
+    batch_size: int = 25  # tiles per forward pass; batches span images
+    device: str = "auto"  # auto | cuda | cpu
+    worst: int = 12  # images shown in the report, lowest mean Dice first
+    workers: int = 2  # processes decoding shards
+
+
+def select_device(name: str) -> torch.device:
+    """Join the process group under torchrun and pick this rank's device."""
+    if name not in ("auto", "cuda", "cpu"):
+        raise EvaluateError(f"--device must be auto, cuda or cpu, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EvaluateError("--device cuda, but no CUDA device is available")
+    return dist.setup(name)
+
+
+def scan_of(images: torch.Tensor, grid: TileGrid) -> np.ndarray:
+    """The full input image from its tiles, for the overlay: (S, S) for one channel, (S, S, 3) for RGB."""
+    tiles, t = images.numpy(), grid.tile
+    scan = np.empty((tiles.shape[1], grid.image_size, grid.image_size), np.uint8)
+    for k, (_, _, y, x) in enumerate(grid.positions()):
+        scan[:, y : y + t, x : x + t] = tiles[k]
+    return scan[0] if len(scan) == 1 else scan.transpose(1, 2, 0)
+
+
+def score_image(image_id: str, pred: np.ndarray, truth: np.ndarray, n_classes: int) -> dict:
+    """The per-image row: Dice per defect class, pixel counts, and the matrices to sum over the split."""
+    conf = image_confusion(pred, truth, n_classes)
+    dice = per_image_dice(pred, truth, n_classes)
+    return {
+        "image_id": image_id,
+        "dice": dice,
+        "mean_dice": float(np.mean(dice)),
+        "truth_pixels": conf.sum(1).tolist(),
+        "pred_pixels": conf.sum(0).tolist(),
+        "ignored_pixels": int((truth == IGNORE_INDEX).sum()),
+        "confusion": conf,
+        "objects": object_counts(pred, truth, n_classes),
+    }
+
+
+def split_metrics(conf, objects, rows: list[dict], class_names: list[str]) -> dict:
+    """metrics.json's scores from the summed confusion matrix, summed object counts and per-image rows."""
+    pixel = summarize(conf, class_names)
+    obj = object_summary(objects, class_names)
+    per_image = {r["image_id"]: r["dice"] for r in rows}
+    dice = dice_summary(per_image, class_names)
+    per_class = {}
+    for name in class_names:
+        o = obj.get(name, {"object_recall": None, "object_precision": None})
+        per_class[name] = {**pixel["per_class"][name], **o, "image_dice": dice["per_class"].get(name)}
+    return {
+        "miou": pixel["miou"],
+        "mdice": pixel["mdice"],
+        "mean_dice": dice["mean_dice"],
+        "pixel_accuracy": pixel["pixel_accuracy"],
+        "absent": pixel["absent"],
+        "per_class": per_class,
+        "per_image_dice": per_image,
+        "n_images": len(rows),
+        "confusion_matrix": np.asarray(conf).tolist(),
+    }
+
+
+def write_csv(path: Path, rows: list[dict], class_names: list[str]) -> None:
+    defects = class_names[1:]
+    header = ["image_id", "source_image", "mean_dice"]
+    header += [f"dice_{n}" for n in defects] + [f"truth_px_{n}" for n in class_names]
+    header += [f"pred_px_{n}" for n in class_names] + ["ignored_px"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in rows:
+            w.writerow([r["image_id"], r["source_image"], f"{r['mean_dice']:.6f}",
+                        *(f"{d:.6f}" for d in r["dice"]), *r["truth_pixels"], *r["pred_pixels"],
+                        r["ignored_pixels"]])  # fmt: skip
+
+
+def _save_pngs(out: Path, image_id: str, scan: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> None:
+    Image.fromarray(pred).save(out / "predictions" / f"{image_id}.png")
+    Image.fromarray(overlay(scan, pred, truth)).save(out / "overlays" / f"{image_id}.png")
+
+
+def _score_rank(opts: EvalOptions, predictor: Predictor, manifest: dict, out: Path) -> tuple:
+    """This rank's confusion matrix, object counts and per-image rows; writes its images' PNGs."""
+    rank, world = dist.rank(), dist.world_size()
+    grid, class_names = predictor.grid, list(manifest["classes"])
+    n = len(class_names)
+    conf, objects, rows = np.zeros((n, n), np.int64), np.zeros((n, 4), np.int64), []
+    expected = rank_images(manifest, opts.split, rank, world)
+    images = image_loader(manifest, opts.split, rank, world, opts.workers)
+    writes: deque[Future] = deque()
+    bar = tqdm(total=expected, desc=f"evaluate {opts.split}", unit="img", disable=not dist.is_main())
+    with bar, ThreadPoolExecutor(PNG_WRITERS) as pool:
+        for pred, item in predictor.predict((item.images, item) for item in images):
+            try:
+                truth = reassemble_mask(item.masks.numpy(), grid, item.image_id)
+                scan = scan_of(item.images, grid)
+                row = score_image(item.image_id, pred, truth, n)
+            except ValueError as e:  # overlapping tiles disagree, or class ids beyond the class list
+                raise EvaluateError(f"{item.shard}: {e}") from None
+            row["source_image"] = item.meta.get("source_image", "")
+            conf += row.pop("confusion")
+            objects += row.pop("objects")
+            rows.append(row)
+            writes.append(pool.submit(_save_pngs, out, item.image_id, scan, pred, truth))
+            while len(writes) > MAX_QUEUED_WRITES or (writes and writes[0].done()):
+                writes.popleft().result()
+            bar.update(1)
+        for f in writes:
+            f.result()
+    if len(rows) != expected:  # unreachable while the shard checks hold; never report a partial split
+        raise EvaluateError(f"{manifest['_url']}: rank {rank} scored {len(rows)} of its {expected} images")
+    return conf, objects, rows
+
+
+def evaluate(opts: EvalOptions) -> dict:
+    """Score ``opts.checkpoint`` on ``opts.split`` of ``opts.data``; returns metrics.json's content."""
+    if opts.worst < 0 or opts.workers < 0:
+        raise EvaluateError(f"--worst and --workers must be >= 0, got {opts.worst} and {opts.workers}")
+    device = select_device(opts.device)
+    model = load_model(opts.checkpoint, device)
+    manifest = schema.read_manifest(opts.data)
+    check_dataset(model, manifest)
+    if not schema.split_info(manifest, opts.split)["images"]:
+        raise EvaluateError(f"{manifest['_url']}: split {opts.split!r} has no images")
+    grid = grid_of(manifest)
+    predictor = Predictor(model, grid, opts.blend, opts.batch_size)
+    class_names = list(manifest["classes"])
+    out = Path(opts.out)
+    for sub in ("predictions", "overlays"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+
+    error, result = None, None
+    try:
+        result = _score_rank(opts, predictor, manifest, out)
+    except (EvaluateError, OSError) as e:  # bad data, or an output file that cannot be written
+        error = f"rank {dist.rank()}: {e}" if dist.world_size() > 1 else str(e)
+    errors = [e for e in dist.all_gather_object(error) if e]
+    if errors:
+        raise EvaluateError(errors[0])
+    conf, objects, rows = result
+    conf = dist.all_reduce(torch.from_numpy(conf).to(device)).cpu().numpy()
+    objects = dist.all_reduce(torch.from_numpy(objects).to(device)).cpu().numpy()
+    rows = sorted((r for part in dist.all_gather_object(rows) for r in part), key=lambda r: r["image_id"])
+    ids = [r["image_id"] for r in rows]
+    twice = sorted({i for i, j in zip(ids, ids[1:], strict=False) if i == j})
+    if twice:  # in two shards: its files would overwrite each other and it would count double
+        raise EvaluateError(f"{manifest['_url']}: image {twice[0]!r} appears twice in split {opts.split!r}")
+
+    metrics = split_metrics(conf, objects, rows, class_names)
+    metrics["checkpoint"] = opts.checkpoint
+    metrics["config"] = {
+        "evaluate": {**asdict(opts), "data": manifest["_url"], "world_size": dist.world_size()},
+        "grid": {"image_size": grid.image_size, "tile": grid.tile, "stride": grid.stride},
+        "model": model.meta["model"],
+        "mode": model.meta["mode"],
+        "training": model.meta["config"],
+    }
+    if dist.is_main():
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+        write_csv(out / "per_image.csv", rows, class_names)
+        ranked = sorted(rows, key=lambda r: (r["mean_dice"], r["image_id"]))[: opts.worst]
+        worst = [{"image_id": r["image_id"], "dice": r["mean_dice"],
+                  "overlay_path_relative": f"overlays/{r['image_id']}.png"} for r in ranked]  # fmt: skip
+        metrics["report"] = str(write_report(out, metrics, worst, class_names))
+    return metrics

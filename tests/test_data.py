@@ -1,0 +1,226 @@
+"""trainer.data: exact masks through the DataLoader, a deterministic infinite training stream, and validation
+that sees every tile exactly once across ranks and workers.
+
+Most tests read hand-made shards (``write_dataset``): tile k of image n carries (n, k) in its first two
+pixels, so a batch says which tiles it holds, and its mask holds every label 0..10 and 255.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from shardgen import schema
+from shardgen.__main__ import main as shardgen_main
+from shardgen.synth import write_synthetic
+from trainer.config import DataConfig
+from trainer.data import TrainTiles, ValTiles, rank_share, train_loader, val_loader
+
+LABELS = np.array([*range(11), 255], dtype=np.uint8)  # every class id of configs/classes.yaml and ignore
+CLASSES = ["background", "Pinpoint", "Crystal", "Needle", "Feather", "Internal_graining", "Cloud",
+           "Twinning_wisp", "Nick", "Pit", "Burn_mark"]  # fmt: skip
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def tile_pixels(n: int, k: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image (side, side) tagged (n, k) in its first two pixels, and a mask holding all of LABELS."""
+    image = np.random.default_rng(1000 * n + k).integers(0, 256, (side, side), dtype=np.uint8)
+    image[0, :2] = n, k
+    mask = np.resize(np.roll(LABELS, n + k), (side, side))
+    return image, mask
+
+
+def write_dataset(root: Path, shards: dict[str, list[int]], tiles: int = 4, side: int = 16,
+                  corrupt: set[tuple[int, int]] = frozenset()) -> dict:  # fmt: skip
+    """Write ``{split: [images in shard 0, images in shard 1, ...]}`` and its manifest; returns the manifest.
+
+    Images are numbered from 0 within each split; ``corrupt`` lists (image, tile) whose mask.png is garbage.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, counts in shards.items():
+        records, n = [], 0
+        hist = np.zeros(len(CLASSES), dtype=np.int64)
+        for index, count in enumerate(counts):
+            name = schema.shard_name(split, index)
+            with tarfile.open(root / name, "w") as tar:
+                for _ in range(count):
+                    for k in range(tiles):
+                        image, mask = tile_pixels(n, k, side)
+                        hist += np.bincount(mask[mask != 255], minlength=len(CLASSES))
+                        key = schema.sample_key(f"img{n:03d}", k // 2, k % 2)
+                        bad = (n, k) in corrupt
+                        _tar_member(tar, f"{key}.image.png", schema.encode_png(image))
+                        _tar_member(tar, f"{key}.mask.png", b"not a png" if bad else schema.encode_png(mask))
+                        _tar_member(tar, f"{key}.json", json.dumps({"image_id": f"img{n:03d}"}).encode())
+                    n += 1
+            data = (root / name).read_bytes()
+            records.append({"url": name, "samples": count * tiles, "images": count, "bytes": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
+        splits[split] = {"shards": records, "samples": n * tiles, "images": n,
+                         "bytes": sum(r["bytes"] for r in records), "class_pixels": hist.tolist()}  # fmt: skip
+    manifest = {"format": schema.FORMAT, "format_version": schema.FORMAT_VERSION, "classes": CLASSES,
+                "mode": "multiclass", "ignore_index": 255, "channels": 1, "image_size": 2 * side, "tile": side,
+                "stride": side, "tiles_per_image": tiles, "options": {}, "skipped": {}, "splits": splits}  # fmt: skip
+    (root / schema.MANIFEST_NAME).write_text(json.dumps(manifest))
+    return schema.read_manifest(str(root))
+
+
+def ids(batches) -> list[tuple[int, int]]:
+    """(image, tile) of every tile in ``batches``, read from the tag pixels."""
+    return [(int(img[0, 0, 0]), int(img[0, 0, 1])) for images, _, _ in batches for img in images]
+
+
+def take(loader, k: int) -> list:
+    it = iter(loader)
+    return [next(it) for _ in range(k)]
+
+
+def _check_masks(batches, side: int) -> None:
+    for images, masks, _ in batches:
+        for img, mask in zip(images, masks, strict=True):
+            assert np.array_equal(mask.numpy(), tile_pixels(int(img[0, 0, 0]), int(img[0, 0, 1]), side)[1])
+
+
+# ------------------------------------------------------------------------------------------ exact masks
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A dataset built by shardgen from synthetic scans: 8 images of 192 px, 64 px tiles."""
+    tmp = tmp_path_factory.mktemp("built")
+    write_synthetic(tmp / "raw", 8, seed=0, size_range=(180, 230))
+    rc = shardgen_main(["build", "--annotations", str(tmp / "raw/annotations"), "--images", str(tmp / "raw/images"),
+                        "--out", str(tmp / "shards"), "--image-size", "192", "--tile", "64", "--stride", "32",
+                        "--shard-size", "75", "--split-ratios", "train=0.5,val=0.25,test=0.25", "--quiet"])  # fmt: skip
+    assert rc == 0
+    return schema.read_manifest(str(tmp / "shards"))
+
+
+def _masks_in_shards(manifest: dict, split: str) -> list[np.ndarray]:
+    """Every mask.png of ``split`` in shard order, decoded by PIL straight from the tar files."""
+    out = []
+    for url in schema.shard_urls(manifest, split):
+        with tarfile.open(url) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".mask.png"):
+                    out.append(np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read()))))
+    return out
+
+
+def test_shardgen_masks_arrive_exactly_as_stored(built):
+    expected = _masks_in_shards(built, "val")
+    cfg = DataConfig(batch_size=7, workers=1)
+    got = [m.numpy() for _, masks, _ in val_loader(built, "val", cfg, 0, 1, pin=False) for m in masks]
+    assert len(got) == len(expected) == built["splits"]["val"]["samples"]
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == np.uint8 and np.array_equal(a, b)
+    # The shuffled, resampled training stream only ever yields stored masks, unchanged.
+    stored = {m.tobytes() for m in _masks_in_shards(built, "train")}
+    labels = set()
+    for _, masks, _ in take(train_loader(built, "train", cfg, seed=0, rank=0, start_step=0, pin=False), 12):
+        for m in masks.numpy():
+            assert m.tobytes() in stored
+            labels |= set(np.unique(m).tolist())
+    assert labels <= {*range(11), 255} and len(labels) > 2
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_every_label_and_ignore_survive_the_loader(tmp_path, workers):
+    manifest = write_dataset(tmp_path, {"train": [2], "val": [1, 1]})
+    cfg = DataConfig(batch_size=3, workers=workers, shuffle_buffer=4)
+    val = list(val_loader(manifest, "val", cfg, 0, 1, pin=False))
+    train = take(train_loader(manifest, "train", cfg, seed=0, rank=0, start_step=0, pin=False), 6)
+    for batches in (val, train):
+        _check_masks(batches, side=16)
+        assert set(np.unique(np.concatenate([m.numpy().ravel() for _, m, _ in batches]))) == set(LABELS.tolist())
+        assert all(i.dtype == m.dtype == torch.uint8 for i, m, _ in batches)
+
+
+# ------------------------------------------------------------------------------------- training stream
+
+
+@pytest.fixture
+def small(tmp_path):
+    return write_dataset(tmp_path, {"train": [1, 1, 2]})  # 4 images, 16 tiles, in shards of unequal size
+
+
+def _stream(manifest, seed=0, rank=0, start_step=0, workers=0, k=12):
+    cfg = DataConfig(batch_size=3, workers=workers, shuffle_buffer=5)
+    return ids(take(train_loader(manifest, "train", cfg, seed, rank, start_step, pin=False), k))
+
+
+def test_train_stream_is_infinite_and_deterministic(small):
+    first = _stream(small)
+    assert len(first) == 36 > small["splits"]["train"]["samples"]  # more batches than one pass holds
+    assert set(first) <= {(n, k) for n in range(4) for k in range(4)}
+    assert _stream(small) == first
+    assert _stream(small, seed=1) != first
+    assert _stream(small, rank=1) != first  # ranks draw their own samples
+    assert _stream(small, start_step=8) != first  # a resumed run does not replay the run's first batches
+
+
+def test_train_stream_is_deterministic_with_workers(small):
+    two = _stream(small, workers=2)
+    assert _stream(small, workers=2) == two
+    assert _stream(small, seed=1, workers=2) != two
+
+
+def test_corrupt_training_sample_is_skipped_and_counted_but_fails_validation(tmp_path):
+    manifest = write_dataset(tmp_path, {"train": [1], "val": [1]}, corrupt={(0, 2)})
+    cfg = DataConfig(batch_size=3, workers=0, shuffle_buffer=2)
+    batches = take(TrainTiles(schema.shard_urls(manifest, "train"), cfg, seed=0, rank=0), 4)
+    assert (0, 2) not in ids(batches)  # 12 tiles drawn from the 3 good ones of 4
+    assert sum(skipped for _, _, skipped in batches) >= 3  # one per pass over the shard
+    with pytest.raises(Exception, match=r"val-000000.tar: sample 'img000_1_0': cannot decode"):
+        list(ValTiles(manifest, "val", cfg, rank=0, world=1))
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("world", [2, 3])
+def test_validation_sees_every_sample_once_across_ranks(tmp_path, world, workers):
+    """3 shards of unequal size, 2 or 3 ranks: each tile is validated by exactly one rank, once."""
+    manifest = write_dataset(tmp_path, {"val": [2, 1, 2]})
+    cfg = DataConfig(batch_size=3)
+    seen = []
+    for rank in range(world):
+        loader = DataLoader(ValTiles(manifest, "val", cfg, rank, world), batch_size=None, num_workers=workers)
+        batches = list(loader)
+        _check_masks(batches, side=16)
+        mine = ids(batches)
+        assert len(mine) == rank_share(manifest, "val", rank, world)
+        assert {n % world for n, _ in mine} <= {rank}  # image n goes to rank n % world
+        seen += mine
+    assert len(seen) == len(set(seen)) == manifest["splits"]["val"]["samples"] == 20
+
+
+def test_val_loader_caps_workers_at_the_shard_count(tmp_path):
+    manifest = write_dataset(tmp_path, {"val": [1, 1]})
+    loader = val_loader(manifest, "val", DataConfig(batch_size=2, workers=6), 0, 1, pin=False)
+    assert loader.num_workers == 2
+    assert sorted(ids(loader)) == [(n, k) for n in range(2) for k in range(4)]
+
+
+def test_rank_share(tmp_path):
+    manifest = write_dataset(tmp_path, {"val": [3, 2]})  # 5 images of 4 tiles
+    assert [rank_share(manifest, "val", r, 1) for r in range(1)] == [20]
+    assert [rank_share(manifest, "val", r, 2) for r in range(2)] == [12, 8]
+    assert [rank_share(manifest, "val", r, 3) for r in range(3)] == [8, 8, 4]
+    assert [rank_share(manifest, "val", r, 8) for r in range(8)] == [4] * 5 + [0] * 3

@@ -1,0 +1,357 @@
+"""trainer.train and ``python -m trainer``: the models learn, a run leaves its outputs, a killed run resumes
+where its last checkpoint left off, NaN steps are skipped and bounded, and bad inputs are one-line errors.
+
+Runs use shardgen-built synthetic shards of 64 px tiles and a narrow U-Net on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from shardgen import schema
+from shardgen.__main__ import main as shardgen_main
+from shardgen.synth import write_synthetic
+from trainer import __main__ as cli
+from trainer import checkpoint
+from trainer import train as train_mod
+from trainer.augment import AugmentConfig, GpuAugment, NormalizeConfig
+from trainer.config import DataConfig, LossConfig, load_config
+from trainer.data import class_histogram, val_loader
+from trainer.losses import build_loss
+from trainer.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+NARROW = {"channels": [4, 6, 8, 10, 12]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The test machine's few cores are shared; more threads than cores only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    """8 synthetic scans -> train 150 tiles (2 shards), val 50 tiles (1 shard), test empty."""
+    tmp = tmp_path_factory.mktemp("data")
+    write_synthetic(tmp / "raw", 8, seed=0, size_range=(180, 230))
+    rc = shardgen_main(["build", "--annotations", str(tmp / "raw/annotations"), "--images", str(tmp / "raw/images"),
+                        "--out", str(tmp / "shards"), "--image-size", "192", "--tile", "64", "--stride", "32",
+                        "--shard-size", "75", "--split-ratios", "train=0.5,val=0.25,test=0.25", "--quiet"])  # fmt: skip
+    assert rc == 0
+    manifest = schema.read_manifest(str(tmp / "shards"))
+    assert [manifest["splits"][s]["samples"] for s in ("train", "val", "test")] == [150, 50, 0]
+    return str(tmp / "shards")
+
+
+def write_config(path: Path, shards: str, out: Path, **sections) -> str:
+    """A tiny CPU run: narrow U-Net, batch 4, no DataLoader workers; ``sections`` update the defaults."""
+    cfg = {
+        "data": {"train": shards, "batch_size": 4, "workers": 0, "shuffle_buffer": 20, "pin_memory": False},
+        "model": {"name": "unet", "kwargs": NARROW},
+        "optim": {"lr": 0.01, "warmup_steps": 2},
+        "train": {"out_dir": str(out), "steps": 4, "device": "cpu", "log_every": 2, "val_every": 2,
+                  "ckpt_every": 2},  # fmt: skip
+    }
+    for name, values in sections.items():
+        cfg[name].update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def run_main(capsys, *argv) -> tuple[int, dict | None, list[str]]:
+    """``python -m trainer`` in-process: (exit code, the JSON summary line or None, stderr lines)."""
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    summary = json.loads(lines[-1]) if rc == 0 else None
+    # tqdm draws its bar on stderr with carriage returns; only the other lines count.
+    return rc, summary, [line for line in err.split("\n") if line.strip() and "\r" not in line]
+
+
+def read_csv(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.open()))
+
+
+def scored_pixels(shards: str, split: str) -> int:
+    """Pixels that are not 255 in every mask of ``split``, read straight from the tar files."""
+    total = 0
+    for url in schema.shard_urls(schema.read_manifest(shards), split):
+        with tarfile.open(url) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".mask.png"):
+                    total += int((np.asarray(Image.open(tar.extractfile(m))) != 255).sum())
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- learning
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, lr, steps, batch, crop",
+    [("unet", NARROW, 2e-2, 30, 4, 64), ("u2netp", {}, 1e-2, 20, 2, 32)],  # u2netp: deep supervision, slow
+)
+def test_loss_halves_on_a_fixed_batch(shards, name, kwargs, lr, steps, batch, crop):
+    torch.manual_seed(0)
+    manifest = schema.read_manifest(shards)
+    images, masks, _ = next(iter(val_loader(manifest, "val", DataConfig(batch_size=batch, workers=0), 0, 1, False)))
+    x, y = GpuAugment(AugmentConfig(), NormalizeConfig()).eval()(images, masks)
+    x, y = x[..., :crop, :crop], y[..., :crop, :crop]
+    model = build_model(name, 1, len(manifest["classes"]), **kwargs)
+    loss_fn = build_loss(LossConfig(), len(manifest["classes"]), class_histogram(manifest, "train"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ----------------------------------------------------------------------------------------------- a run
+
+
+@pytest.fixture(scope="module")
+def unet_run(shards, tmp_path_factory):
+    """A 4-step run through ``python -m trainer``'s main: (config path, out dir, JSON summary)."""
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = write_config(tmp / "run.yaml", shards, tmp / "out")
+    out, err = io.StringIO(), io.StringIO()  # capsys is per test; this run is shared by several
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main(["--config", cfg])
+    assert rc == 0, err.getvalue()
+    return cfg, tmp / "out", json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+def test_run_writes_checkpoints_metrics_config_and_a_summary(shards, unet_run):
+    cfg_path, out, summary = unet_run
+    assert {"last.pt", "best.pt", "latest.json", "metrics.csv", "config.yaml"} <= {p.name for p in out.iterdir()}
+    assert summary["steps"] == 4 and summary["rank_steps"] == [4] and summary["params_in_sync"] is True
+    assert summary["bad_steps"] == 0 and summary["skipped_samples"] == 0
+    # Validation scored every val tile once, and exactly the pixels that are not 255.
+    assert summary["val_samples"] == 50
+    assert summary["val_pixels"] == scored_pixels(shards, "val")
+    rows = read_csv(out / "metrics.csv")
+    assert [(r["step"], r["phase"]) for r in rows] == [("2", "train"), ("2", "val"), ("4", "train"),
+                                                      ("4", "val"), ("", "end")]  # fmt: skip
+    assert summary["val_miou"] == pytest.approx(float(rows[3]["miou"]))
+    assert summary["best_miou"] == pytest.approx(max(float(rows[1]["miou"]), float(rows[3]["miou"])))
+    assert json.loads((out / "latest.json").read_text()) == {"checkpoint": "last.pt", "step": 4}
+    state = checkpoint.load(str(out / "last.pt"))
+    assert state["step"] == 4 and state["meta"]["model"] == "unet" and state["meta"]["n_classes"] == 11
+    assert all(s["step"] == 4 for s in state["optimizer"]["state"].values())
+    assert load_config(str(out / "config.yaml")) == load_config(cfg_path)
+
+
+def test_finished_run_resumes_to_a_later_step(unet_run, tmp_path, capsys, caplog):
+    """resume=auto continues from latest.json: the optimizer keeps counting from the checkpoint."""
+    cfg_path, finished, _ = unet_run
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    caplog.set_level(logging.INFO, logger="trainer")
+    rc, summary, _ = run_main(capsys, "--config", cfg_path, f"train.out_dir={out}", "train.steps=6")
+    assert rc == 0 and summary["steps"] == 6
+    assert f"resumed from {out / 'last.pt'} at step 4" in caplog.text
+    state = checkpoint.load(str(out / "last.pt"))
+    assert all(s["step"] == 6 for s in state["optimizer"]["state"].values())
+    assert [r["step"] for r in read_csv(out / "metrics.csv") if r["phase"] == "train"] == ["2", "4", "6"]
+
+
+# ---------------------------------------------------------------------------------------- kill and resume
+
+
+def _poll_and_kill(cmd: list[str], latest: Path, at_least: int, timeout: float = 180.0) -> int:
+    """Start ``cmd``, SIGKILL it once ``latest`` names step >= ``at_least``; returns that step."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    log = latest.parent.with_suffix(".stderr")  # a file, not a pipe nobody reads while the run goes on
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if latest.exists() and json.loads(latest.read_text())["step"] >= at_least:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode in (-signal.SIGKILL, 0), log.read_text()[-2000:]
+    return json.loads(latest.read_text())["step"]
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(shards, tmp_path, capsys, caplog):
+    """A SIGKILLed run, started again with the same command, ends where an uninterrupted run ends: same step
+    count, optimizer step counts, scheduler position and LR. The weights differ (the resumed run draws fresh
+    samples rather than replaying the interrupted epoch), so they are not compared."""
+    total = 12
+    common = {"train": {"steps": total, "ckpt_every": 4, "val_every": 2}, "data": {"batch_size": 12}}
+    cfg_a = write_config(tmp_path / "a.yaml", shards, tmp_path / "a", **common)
+    rc, summary_a, _ = run_main(capsys, "--config", cfg_a)
+    assert rc == 0 and summary_a["steps"] == total
+
+    cfg_b = write_config(tmp_path / "b.yaml", shards, tmp_path / "b", **common)
+    cmd = [sys.executable, "-m", "trainer", "--config", cfg_b]
+    for _attempt in range(3):  # the kill must land before the run finishes; a loaded machine may be slow to poll
+        killed_at = _poll_and_kill(cmd, tmp_path / "b" / "latest.json", at_least=4)
+        if killed_at < total:
+            break
+        shutil.rmtree(tmp_path / "b")
+    assert 4 <= killed_at < total
+
+    caplog.set_level(logging.INFO, logger="trainer")
+    rc, summary_b, _ = run_main(capsys, "--config", cfg_b)  # the same command again
+    assert rc == 0 and summary_b["steps"] == total
+    assert f"at step {killed_at}" in caplog.text and "resumed from" in caplog.text
+
+    a, b = checkpoint.load(str(tmp_path / "a" / "last.pt")), checkpoint.load(str(tmp_path / "b" / "last.pt"))
+    assert a["step"] == b["step"] == total
+    steps_a = [int(s["step"]) for s in a["optimizer"]["state"].values()]
+    steps_b = [int(s["step"]) for s in b["optimizer"]["state"].values()]
+    assert steps_a == steps_b == [total] * len(steps_a)
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == total
+    assert a["scheduler"]["_last_lr"] == b["scheduler"]["_last_lr"]
+    assert [g["lr"] for g in a["optimizer"]["param_groups"]] == [g["lr"] for g in b["optimizer"]["param_groups"]]
+    # The history has each step once: rows the killed attempt wrote after its checkpoint were replaced.
+    rows = read_csv(tmp_path / "b" / "metrics.csv")
+    for phase in ("train", "val"):
+        assert [int(r["step"]) for r in rows if r["phase"] == phase] == list(range(2, total + 1, 2))
+
+
+# -------------------------------------------------------------------------------------------- NaN guard
+
+
+class _NanOnCalls(torch.nn.Module):
+    """The real loss, but NaN on the given (1-based) calls."""
+
+    def __init__(self, inner: torch.nn.Module, bad: set[int] | None):
+        super().__init__()
+        self.inner, self.bad, self.calls = inner, bad, 0
+
+    def forward(self, outputs, target):
+        self.calls += 1
+        loss = self.inner(outputs, target)
+        return loss * float("nan") if self.bad is None or self.calls in self.bad else loss
+
+
+def _patch_loss(monkeypatch, bad: set[int] | None) -> None:
+    real = train_mod.build_loss
+    monkeypatch.setattr(train_mod, "build_loss", lambda *a, **k: _NanOnCalls(real(*a, **k), bad))
+
+
+def test_nan_steps_are_skipped_warned_and_counted(shards, tmp_path, monkeypatch, capsys, caplog):
+    _patch_loss(monkeypatch, bad={2, 3})
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out", train={"steps": 6, "max_bad_steps": 3})
+    rc, summary, _ = run_main(capsys, "--config", cfg)
+    assert rc == 0 and summary["steps"] == 6 and summary["bad_steps"] == 2
+    warnings = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    assert warnings == ["step 1: non-finite loss or gradient, step skipped (1 in a row)",
+                        "step 2: non-finite loss or gradient, step skipped (2 in a row)"]  # fmt: skip
+    state = checkpoint.load(str(tmp_path / "out" / "last.pt"))
+    assert all(int(s["step"]) == 4 for s in state["optimizer"]["state"].values())  # 2 updates were skipped
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_too_many_nan_steps_in_a_row_abort(shards, tmp_path, monkeypatch, capsys):
+    _patch_loss(monkeypatch, bad=None)
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out", train={"steps": 6, "max_bad_steps": 3})
+    rc, _, err = run_main(capsys, "--config", cfg)
+    assert rc == 2 and err == ["trainer: error: 3 non-finite losses in a row at step 2; aborting"]
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+
+def _dataset_with_manifest(tmp_path: Path, shards: str, edit) -> str:
+    root = tmp_path / "ds"
+    root.mkdir(parents=True)
+    text = (Path(shards) / "manifest.json").read_text()
+    (root / "manifest.json").write_text(edit(text))
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.train={tmp}/nothing", "{tmp}/nothing/manifest.json: no manifest"),
+        ("data.train={corrupt}", "manifest.json: not valid JSON"),
+        ("data.train={v2}", "manifest format version 2, this code reads version 1; rebuild the shards"),
+        ("data.train_split=test", "split 'test' has no samples"),
+        ("data.val_split=test", "split 'test' has no samples"),
+        ("data.val_split=holdout", "no split 'holdout' (has ['test', 'train', 'val'])"),
+        ("data.batch_size=64", "rank 0 of 1 validates 50 samples of split 'val', fewer than data.batch_size=64"),
+        ("train.resume={tmp}/none.pt", "{tmp}/none.pt: checkpoint not found"),
+        ("optim.lrr=1", "unknown key 'lrr'; valid keys: lr,"),
+        ("model.name=u2netp", "got an unexpected keyword argument 'channels'"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(shards, tmp_path, capsys, override, message):
+    corrupt = _dataset_with_manifest(tmp_path / "c", shards, lambda t: t[: len(t) // 2])
+    v2 = _dataset_with_manifest(tmp_path / "v", shards, lambda t: json.dumps({**json.loads(t), "format_version": 2}))
+    fill = {"tmp": tmp_path, "corrupt": corrupt, "v2": v2}
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
+    rc, _, err = run_main(capsys, "--config", cfg, override.format(**fill))
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("trainer: error: ") and message.format(**fill) in err[0]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model={name: u2netp}", "checkpoint has model='unet', this run has model='u2netp'"),
+        ("model.kwargs={channels: [4, 6, 8, 10, 14]}", "weights do not fit this model: size mismatch for"),
+    ],
+)
+def test_checkpoint_of_another_model_is_a_clear_error(unet_run, tmp_path, capsys, override, message):
+    cfg_path, out, _ = unet_run
+    ckpt = tmp_path / "other.pt"
+    ckpt.write_bytes((out / "last.pt").read_bytes())
+    rc, _, err = run_main(capsys, "--config", cfg_path, f"train.out_dir={tmp_path / 'new'}", f"train.resume={ckpt}",
+                          override)  # fmt: skip
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"trainer: error: {ckpt}: {message}"), err
+
+
+def test_command_line_error_is_exactly_one_stderr_line(tmp_path):
+    """The real CLI, nothing else on stderr (no traceback, no log line, no warning)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  train: {tmp_path}/missing\ntrain:\n  device: cpu\n  out_dir: {tmp_path}/out\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "trainer", "--config", str(cfg)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"trainer: error: {tmp_path}/missing/manifest.json: no manifest (the dataset is missing " \
+                          "or its build did not finish)\n"
+
+
+def test_checkpoint_of_other_classes_is_a_clear_error(unet_run, tmp_path, capsys):
+    cfg_path, out, _ = unet_run
+    state = checkpoint.load(str(out / "last.pt"))
+    state["meta"]["classes"] = ["background", "Dust", *state["meta"]["classes"][2:]]
+    ckpt = tmp_path / "other.pt"
+    torch.save(state, ckpt)
+    rc, _, err = run_main(capsys, "--config", cfg_path, f"train.out_dir={tmp_path / 'new'}", f"train.resume={ckpt}")
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"trainer: error: {ckpt}: checkpoint has classes=["), err
