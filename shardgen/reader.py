@@ -29,6 +29,9 @@ class CorruptSample(Exception):
         super().__init__(f"{url}: sample {key!r}: {reason}")
         self.url, self.key, self.reason = url, key, reason
 
+    def __reduce__(self):  # DataLoader workers pickle exceptions; keep all three fields
+        return type(self), (self.url, self.key, self.reason)
+
 
 class StorageUnavailable(OSError):
     """Storage kept failing after the whole retry budget."""

@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader
 
 from shardgen import schema
 from shardgen.__main__ import main as shardgen_main
+from shardgen.reader import CorruptSample
 from shardgen.synth import write_synthetic
 from trainer.config import DataConfig
-from trainer.data import TrainTiles, ValTiles, rank_share, train_loader, val_loader
+from trainer.data import TrainTiles, ValTiles, rank_share, reraise, train_loader, val_loader
 
 LABELS = np.array([*range(11), 255], dtype=np.uint8)  # every class id of configs/classes.yaml and ignore
 CLASSES = ["background", "Pinpoint", "Crystal", "Needle", "Feather", "Internal_graining", "Cloud",
@@ -186,8 +187,8 @@ def test_corrupt_training_sample_is_skipped_and_counted_but_fails_validation(tmp
     batches = take(TrainTiles(schema.shard_urls(manifest, "train"), cfg, seed=0, rank=0), 4)
     assert (0, 2) not in ids(batches)  # 12 tiles drawn from the 3 good ones of 4
     assert sum(skipped for _, _, skipped in batches) >= 3  # one per pass over the shard
-    with pytest.raises(Exception, match=r"val-000000.tar: sample 'img000_1_0': cannot decode"):
-        list(ValTiles(manifest, "val", cfg, rank=0, world=1))
+    with pytest.raises(CorruptSample, match=r"val-000000.tar: sample 'img000_1_0': cannot decode"):
+        list(reraise(ValTiles(manifest, "val", cfg, rank=0, world=1)))
 
 
 # ---------------------------------------------------------------------------------------- validation

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shardgen import schema, storage
-from shardgen.reader import CorruptSample, iter_shard
+from shardgen.reader import CorruptSample, StorageUnavailable, iter_shard
 
 from .config import DataConfig
 
@@ -85,6 +85,9 @@ class TrainTiles(IterableDataset):
         self.skipped += 1
 
     def __iter__(self):
+        return _carry_errors(self._batches())
+
+    def _batches(self):
         worker, _ = _worker()
         storage.register_gopen()
         rng = random.Random(f"shuffle/{self.seed}/{self.rank}/{worker}/{self.start_step}")
@@ -115,6 +118,9 @@ class ValTiles(IterableDataset):
         self.cfg, self.rank, self.world = cfg, rank, world
 
     def __iter__(self):
+        return _carry_errors(self._batches())
+
+    def _batches(self):
         worker, workers = _worker()
         storage.register_gopen()
         batch = []
@@ -132,6 +138,29 @@ class ValTiles(IterableDataset):
                     batch = []
         if batch:
             yield collate(batch)
+
+
+class Carried:
+    """An error from a DataLoader worker, delivered as data: torch would re-raise it in the main process as
+    a RuntimeError wrapping the worker's traceback, losing its type and its one-line message."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _carry_errors(batches):
+    try:
+        yield from batches
+    except (CorruptSample, StorageUnavailable) as e:
+        yield Carried(e)
+
+
+def reraise(loader):
+    """Iterate a loader, raising the errors its workers carried (see Carried)."""
+    for item in loader:
+        if isinstance(item, Carried):
+            raise item.error
+        yield item
 
 
 def image_offsets(manifest: dict, split: str) -> list[int]:

@@ -26,7 +26,7 @@ from shardgen import schema
 from . import checkpoint, dist, runlog
 from .augment import GpuAugment
 from .config import Config, to_dict
-from .data import class_histogram, rank_share, train_loader, val_loader
+from .data import class_histogram, rank_share, reraise, train_loader, val_loader
 from .losses import build_loss
 from .metrics import ConfusionMatrix
 from .models import build_model
@@ -75,7 +75,7 @@ def evaluate(model, loader, augment, n_classes, class_names, device, amp) -> dic
     augment.eval()
     cm = ConfusionMatrix(max(n_classes, 2), class_names=class_names, device=device)
     samples = torch.zeros((), dtype=torch.int64, device=device)
-    for images, masks, _ in loader:
+    for images, masks, _ in reraise(loader):
         x, y = augment(images.to(device, non_blocking=True), masks.to(device, non_blocking=True))
         with amp:
             logits = model(x)
@@ -134,7 +134,8 @@ def train(cfg: Config) -> dict:
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
     scaler = torch.amp.GradScaler(enabled=False)  # bf16 needs no loss scaling; kept for the checkpoint format
     meta = {"model": cfg.model.name, "in_channels": manifest["channels"], "n_classes": n_classes,
-            "classes": classes, "mode": manifest["mode"], "config": to_dict(cfg)}  # fmt: skip
+            "classes": classes, "mode": manifest["mode"], "config": to_dict(cfg),
+            "grid": {k: manifest[k] for k in ("image_size", "tile", "stride")}}  # fmt: skip
 
     step, best, skipped_before, bad_total = 0, -1.0, 0, 0  # skipped_before: skipped by earlier attempts
     resume = checkpoint.latest(cfg.train.out_dir) if cfg.train.resume == "auto" else None
@@ -167,7 +168,7 @@ def train(cfg: Config) -> dict:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     pin = cfg.data.pin_memory and device.type == "cuda"
     # start_step=step: a resumed run draws fresh samples, not a replay of the first ones.
-    batches = iter(train_loader(manifest, cfg.data.train_split, cfg.data, cfg.train.seed, rank, step, pin))
+    batches = reraise(train_loader(manifest, cfg.data.train_split, cfg.data, cfg.train.seed, rank, step, pin))
     val_batches = val_loader(val_manifest, cfg.data.val_split, cfg.data, rank, world, pin)
     logger = runlog.RunLog(cfg, total, enabled=dist.is_main(), start_step=step)
     last_metrics = None
