@@ -15,10 +15,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m shardgen synth --out $(DEMO)/raw --images 40 --seed 0
+	$(PY) -m shardgen synth --out $(DEMO)/raw --images 40 --seed 0 --workers 2
 	$(PY) -m shardgen build --annotations $(DEMO)/raw/annotations --images $(DEMO)/raw/images \
-		--out $(DEMO)/shards --workers 2
-	@echo "demo: shards and manifest in $(DEMO)/shards"
+		--out $(DEMO)/shards --mode binary --workers 2
+	$(PY) -m trainer --config demo
+	$(PY) -m evaluate --checkpoint $(DEMO)/run/best.pt --data $(DEMO)/shards --split test --out $(DEMO)/eval
+	@echo "demo: shards in $(DEMO)/shards, checkpoints and logs (metrics.csv, tb/) in $(DEMO)/run,"
+	@echo "      report in $(DEMO)/eval/report.html"
 
 test: $(STAMP)
 	$(PY) -m ruff check .
@@ -28,7 +31,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 bench: $(STAMP)
-	$(PY) bench/shardgen_bench.py
+	$(PY) bench/run_all.py
 
 clean:
 	rm -rf $(DEMO)
