@@ -38,6 +38,7 @@ from trainer.config import Config
 from trainer.data import class_histogram, train_loader
 from trainer.losses import build_loss
 from trainer.models import MODELS, build_model
+from trainer.train import apply_gradients
 
 SPLIT = "train"
 NARROW_UNET = [8, 12, 16, 24, 32]  # the demo config's U-Net: CPU-sized
@@ -75,10 +76,7 @@ class Step:
         with self.amp:
             loss = self.loss_fn(self.model(x), y)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or float("inf"))
-        if torch.isfinite(loss.detach() + grad_norm).item():  # the host sync train.py has each step
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        apply_gradients(self.model, self.optimizer, loss.detach(), self.grad_clip)  # clip, finite check, step
 
 
 def time_training(fetch: Callable, prepare: Callable, step: Step, steps: int, warmup: int, batch: int,

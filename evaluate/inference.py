@@ -165,5 +165,6 @@ class Predictor:
     def _finished(self, pending: deque[_Pending]) -> Iterator[tuple[np.ndarray, Any]]:
         while pending and pending[0].done == self.grid.count:
             p = pending.popleft()
-            probs = blend_tiles(torch.cat(p.outputs), self.grid, self.blend)
+            tiles = p.outputs[0] if len(p.outputs) == 1 else torch.cat(p.outputs)  # no copy in the common case
+            probs = blend_tiles(tiles, self.grid, self.blend)
             yield self.classes(probs), p.payload

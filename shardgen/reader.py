@@ -2,8 +2,9 @@
 
 Used by the trainer and the evaluator (and the tests) so that every reader treats faults the same way:
 
-- a storage fault (connection refused or reset, timeouts: ``OSError``) is retried with exponential backoff;
-  the shard is reopened and the samples already yielded are skipped, so nothing is lost or repeated;
+- a storage fault (connection refused or reset, timeouts, 5xx answers: see `is_transient`) is retried with
+  exponential backoff; the shard is reopened and the samples already yielded are skipped, so nothing is lost
+  or repeated. `retry_call` gives one-shot operations (a checkpoint upload) the same policy;
 - corrupt data (a truncated tar, a garbage member, an undecodable PNG) is a ``CorruptSample`` that names the
   shard URL and the sample key; the caller decides whether to skip it (training) or fail (validation).
 
@@ -12,14 +13,51 @@ Tar member names are only split into key and extension, never used as filesystem
 
 from __future__ import annotations
 
+import errno
 import logging
 import tarfile
 import time
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from . import storage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+MAX_WAIT_S = 30.0  # cap of one backoff wait
+
+# OSErrors that a retry cannot fix: a missing object, no access, a malformed request (s3fs turns S3 error
+# codes into these errnos; anything else it cannot name becomes EIO, which is retried).
+PERMANENT_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.EINVAL, errno.ENOSYS,
+                              errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG})  # fmt: skip
+
+
+def _client_fault_types() -> tuple[type[BaseException], ...]:
+    """Connection-level errors of the S3 client stack that are not OSErrors.
+
+    With the server down, aiobotocore raises botocore's ``EndpointConnectionError`` (a ``BotoCoreError``,
+    not an ``OSError``), a dropped response ``ConnectionClosedError``/``ReadTimeoutError``, and s3fs lets
+    aiohttp's ``ClientPayloadError``/``ServerDisconnectedError`` through. Credential, parameter and
+    parsing errors of botocore are deliberately not listed: retrying them cannot help.
+    """
+    types: list[type[BaseException]] = []
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+
+        types += [BotoConnectionError, HTTPClientError]
+    except ImportError:  # no S3 support installed: nothing of it can be raised either
+        pass
+    try:
+        from aiohttp import ClientConnectionError, ClientPayloadError
+
+        types += [ClientConnectionError, ClientPayloadError]
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+_CLIENT_FAULTS = _client_fault_types()
 
 
 class CorruptSample(Exception):
@@ -35,6 +73,67 @@ class CorruptSample(Exception):
 
 class StorageUnavailable(OSError):
     """Storage kept failing after the whole retry budget."""
+
+
+def is_transient(e: BaseException) -> bool:
+    """A storage fault worth retrying: the connection, not the request or the data, is at fault."""
+    if isinstance(e, (StorageUnavailable, CorruptSample)):  # a budget already spent; bad bytes stay bad
+        return False
+    if isinstance(e, (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError)):
+        return False  # raised with or without an errno
+    if isinstance(e, OSError):  # includes TimeoutError, ConnectionError and aiohttp's ClientOSError
+        return e.errno not in PERMANENT_ERRNOS
+    return isinstance(e, _CLIENT_FAULTS)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _backoff(what: str, e: BaseException, attempt: int, retries: int, backoff: float, on_retry) -> None:
+    """Give up with StorageUnavailable after ``retries`` attempts, else log, report and wait before the next."""
+    if attempt >= retries:
+        raise StorageUnavailable(
+            f"{what}: storage failed {attempt} times in a row, giving up: {type(e).__name__}: {_first_line(e)}"
+        ) from e
+    if on_retry is not None:
+        on_retry(what, attempt, e)
+    log.warning("%s: storage failed (%s: %s); retry %d/%d", what, type(e).__name__, _first_line(e), attempt,
+                retries - 1)  # fmt: skip
+    time.sleep(min(backoff * 2 ** (attempt - 1), MAX_WAIT_S))
+
+
+def retry_call(
+    fn: Callable[[], T],
+    what: str,
+    *,
+    retries: int = 6,
+    backoff: float = 0.5,
+    on_retry: Callable[[str, int, Exception], None] | None = None,
+) -> T:
+    """``fn()``, retried like `iter_shard` reads: transient faults up to ``retries`` attempts in all, waits
+    doubling from ``backoff`` seconds; then ``StorageUnavailable`` naming ``what``. Other errors pass at once."""
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            attempt += 1
+            _backoff(what, e, attempt, retries, backoff, on_retry)
+
+
+def _check_end(tar: tarfile.TarFile) -> None:
+    """Raise unless the stream ended on end-of-archive zero blocks. After the first member, tarfile stops
+    quietly at a header cut short or garbled, so a truncated shard would pass for a shorter one."""
+    stream = tar.fileobj
+    complete = stream.tell() - tar.offset == tarfile.BLOCKSIZE  # the block tarfile read as the next header
+    while complete and (chunk := stream.read(1 << 16)):
+        complete = chunk.count(0) == len(chunk)
+    if not complete:
+        raise tarfile.ReadError("unexpected end of archive")
 
 
 def _members(url: str, skip: int) -> Iterator[tuple[str, dict]]:
@@ -57,6 +156,7 @@ def _members(url: str, skip: int) -> Iterator[tuple[str, dict]]:
                 if len(data) != member.size:
                     raise tarfile.ReadError("unexpected end of data")
                 parts[ext] = data
+            _check_end(tar)
         except tarfile.TarError as e:
             raise CorruptSample(url, key or "(start of shard)", f"broken tar: {e}") from None
     if key is not None and index >= skip:
@@ -73,7 +173,8 @@ def iter_shard(
     """Samples of one shard as (key, {ext: bytes}), surviving storage faults.
 
     ``retries`` is the total number of attempts per fault episode; waits double from ``backoff`` seconds
-    (capped at 30 s). After the budget, ``StorageUnavailable`` is raised; a missing shard raises at once.
+    (capped at 30 s); ``on_retry(url, attempt, error)`` is called before each wait. After the budget,
+    ``StorageUnavailable`` is raised; a missing shard or a permanent error (`is_transient`) raises at once.
     """
     done, attempt = 0, 0
     while True:
@@ -83,15 +184,8 @@ def iter_shard(
                 done += 1
                 attempt = 0  # progress resets the budget: it is per outage, not per shard
             return
-        except (FileNotFoundError, PermissionError):
-            raise
-        except CorruptSample:
-            raise
-        except OSError as e:
+        except Exception as e:
+            if not is_transient(e):
+                raise
             attempt += 1
-            if attempt >= retries:
-                raise StorageUnavailable(f"{url}: storage failed {attempt} times in a row, giving up: {e}") from e
-            if on_retry is not None:
-                on_retry(url, attempt, e)
-            log.warning("%s: read failed (%s); retry %d/%d", url, e, attempt, retries - 1)
-            time.sleep(min(backoff * 2 ** (attempt - 1), 30.0))
+            _backoff(url, e, attempt, retries, backoff, on_retry)

@@ -38,6 +38,7 @@ _IDENTITY_ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_")
 _cache: dict[tuple, fsspec.AbstractFileSystem] = {}
 _cache_pid = os.getpid()
 _cache_lock = threading.Lock()
+_forked_away: list[fsspec.AbstractFileSystem] = []  # a forked parent's instances (see fs_for)
 
 
 def _protocol(url: str) -> str:
@@ -89,6 +90,10 @@ def fs_for(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     with _cache_lock:
         # Async clients (s3fs) do not survive fork: a DataLoader worker must build its own.
         if _cache_pid != os.getpid():
+            # The parent's clients share its sockets and its event loop's epoll instance with this child:
+            # closing them here (their finalizers would, once dropped) unregisters the parent's pooled
+            # connections from that epoll, and the parent's next request waits forever. Keep them, unused.
+            _forked_away.extend(_cache.values())
             _cache.clear()
             _cache_pid = os.getpid()
         fs = _cache.get(key)

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    from .train import TrainError, train  # torch and kornia load after argument errors are reported
+    from .train import TrainError, train  # the loop pulls in models, data and DDP
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         dist.cleanup()
     if main_rank:
         last = summary["last_val"] or {}
-        keys = ("steps", "best_miou", "skipped_samples", "bad_steps", "rank_steps", "params_in_sync", "out_dir")
+        keys = ("steps", "best_miou", "skipped_samples", "bad_steps", "rank_steps", "params_in_sync", "io_retries",
+                "out_dir")
         print(json.dumps({"val_miou": last.get("miou"), "val_samples": last.get("samples"),
                           "val_pixels": last.get("pixels"), **{k: summary[k] for k in keys}}))  # fmt: skip
     return 0

@@ -2,7 +2,10 @@
 
 ``{out_dir}/last.pt`` and ``{out_dir}/best.pt`` are kept. ``{out_dir}/latest.json`` names the newest one and
 is rewritten only after the checkpoint itself is completely stored (a local temp file renamed into place, or
-a finished S3 upload), so a reader following the pointer never finds a partial file.
+a finished S3 upload), so a reader following the pointer never finds a partial file. Uploads that meet a
+storage fault are retried with the readers' backoff policy (shardgen.reader.retry_call); if the storage stays
+down, an object store still holds the previous complete checkpoint and pointer, since a PUT that did not
+finish leaves no object behind.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 import torch
 
 from shardgen import storage
+from shardgen.reader import retry_call
 
 LATEST = "latest.json"
 
@@ -50,15 +54,23 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save(out_dir: str, name: str, state: dict) -> str:
-    """Store ``state`` as ``{out_dir}/{name}.pt`` atomically, then point ``latest.json`` at it."""
+def save(out_dir: str, name: str, state: dict, *, retries: int = 1, backoff: float = 0.0) -> str:
+    """Store ``state`` as ``{out_dir}/{name}.pt`` atomically, then point ``latest.json`` at it.
+
+    Each write is attempted up to ``retries`` times, waits doubling from ``backoff`` seconds; then
+    ``StorageUnavailable`` is raised (and ``latest.json`` was not touched if the checkpoint was not stored).
+    """
     buf = io.BytesIO()
     torch.save(state, buf)
     url = storage.join(out_dir, f"{name}.pt")
-    storage.write_bytes_atomic(url, buf.getvalue())
+    _write(url, buf.getvalue(), retries, backoff)
     pointer = {"checkpoint": f"{name}.pt", "step": int(state.get("step", 0))}
-    storage.write_bytes_atomic(storage.join(out_dir, LATEST), json.dumps(pointer).encode())
+    _write(storage.join(out_dir, LATEST), json.dumps(pointer).encode(), retries, backoff)
     return url
+
+
+def _write(url: str, data: bytes, retries: int, backoff: float) -> None:
+    retry_call(lambda: storage.write_bytes_atomic(url, data), url, retries=retries, backoff=backoff)
 
 
 def latest(out_dir: str) -> str | None:

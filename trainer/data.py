@@ -11,7 +11,9 @@ matrices are summed, so it cannot hang.
 
 Decoding happens in the DataLoader workers into uint8 tensors; masks are decoded by PIL as stored, so label
 values are exact. Batches are (images uint8 (B, C, H, W), masks uint8 (B, H, W), skipped), where
-``skipped`` counts the corrupt training samples the worker dropped since its previous batch.
+``skipped`` counts the corrupt training samples the worker dropped since its previous batch. Storage retries
+(see shardgen.reader) travel the same way, as an `IoRetries` item ahead of the batch they delayed;
+`reraise` totals them.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class TrainTiles(IterableDataset):
     def __init__(self, urls: list[str], cfg: DataConfig, seed: int, rank: int, start_step: int = 0):
         self.urls, self.cfg, self.seed, self.rank, self.start_step = urls, cfg, seed, rank, start_step
         self.skipped = 0  # corrupt samples dropped in this worker and not yet reported with a batch
+        self.retries = 0  # storage retries in this worker not yet reported
 
     def shards(self, worker: int) -> Iterator[str]:
         """Shard URLs drawn with replacement, one epoch's worth per RNG."""
@@ -72,7 +75,7 @@ class TrainTiles(IterableDataset):
         """Decoded tiles; a corrupt sample is logged with its shard and key, counted, and skipped."""
         for url in self.shards(worker):
             try:
-                for key, parts in iter_shard(url, retries=self.cfg.io_retries, backoff=self.cfg.io_backoff):
+                for key, parts in _read(self, url):
                     try:
                         yield decode(url, key, parts)
                     except CorruptSample as e:
@@ -100,6 +103,7 @@ class TrainTiles(IterableDataset):
             buffer[k], tile = tile, buffer[k]
             batch.append(tile)
             if len(batch) == self.cfg.batch_size:
+                yield from _retries(self)
                 yield collate(batch, self.skipped)  # yields (images, masks, skipped)
                 batch, self.skipped = [], 0
 
@@ -116,6 +120,7 @@ class ValTiles(IterableDataset):
         self.urls = schema.shard_urls(manifest, split)
         self.offsets = image_offsets(manifest, split)
         self.cfg, self.rank, self.world = cfg, rank, world
+        self.retries = 0
 
     def __iter__(self):
         return _carry_errors(self._batches())
@@ -126,7 +131,7 @@ class ValTiles(IterableDataset):
         batch = []
         for url, offset in list(zip(self.urls, self.offsets, strict=True))[worker::workers]:
             index, current = offset - 1, None
-            for key, parts in iter_shard(url, retries=self.cfg.io_retries, backoff=self.cfg.io_backoff):
+            for key, parts in _read(self, url):
                 image_id = key.rsplit("_", 2)[0]
                 if image_id != current:  # the 25 tiles of an image are consecutive in one shard
                     index, current = index + 1, image_id
@@ -134,10 +139,34 @@ class ValTiles(IterableDataset):
                     continue
                 batch.append(decode(url, key, parts))
                 if len(batch) == self.cfg.batch_size:
+                    yield from _retries(self)
                     yield collate(batch)
                     batch = []
+        yield from _retries(self)
         if batch:
             yield collate(batch)
+
+
+def _read(ds: TrainTiles | ValTiles, url: str):
+    """Samples of one shard with the configured retry policy; each retry is counted in ``ds.retries``."""
+
+    def count(_url, _attempt, _error) -> None:
+        ds.retries += 1
+
+    return iter_shard(url, retries=ds.cfg.io_retries, backoff=ds.cfg.io_backoff, on_retry=count)
+
+
+class IoRetries:
+    """Storage retries a worker made since its previous batch (the reader logged each one)."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+
+def _retries(ds: TrainTiles | ValTiles):
+    if ds.retries:
+        yield IoRetries(ds.retries)
+        ds.retries = 0
 
 
 class Carried:
@@ -155,12 +184,33 @@ def _carry_errors(batches):
         yield Carried(e)
 
 
-def reraise(loader):
+class BatchStream:
+    """A loader's batches, with the errors its workers carried raised (see Carried) and their storage
+    retries totalled in ``io_retries``."""
+
+    def __init__(self, loader):
+        self.loader, self.items = loader, None
+        self.io_retries = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.items is None:  # workers start on the first batch asked for, as with a plain loop
+            self.items = iter(self.loader)
+        while True:
+            item = next(self.items)
+            if isinstance(item, Carried):
+                raise item.error
+            if isinstance(item, IoRetries):
+                self.io_retries += item.count
+                continue
+            return item
+
+
+def reraise(loader) -> BatchStream:
     """Iterate a loader, raising the errors its workers carried (see Carried)."""
-    for item in loader:
-        if isinstance(item, Carried):
-            raise item.error
-        yield item
+    return BatchStream(loader)
 
 
 def image_offsets(manifest: dict, split: str) -> list[int]:

@@ -61,6 +61,10 @@ def setup(device: str = "auto", attempts: int = 3) -> torch.device:
 
     Joining is retried: after torchrun restarts a group, a gloo rendezvous sometimes fails to connect once,
     and a retry costs seconds where a failed process would burn one of torchrun's --max-restarts.
+
+    torchrun's c10d rendezvous serves the same store to every restarted group, so the group's keys are
+    prefixed with the restart count: otherwise a restarted rank can read a killed rank's address, fail to
+    connect, and retry under a group name its peers never use.
     """
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if device == "cuda" and not torch.cuda.is_available():
@@ -70,9 +74,13 @@ def setup(device: str = "auto", attempts: int = 3) -> torch.device:
         torch.cuda.set_device(dev)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_dist():
         backend = "nccl" if use_cuda else "gloo"
+        timeout = datetime.timedelta(minutes=10)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         for attempt in range(1, attempts + 1):
             try:
-                dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10),
+                store, rank_, world = next(dist.rendezvous("env://", timeout=timeout))
+                store = dist.PrefixStore(f"trainer/restart{restart}", store)
+                dist.init_process_group(backend, store=store, rank=rank_, world_size=world, timeout=timeout,
                                         device_id=dev if use_cuda else None)
                 break
             except (RuntimeError, dist.DistBackendError) as e:

@@ -99,10 +99,10 @@ class RunLog:
         writer.writerows(self.rows)
         storage.write_bytes_atomic(storage.join(self.cfg.train.out_dir, "metrics.csv"), buf.getvalue().encode())
 
-    def close(self, skipped: int) -> None:
+    def close(self, skipped: int, io_retries: int = 0) -> None:
         if not self.enabled:
             return
-        self._row(phase="end", skipped_samples=skipped)
+        self._row(phase="end", skipped_samples=skipped, io_retries=io_retries)
         if skipped:
             log.warning("skipped %d corrupt training samples in total (see the warnings above)", skipped)
         self._flush()

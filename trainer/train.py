@@ -21,7 +21,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from shardgen import schema
+from shardgen import schema, storage
+from shardgen.reader import StorageUnavailable
 
 from . import checkpoint, dist, runlog
 from .augment import GpuAugment
@@ -62,20 +63,33 @@ def param_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def apply_gradients(raw_model, optimizer, loss_sum: torch.Tensor, grad_clip: float) -> bool:
+    """Clip, then step unless the loss or gradient norm is non-finite on any rank; True if the step was taken.
+
+    Every rank must take the same decision, or DDP's next all-reduce would pair mismatched steps.
+    """
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip or float("inf"))
+    ok = dist.all_reduce((~torch.isfinite(loss_sum + grad_norm)).float(), op=dist.MAX).item() == 0
+    if ok:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ok
+
+
 def predict(logits: torch.Tensor) -> torch.Tensor:
     """Class ids from logits: argmax, or sigmoid > 0.5 for a single (binary) channel."""
     return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
 
 
 @torch.no_grad()
-def evaluate(model, loader, augment, n_classes, class_names, device, amp) -> dict:
+def evaluate(model, batches, augment, n_classes, class_names, device, amp) -> dict:
     """Validation metrics from a confusion matrix summed over every rank, plus ``samples`` (tiles seen by all
-    ranks together) and ``pixels`` (scored, i.e. not ignored, pixels)."""
+    ranks together) and ``pixels`` (scored, i.e. not ignored, pixels). ``batches``: ``reraise(val loader)``."""
     model.eval()
     augment.eval()
     cm = ConfusionMatrix(max(n_classes, 2), class_names=class_names, device=device)
     samples = torch.zeros((), dtype=torch.int64, device=device)
-    for images, masks, _ in reraise(loader):
+    for images, masks, _ in batches:
         x, y = augment(images.to(device, non_blocking=True), masks.to(device, non_blocking=True))
         with amp:
             logits = model(x)
@@ -174,20 +188,35 @@ def train(cfg: Config) -> dict:
     last_metrics = None
 
     skipped_here = 0  # corrupt samples this rank's loader skipped in this attempt
+    val_retries = 0  # storage retries of this rank's validation reads (training reads: batches.io_retries)
 
     def skipped_total() -> int:  # a collective: every rank calls it at the same points
         return skipped_before + int(dist.all_reduce(torch.tensor(skipped_here, device=device)).item())
 
-    def save(name: str) -> None:
+    def save(name: str) -> str:
         skipped = skipped_total()
         rngs = dist.all_gather_object(checkpoint.rng_state())
-        if dist.is_main():
+        url = storage.join(cfg.train.out_dir, f"{name}.pt")
+        if dist.is_main():  # uploads get the shard readers' retry policy: the same storage, the same outages
             checkpoint.save(cfg.train.out_dir, name, {
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
                 "best_miou": best, "skipped_samples": skipped, "bad_steps": bad_total, "rng": rngs, "meta": meta,
-            })  # fmt: skip
+            }, retries=cfg.data.io_retries, backoff=cfg.data.io_backoff)  # fmt: skip
         dist.barrier()  # no rank runs ahead of a checkpoint it might need to resume from
+        return url
+
+    def outage(e: StorageUnavailable) -> TrainError:
+        """The one-line error that ends a run whose data storage stayed down past the retry budget, after
+        saving a checkpoint to resume from where that is safe."""
+        where = f"storage unavailable at step {step}: {e}"
+        if world > 1:  # saving is a collective that the other ranks, still training, would never join
+            return TrainError(f"rank {rank}: {where}; resume from the last periodic checkpoint")
+        try:
+            url = save("last")
+        except OSError as save_error:  # out_dir on the same failed storage
+            return TrainError(f"{where}; no checkpoint could be saved either: {save_error}")
+        return TrainError(f"{where}; saved {url} (step {step}), rerun with the same train.out_dir to resume")
 
     model.train()
     bad_in_row = 0
@@ -198,7 +227,10 @@ def train(cfg: Config) -> dict:
             wait, loss_sum = 0.0, torch.zeros((), device=device)
             for micro in range(cfg.optim.accum_steps):
                 tw = time.perf_counter()
-                images, masks, skipped = next(batches)  # uint8 (B, C, H, W), uint8 (B, H, W)
+                try:
+                    images, masks, skipped = next(batches)  # uint8 (B, C, H, W), uint8 (B, H, W)
+                except StorageUnavailable as e:
+                    raise outage(e) from None
                 wait += time.perf_counter() - tw
                 skipped_here += skipped
                 images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
@@ -211,9 +243,7 @@ def train(cfg: Config) -> dict:
                     loss = loss_fn(model(x), y) / cfg.optim.accum_steps
                 loss.backward()
                 loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip or float("inf"))
-            # Every rank must take the same decision, or DDP's next all-reduce would pair mismatched steps.
-            bad = dist.all_reduce((~torch.isfinite(loss_sum + grad_norm)).float(), op=dist.MAX).item() > 0
+            bad = not apply_gradients(raw_model, optimizer, loss_sum, cfg.optim.grad_clip)
             if bad:
                 bad_in_row += 1
                 bad_total += 1
@@ -222,8 +252,6 @@ def train(cfg: Config) -> dict:
                     raise TrainError(f"{bad_in_row} non-finite losses in a row at step {step}; aborting")
             else:
                 bad_in_row = 0
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 with warnings.catch_warnings():  # a skipped first step is no misuse of the scheduler
                     warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
@@ -234,8 +262,13 @@ def train(cfg: Config) -> dict:
                               time.perf_counter() - t0, wait, skipped_before + skipped_here, bad)  # fmt: skip
 
             if step % cfg.train.val_every == 0 or step == total:
-                metrics = evaluate(raw_model, val_batches, augment, n_classes, logger.class_names(classes, binary),
-                                   device, amp)  # fmt: skip
+                val_stream = reraise(val_batches)
+                try:
+                    metrics = evaluate(raw_model, val_stream, augment, n_classes,
+                                       logger.class_names(classes, binary), device, amp)  # fmt: skip
+                except StorageUnavailable as e:
+                    raise outage(e) from None
+                val_retries += val_stream.io_retries
                 if metrics["samples"] != n_val:  # the dealing to ranks and workers lost or repeated tiles
                     raise TrainError(f"{val_manifest['_url']}: validation saw {metrics['samples']} samples of split "
                                      f"{cfg.data.val_split!r}, the manifest lists {n_val}")
@@ -250,7 +283,10 @@ def train(cfg: Config) -> dict:
             if step % cfg.train.ckpt_every == 0 or step == total:
                 save("last")
     skipped = skipped_total()
-    logger.close(skipped)
+    io_retries = int(dist.all_reduce(torch.tensor(batches.io_retries + val_retries, device=device)).item())
+    if io_retries and dist.is_main():
+        log.warning("%d storage retries in this run, all recovered (see the warnings above)", io_retries)
+    logger.close(skipped, io_retries)
     # DDP keeps ranks in lockstep with identical weights; say so, or loudly say it did not.
     ranks = dist.all_gather_object((step, param_digest(raw_model)))
     in_sync = len(set(ranks)) == 1
@@ -260,4 +296,4 @@ def train(cfg: Config) -> dict:
         log.info("%d ranks took %d steps each and hold identical parameters", world, step)
     return {"steps": step, "best_miou": best, "last_val": last_metrics, "skipped_samples": skipped,
             "bad_steps": bad_total, "rank_steps": [s for s, _ in ranks], "params_in_sync": in_sync,
-            "out_dir": cfg.train.out_dir}  # fmt: skip
+            "io_retries": io_retries, "out_dir": cfg.train.out_dir}  # fmt: skip

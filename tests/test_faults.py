@@ -1,0 +1,430 @@
+"""Faults a long job meets: corrupt shards, a killed DDP rank, a killed shard build on S3, and bad inputs at
+the trainer and evaluate boundary.
+
+- Corrupt shards: training skips the broken samples, logs each with its shard and key and reports the total;
+  validation, ``python -m evaluate`` and ``shardgen verify`` fail and name the shard.
+- A rank SIGKILLed under ``torchrun --max-restarts`` is restarted with its group, which resumes from the last
+  checkpoint and ends at the step and learning rate of an uninterrupted run; a group that fails to form is
+  retried in the process instead of burning a restart.
+- ``shardgen build --workers 2`` SIGKILLed while writing to S3, then rerun, ends byte-identical to an
+  uninterrupted build, and no manifest ever lists a partial shard.
+- Bad inputs to evaluate (the trainer's side is in test_train.py) are one-line errors with exit code 2.
+
+The data are test_evaluate.py's tiny synthetic shards (64 px tiles) and its 4-step narrow U-Net.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from test_evaluate import tiny_dataset
+
+from evaluate.__main__ import main as evaluate_main
+from shardgen import schema, storage
+from shardgen.__main__ import main as shardgen_main
+from shardgen.synth import write_synthetic
+from trainer import __main__ as trainer_cli
+from trainer import checkpoint
+from trainer.config import load_config
+from trainer.train import lr_factor
+
+ROOT = Path(__file__).resolve().parents[1]
+NARROW = {"channels": [4, 6, 8, 10, 12]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The test machine's few cores are shared; more threads than cores only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Shards: train 2 x 2 images, val 1 image, test 2 + 1 images; and a unet checkpoint trained on them."""
+    return tiny_dataset(tmp_path_factory)
+
+
+def subprocess_env(**extra: str) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+
+
+def error_lines(stderr: str) -> list[str]:
+    """Non-empty stderr lines, without tqdm's carriage-return redraws of a progress bar."""
+    return [line for line in stderr.split("\n") if line.strip() and "\r" not in line]
+
+
+def write_config(path: Path, dataset: str, out: Path, **sections) -> str:
+    """A tiny CPU run (narrow U-Net, batch 4, no DataLoader workers); ``sections`` update the defaults."""
+    cfg = {
+        "data": {"train": dataset, "batch_size": 4, "workers": 0, "shuffle_buffer": 10, "pin_memory": False},
+        "model": {"name": "unet", "kwargs": NARROW},
+        "optim": {"lr": 0.01, "warmup_steps": 2},
+        "train": {"out_dir": str(out), "steps": 4, "device": "cpu", "log_every": 2, "val_every": 4,
+                  "ckpt_every": 4},  # fmt: skip
+    }
+    for name, values in sections.items():
+        cfg[name].update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def run_trainer(capsys, *argv) -> tuple[int, dict | None, list[str]]:
+    """``python -m trainer`` in-process: (exit code, the JSON summary or None, stderr lines)."""
+    rc = trainer_cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, json.loads(out.strip().splitlines()[-1]) if rc == 0 else None, error_lines(err)
+
+
+def run_evaluate(capsys, *argv) -> tuple[int, list[str]]:
+    rc = evaluate_main([str(a) for a in argv])
+    return rc, error_lines(capsys.readouterr().err)
+
+
+# --------------------------------------------------------------------------------------- corrupt shards
+
+
+def _rewrite_tar(path: Path, garble_key: str) -> None:
+    """Rebuild the tar at ``path`` with the same member names and sizes, the mask of ``garble_key`` replaced
+    by random bytes of the same length."""
+    rng = np.random.default_rng(0)
+    src = io.BytesIO(path.read_bytes())
+    with tarfile.open(fileobj=src) as tar, tarfile.open(path, "w", format=tar.format) as out:
+        for m in tar.getmembers():
+            data = tar.extractfile(m).read()
+            if m.name == f"{garble_key}.mask.png":
+                data = rng.integers(0, 256, len(data), dtype=np.uint8).tobytes()
+            out.addfile(m, io.BytesIO(data))
+
+
+def _truncate(path: Path, member: int, inside: str) -> str:
+    """Cut the tar at ``path`` in the data or at the header of its ``member``-th member; returns the key of
+    the sample the reader is in when the data ends."""
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    m = members[member]
+    cut = m.offset_data + m.size // 2 if inside == "data" else m.offset
+    with path.open("r+b") as f:
+        f.truncate(cut)
+    return members[member if inside == "data" else member - 1].name.split(".", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def corrupt(tiny, tmp_path_factory) -> SimpleNamespace:
+    """A copy of the tiny shards with the manifest unchanged and four broken shards:
+
+    train-000000: a garbage mask member; train-000001: truncated in a member's data; val-000000: truncated
+    at a member header, where tarfile itself stops quietly; test-000001: a garbage mask member.
+    """
+    root = tmp_path_factory.mktemp("corrupt") / "shards"
+    shutil.copytree(tiny.shards, root)
+    keys = {}
+    for name in ("train-000000.tar", "test-000001.tar"):
+        with tarfile.open(root / name) as tar:
+            keys[name] = tar.getnames()[3 * 2].split(".", 1)[0]  # the third sample
+        _rewrite_tar(root / name, keys[name])
+    keys["train-000001.tar"] = _truncate(root / "train-000001.tar", 3 * 5, "data")
+    keys["val-000000.tar"] = _truncate(root / "val-000000.tar", 3 * 10, "header")
+    return SimpleNamespace(root=root, keys=keys, urls={n: str(root / n) for n in keys})
+
+
+def test_training_skips_corrupt_samples_logs_each_and_reports_the_total(tiny, corrupt, tmp_path, capsys, caplog):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", str(corrupt.root), out, data={"val": str(tiny.shards)},
+                       train={"steps": 16, "val_every": 16, "ckpt_every": 16})  # fmt: skip
+    caplog.set_level(logging.WARNING, logger="trainer")
+    rc, summary, err = run_trainer(capsys, "--config", cfg)
+    assert rc == 0 and summary["steps"] == 16, err
+
+    skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping corrupt sample: ")]
+    garbled, truncated = corrupt.urls["train-000000.tar"], corrupt.urls["train-000001.tar"]
+    for message in skips:  # each names its shard and sample
+        assert message.startswith((f"skipping corrupt sample: {garbled}: ", f"skipping corrupt sample: {truncated}: "))
+    assert f"{garbled}: sample {corrupt.keys['train-000000.tar']!r}: cannot decode: " in "\n".join(skips)
+    assert f"{truncated}: sample {corrupt.keys['train-000001.tar']!r}: broken tar: " in "\n".join(skips)
+    # Every skip is counted once, in the summary line and in metrics.csv's last row.
+    assert summary["skipped_samples"] == len(skips) >= 2
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert rows[-1]["phase"] == "end" and int(rows[-1]["skipped_samples"]) == len(skips)
+    assert f"skipped {len(skips)} corrupt training samples in total" in caplog.text
+    assert checkpoint.load(str(out / "last.pt"))["skipped_samples"] == len(skips)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_validation_on_a_corrupt_shard_fails_and_names_it(tiny, corrupt, tmp_path, capsys, workers):
+    cfg = write_config(tmp_path / "c.yaml", str(tiny.shards), tmp_path / "run",
+                       data={"val": str(corrupt.root), "workers": workers},
+                       train={"steps": 2, "val_every": 2})  # fmt: skip
+    rc, _, err = run_trainer(capsys, "--config", cfg)
+    assert rc == 2 and len(err) == 1, err
+    url, key = corrupt.urls["val-000000.tar"], corrupt.keys["val-000000.tar"]
+    assert err[0] == f"trainer: error: {url}: sample {key!r}: broken tar: unexpected end of archive"
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_evaluate_on_a_corrupt_shard_fails_and_names_it(tiny, corrupt, tmp_path, capsys):
+    """Validation split, read in this process: the shard cut at a member header."""
+    rc, err = run_evaluate(capsys, "--checkpoint", tiny.ckpt, "--data", corrupt.root, "--split", "val",
+                           "--out", tmp_path, "--device", "cpu", "--workers", "0")  # fmt: skip
+    url, key = corrupt.urls["val-000000.tar"], corrupt.keys["val-000000.tar"]
+    assert rc == 2 and err == [f"evaluate: error: {url}: sample {key!r}: broken tar: unexpected end of archive"]
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_evaluate_command_names_a_garbled_shard_in_one_line(tiny, corrupt, tmp_path):
+    """The real command, a DataLoader worker decoding: the second test shard fails after the first scored."""
+    cmd = [sys.executable, "-m", "evaluate", "--checkpoint", str(tiny.ckpt), "--data", str(corrupt.root),
+           "--split", "test", "--out", str(tmp_path), "--device", "cpu", "--workers", "1"]  # fmt: skip
+    # Bytes, not text=True, which would turn the progress bar's carriage returns into line breaks.
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, timeout=120)
+    url, key = corrupt.urls["test-000001.tar"], corrupt.keys["test-000001.tar"]
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 2 and proc.stdout == b""
+    lines = error_lines(stderr)
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith(f"evaluate: error: {url}: sample {key!r}: cannot decode: UnidentifiedImageError")
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_verify_names_every_bad_shard(tiny, corrupt, capsys):
+    assert shardgen_main(["verify", str(tiny.shards)]) == 0
+    assert "5/5 shards OK" in capsys.readouterr().out
+
+    assert shardgen_main(["verify", str(corrupt.root)]) == 1
+    out, err = capsys.readouterr()
+    bad = sorted(line.split(": ", 1)[0].removeprefix("BAD ") for line in out.splitlines() if line.startswith("BAD "))
+    assert bad == sorted(corrupt.urls.values()) and "1/5 shards OK, 4 bad" in err
+    # Same length, same members: only the checksum tells the garbled shards apart.
+    assert f"BAD {corrupt.urls['train-000000.tar']}: sha256 differs from the manifest\n" in out
+
+
+# ---------------------------------------------------------------------------------------- killed DDP rank
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+    except OSError:
+        return None
+    return int(env["RANK"]) if "RANK" in env else None
+
+
+@pytest.mark.timeout(240)
+def test_killed_rank_restarts_its_group_which_resumes_to_the_same_end(tiny, tmp_path):
+    total, every = 12, 4
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "ddp.yaml", str(tiny.shards), out,
+                       data={"val_split": "test"},  # 3 images: 2 ranks both get a batch's worth
+                       train={"steps": total, "ckpt_every": every, "val_every": every, "log_every": every})  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=2",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{_free_port()}",
+           "-m", "trainer", "--config", cfg]  # fmt: skip
+    log = tmp_path / "torchrun.log"
+    with log.open("wb") as stderr:  # a file, not a pipe nobody reads while the job runs
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=stderr,
+                                start_new_session=True)  # fmt: skip
+    latest, killed_at = out / "latest.json", None
+    try:
+        deadline = time.monotonic() + 150
+        while killed_at is None:
+            assert proc.poll() is None, f"torchrun ended before the kill: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no checkpoint in time: {log.read_text()[-3000:]}"
+            if latest.exists() and json.loads(latest.read_text())["step"] >= every:
+                victim = next(pid for pid in _children(proc.pid) if _rank_of(pid) == 1)
+                os.kill(victim, signal.SIGKILL)
+                killed_at = json.loads(latest.read_text())["step"]
+            time.sleep(0.01)
+        stdout, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    assert killed_at < total, "the job finished before the kill landed"
+    resumed = [line for line in text.splitlines() if f"resumed from {out / 'last.pt'} at step" in line]
+    assert len(resumed) == 1 and int(resumed[0].rsplit(" ", 1)[1]) >= killed_at, text[-4000:]
+
+    summary = json.loads(next(line for line in stdout.decode().splitlines() if line.startswith("{")))
+    assert summary["rank_steps"] == [total, total] and summary["params_in_sync"] is True
+    assert summary["val_samples"] == 75  # all 3 test images, after the restart too
+    state = checkpoint.load(str(out / "last.pt"))
+    optim = load_config(cfg).optim
+    expected_lr = optim.lr * lr_factor(total, total, optim)
+    assert state["step"] == total and state["scheduler"]["last_epoch"] == total
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == pytest.approx([expected_lr])
+    assert state["scheduler"]["_last_lr"] == pytest.approx([expected_lr])
+    assert all(int(s["step"]) == total for s in state["optimizer"]["state"].values())
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    for phase in ("train", "val"):  # each step once: what the killed group wrote after its checkpoint is replaced
+        assert [int(r["step"]) for r in rows if r["phase"] == phase] == list(range(every, total + 1, every))
+
+
+_FLAKY_JOIN = """
+import json, sys, torch, torch.distributed as td
+from trainer import dist
+real, calls = td.init_process_group, []
+def flaky(*args, **kwargs):  # rank 1's first attempt fails, as a gloo connect after a restart may
+    calls.append(1)
+    if dist.local_rank() == 1 and len(calls) == 1:
+        raise td.DistNetworkError("connectFullMesh failed: Connection refused")
+    return real(*args, **kwargs)
+td.init_process_group = flaky
+dist.setup("cpu")
+total = dist.all_reduce(torch.ones(1)).item()
+result = {"rank": dist.rank(), "world": dist.world_size(), "sum": total, "attempts": len(calls)}
+with open(sys.argv[1] + f"/rank{dist.rank()}.json", "w") as f:
+    json.dump(result, f)
+dist.cleanup()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_group_that_fails_to_form_is_retried_without_a_restart(tmp_path):
+    script = tmp_path / "join.py"
+    script.write_text(_FLAKY_JOIN)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=0",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{_free_port()}", str(script), str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks == [{"rank": 0, "world": 2, "sum": 2.0, "attempts": 1},
+                     {"rank": 1, "world": 2, "sum": 2.0, "attempts": 2}]  # fmt: skip
+    assert "process group failed to form (connectFullMesh failed: Connection refused); retry 1/2" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------ killed S3 shard build
+
+
+@pytest.mark.s3
+@pytest.mark.timeout(240)
+def test_killed_s3_build_resumes_to_the_bytes_of_an_uninterrupted_build(s3_env, s3_server, tmp_path, capsys):
+    n_images = 6
+    raw = tmp_path / "raw"
+    write_synthetic(raw, n_images, seed=2, size_range=(180, 230))
+    # One image per shard and 600 px crops: enough work left after the first shard to kill the build mid-way.
+    args = ["build", "--annotations", str(raw / "annotations"), "--images", str(raw / "images"),
+            "--image-size", "600", "--tile", "200", "--stride", "100", "--shard-size", "25",
+            "--split-ratios", "train=0.5,val=0.25,test=0.25", "--quiet"]  # fmt: skip
+    reference = tmp_path / "reference"
+    assert shardgen_main([*args, "--out", str(reference)]) == 0
+    url = f"{s3_env}/ds"
+    fs, root = storage.fs_for(url)
+
+    def listed(sub: str = "") -> list[str]:
+        path = f"{root}/{sub}".rstrip("/")
+        with contextlib.suppress(FileNotFoundError):
+            return sorted(p.rsplit("/", 1)[1] for p in fs.ls(path, detail=False, refresh=True))
+        return []
+
+    cmd = [sys.executable, "-m", "shardgen", *args, "--out", url, "--workers", "2"]
+    env = subprocess_env(**s3_server.env())
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not listed("_build"):
+            assert proc.poll() is None, f"build exited before the kill: {proc.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "no shard finished in 120 s"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the build and its pool workers, like an OOM kill of the job
+        proc.wait()
+        proc.stderr.close()
+    finished = len(listed("_build"))
+    assert 1 <= finished < n_images
+    assert "manifest.json" not in listed()  # an incomplete build has no manifest to read
+
+    assert shardgen_main([*args, "--out", url, "--workers", "2"]) == 0
+    assert f"shards: {n_images} ({finished} reused)" in capsys.readouterr().out
+    manifest = schema.read_manifest(url)
+    names = [s["url"] for info in manifest["splits"].values() for s in info["shards"]]
+    assert len(names) == n_images and not [n for n in names if "partial" in n]
+    assert listed() == sorted([*names, "manifest.json", "_build"])  # no .partial object left behind
+    for name in [*names, "manifest.json"]:
+        assert storage.read_bytes(f"{url}/{name}") == (reference / name).read_bytes(), name
+
+
+# ----------------------------------------------------------------------------------- bad evaluate inputs
+
+
+def _with_manifest(src: Path, dest: Path, edit) -> Path:
+    """A dataset whose manifest is ``edit(manifest dict)`` of ``src``'s, shards copied."""
+    shutil.copytree(src, dest)
+    manifest = json.loads((src / "manifest.json").read_text())
+    edit(manifest)
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+def _empty_test_split(m: dict) -> None:
+    m["splits"]["test"].update(samples=0, images=0, bytes=0, shards=[], class_pixels=[0] * len(m["classes"]))
+
+
+@pytest.mark.parametrize(
+    "edit, split, message",
+    [
+        (lambda m: m.update(format_version=2), "test",
+         "manifest.json: manifest format version 2, this code reads version 1; rebuild the shards with this shardgen"),
+        (_empty_test_split, "test", "manifest.json: split 'test' has no images"),
+        (lambda m: None, "holdout", "manifest.json: no split 'holdout' (has ['test', 'train', 'val'])"),
+    ],
+)  # fmt: skip
+def test_evaluate_rejects_a_bad_dataset_in_one_line(tiny, tmp_path, capsys, edit, split, message):
+    data = _with_manifest(tiny.shards, tmp_path / "ds", edit)
+    rc, err = run_evaluate(capsys, "--checkpoint", tiny.ckpt, "--data", data, "--split", split, "--out",
+                           tmp_path / "o", "--device", "cpu", "--workers", "0")  # fmt: skip
+    assert rc == 2 and err == [f"evaluate: error: {data}/{message}"]
+
+
+@pytest.mark.parametrize(
+    "meta, message",
+    [
+        ({"model": "u2netp", "kwargs": {}}, "cannot rebuild the model: Error(s) in loading state_dict for U2NetP"),
+        ({"kwargs": {"channels": [4, 6, 8, 10, 14]}}, "cannot rebuild the model: Error(s) in loading state_dict"),
+        ({"model": "vit"}, "cannot rebuild the model: "),
+    ],
+)
+def test_evaluate_rejects_a_checkpoint_of_another_model(tiny, tmp_path, capsys, meta, message):
+    state = checkpoint.load(str(tiny.ckpt))
+    state["meta"]["model"] = meta.get("model", state["meta"]["model"])
+    state["meta"]["config"]["model"]["kwargs"] = meta.get("kwargs", NARROW)
+    ckpt = tmp_path / "other.pt"
+    torch.save(state, ckpt)
+    rc, err = run_evaluate(capsys, "--checkpoint", ckpt, "--data", tiny.shards, "--out", tmp_path / "o",
+                           "--device", "cpu", "--workers", "0")  # fmt: skip
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"evaluate: error: {ckpt}: {message}"), err
