@@ -84,12 +84,12 @@ class RunLog:
             for k, v in ious.items():
                 if v is not None:
                     self.tb.add_scalar(f"val/{k}", v, step)
-        self._flush()
+        self.flush()
 
     def _row(self, **row) -> None:
         self.rows.append(row)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         fields = []
         for row in self.rows:
             fields += [k for k in row if k not in fields]
@@ -105,6 +105,6 @@ class RunLog:
         self._row(phase="end", skipped_samples=skipped, io_retries=io_retries)
         if skipped:
             log.warning("skipped %d corrupt training samples in total (see the warnings above)", skipped)
-        self._flush()
+        self.flush()
         if self.tb:
             self.tb.close()

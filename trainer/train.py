@@ -203,6 +203,7 @@ def train(cfg: Config) -> dict:
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
                 "best_miou": best, "skipped_samples": skipped, "bad_steps": bad_total, "rng": rngs, "meta": meta,
             }, retries=cfg.data.io_retries, backoff=cfg.data.io_backoff)  # fmt: skip
+            logger.flush()  # metrics.csv holds every row up to the checkpoint a resume starts from
         dist.barrier()  # no rank runs ahead of a checkpoint it might need to resume from
         return url
 
