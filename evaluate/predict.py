@@ -1,7 +1,7 @@
 """``python -m evaluate predict``: raw scans of any size -> class masks at their own size, overlays, CVAT XML.
 
 Each scan goes through exactly the preprocessing shardgen gives training images (``shardgen.crust``, as in
-``shardgen.build.process_image``): crust detection on the RGB scan, then ``.convert("L")`` for a 1-channel
+``shardgen.scan.process_image``): crust detection on the RGB scan, then ``.convert("L")`` for a 1-channel
 model, crop to the crust box and Lanczos resize to the grid's square. Its tiles are predicted and blended
 (``inference.Predictor``), and the class map is mapped back onto the scan with ``uncrop`` (nearest; the
 crust is background).

@@ -16,205 +16,24 @@ import json
 import multiprocessing as mp
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
 from tqdm import tqdm
 
 from . import schema, storage
-from .classes import DEFAULT_CLASSES_YAML, ClassMap
-from .crust import CrustError, Geometry, crop_resize, crop_resize_mask, geometry_of
-from .cvat import CvatError, ImageAnnotation, parse_cvat
-from .raster import RasterStats, rasterize
-from .splits import DEFAULT_RATIOS, SPLITS, assign_split, stone_id_of
+from .classes import ClassMap
+from .plan import BuildOptions, ImageJob, ShardgenError, plan
+from .scan import process_image
+from .splits import SPLITS
 from .tiling import TileGrid
+
+__all__ = ["BuildOptions", "ShardgenError", "build"]
 
 BUILD_DIR = "_build"  # per-shard completion records used to resume
 TAR_MTIME = 0  # fixed tar member mtime: shards are byte-identical across runs
-
-
-class ShardgenError(Exception):
-    """Bad input or a failed build; the message names the file and the reason."""
-
-
-@dataclass
-class BuildOptions:
-    mode: str = "multiclass"  # multiclass ids 0..10, or binary (any defect is 1)
-    reflections: str = "merge"  # merge: parent class; ignore: 255; background: 0
-    unknown_labels: str = "error"  # error, or ignore (counted warning)
-    skip_missing: bool = False  # count images named in XML but missing on disk instead of failing
-    channels: int = 1  # 1: 8-bit grayscale tiles; 3: RGB
-    image_size: int = 1200  # side the crust crop is resized to
-    tile: int = 400  # tile side
-    stride: int = 200  # tile step
-    shard_size: int = 1000  # samples per shard, rounded down to whole images (about 100 MB)
-    split_ratios: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RATIOS))
-    stone_id_regex: str | None = None  # groups images into stones; default: one stone per image
-    polyline_width: int = 3  # px, at source resolution
-    point_radius: int = 2  # px, at source resolution
-    png_level: int = 1  # zlib level of tile PNGs: 1 is ~3x faster than 6 for ~10% more bytes
-    classes: str = str(DEFAULT_CLASSES_YAML)  # class map YAML
-
-
-@dataclass(frozen=True)
-class ImageJob:
-    ann: ImageAnnotation
-    path: str  # local image file
-    image_id: str
-    stone_id: str
-    split: str
-    values: tuple[int | None, ...]  # paint value per shape, by shape order (None: paint nothing)
-
-
-# ---------------------------------------------------------------------------------------------- planning
-
-
-def _find_image(images_dir: Path, name: str) -> Path | None:
-    for candidate in (images_dir / name, images_dir / Path(name).name):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def plan(
-    annotations: Path, images: Path, opts: BuildOptions, skipped: Counter, warnings: list[str] | None = None
-) -> list[ImageJob]:
-    """Every image to build, validated, in a deterministic order (split, image id).
-
-    What is left out by option (unknown labels with ``--unknown-labels ignore``, missing images with
-    ``--skip-missing``) is counted in ``skipped`` and reported as ``FILE:LINE: reason`` in ``warnings``.
-    """
-    warnings = warnings if warnings is not None else []
-    cmap = ClassMap.load(opts.classes)
-    xml_files = sorted(annotations.glob("*.xml")) if annotations.is_dir() else [annotations]
-    if not xml_files:
-        raise ShardgenError(f"{annotations}: no CVAT XML files found")
-    jobs, seen = [], {}
-    for xml in xml_files:
-        try:
-            anns = parse_cvat(xml, skipped=skipped)
-        except CvatError as e:
-            raise ShardgenError(str(e)) from None
-        for ann in anns:
-            values = []
-            for shape in ann.shapes:
-                info = cmap.lookup(shape.label)
-                if info is None:
-                    msg = f"{xml}:{shape.line}: unknown label {shape.label!r}"
-                    if opts.unknown_labels != "ignore":
-                        raise ShardgenError(msg + " (use --unknown-labels ignore to skip such shapes)")
-                    skipped[f"unknown label {shape.label!r}"] += 1
-                    warnings.append(msg + ", shape skipped")
-                    values.append(None)
-                else:
-                    values.append(cmap.paint_value(info, opts.mode, opts.reflections))
-            path = _find_image(images, ann.name)
-            if path is None:
-                if not opts.skip_missing:
-                    raise ShardgenError(
-                        f"{xml}:{ann.line}: image {ann.name!r} not found in {images} (use --skip-missing to skip)"
-                    )
-                skipped["image missing"] += 1
-                warnings.append(f"{xml}:{ann.line}: image {ann.name!r} not found in {images}, skipped")
-                continue
-            try:
-                with Image.open(path) as im:
-                    size = im.size
-            except OSError as e:
-                raise ShardgenError(f"{path}: not a readable image: {e}") from None
-            if size != (ann.width, ann.height):
-                raise ShardgenError(
-                    f"{path}: image is {size[0]}x{size[1]} but {xml}:{ann.line} says {ann.width}x{ann.height}"
-                )
-            image_id = schema.image_id_of(ann.name)
-            if image_id in seen:
-                raise ShardgenError(f"{xml}:{ann.line}: image id {image_id!r} also comes from {seen[image_id]}")
-            seen[image_id] = f"{xml}:{ann.line}"
-            try:
-                stone = stone_id_of(image_id, opts.stone_id_regex)
-            except ValueError as e:
-                raise ShardgenError(str(e)) from None
-            split = assign_split(stone, opts.split_ratios)
-            jobs.append(ImageJob(ann, str(path), image_id, stone, split, tuple(values)))
-    jobs.sort(key=lambda j: (SPLITS.index(j.split), j.image_id))
-    return jobs
-
-
-# ------------------------------------------------------------------------------------- one image, in a worker
-
-
-def process_image(job: ImageJob, opts: BuildOptions) -> dict:
-    """Rasterize, crop the crust, resize and tile one scan; returns encoded samples and counts."""
-    ann, grid = job.ann, TileGrid(opts.image_size, opts.tile, opts.stride)
-    data = Path(job.path).read_bytes()
-    try:
-        with Image.open(job.path) as im:
-            im.load()
-            rgb = im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ShardgenError(f"{job.path}: corrupt or truncated image: {e}") from None
-    pixels = np.asarray(rgb)
-    try:
-        geom = geometry_of(pixels, opts.image_size, name=job.path)
-    except CrustError as e:
-        raise ShardgenError(str(e)) from None
-    stats = RasterStats()
-    values = job.values
-    mask = rasterize(
-        ann,
-        lambda s: values[s.order],
-        polyline_width=opts.polyline_width,
-        point_radius=opts.point_radius,
-        stats=stats,
-    )
-    source = rgb if opts.channels == 3 else rgb.convert("L")
-    image = np.asarray(crop_resize(source, geom))
-    mask = crop_resize_mask(mask, geom)
-    n_classes = ClassMap.load(opts.classes).num_classes(opts.mode)
-    samples, hist = [], np.zeros(n_classes, dtype=np.int64)
-    t = opts.tile
-    for i, j, y, x in grid.positions():
-        tile_mask = mask[y : y + t, x : x + t]
-        counts = np.bincount(tile_mask.ravel(), minlength=256)
-        hist += counts[:n_classes]
-        meta = {
-            "image_id": job.image_id,
-            "stone_id": job.stone_id,
-            "row": i,
-            "col": j,
-            "y": y,
-            "x": x,
-            "tile": t,
-            "stride": opts.stride,
-            "image_size": opts.image_size,
-            "source_image": ann.name,
-            "xml_file": Path(ann.xml_file).name,
-            "crop_box": list(geom.box),
-            "scale": list(geom.scale),
-            "source_size": [geom.width, geom.height],
-            "split": job.split,
-            "class_pixels": counts[:n_classes].tolist(),
-            "ignored_pixels": int(counts[255]),
-        }
-        samples.append(
-            {
-                "__key__": schema.sample_key(job.image_id, i, j),
-                schema.IMAGE_KEY: schema.encode_png(image[y : y + t, x : x + t], opts.png_level),
-                schema.MASK_KEY: schema.encode_png(np.ascontiguousarray(tile_mask), opts.png_level),
-                schema.META_KEY: json.dumps(meta, sort_keys=True).encode(),
-            }
-        )
-    return {
-        "samples": samples,
-        "hist": hist,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "warnings": stats.warnings,
-        "skipped": dict(stats.skipped),
-        "geometry": geom,
-    }
 
 
 def _process(args):
@@ -412,9 +231,3 @@ def _manifest(plans, records, opts: BuildOptions, cmap: ClassMap, skipped: Count
         "skipped": dict(sorted(skipped.items())),
         "splits": splits,
     }
-
-
-def geometry_from_meta(meta: dict) -> Geometry:
-    """The crop geometry recorded in a tile's json (for mapping predictions back onto the scan)."""
-    w, h = meta["source_size"]
-    return Geometry(width=w, height=h, box=tuple(meta["crop_box"]), size=meta["image_size"])

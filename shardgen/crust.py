@@ -70,3 +70,9 @@ def uncrop(mask: np.ndarray, geom: Geometry, fill: int = 0) -> np.ndarray:
     out = np.full((geom.height, geom.width), fill, dtype=mask.dtype)
     out[top:bottom, left:right] = np.asarray(back)
     return out
+
+
+def geometry_from_meta(meta: dict) -> Geometry:
+    """The crop geometry recorded in a tile's json (for mapping predictions back onto the scan)."""
+    w, h = meta["source_size"]
+    return Geometry(width=w, height=h, box=tuple(meta["crop_box"]), size=meta["image_size"])

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shardgen.build import geometry_from_meta
-from shardgen.crust import CrustError, crop_resize, crop_resize_mask, crust_box, geometry_of, uncrop
+from shardgen.crust import CrustError, crop_resize, crop_resize_mask, crust_box, geometry_from_meta, geometry_of, uncrop
 from shardgen.splits import DEFAULT_RATIOS, SPLITS, assign_split, parse_ratios, stone_id_of
 from shardgen.tiling import TileGrid
 

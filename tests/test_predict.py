@@ -21,9 +21,8 @@ from evaluate.predict import load_scan, tiles_of
 from evaluate.tiles import iter_images
 from shardgen import schema, storage
 from shardgen.__main__ import main as shardgen_main
-from shardgen.build import geometry_from_meta
 from shardgen.classes import ClassMap
-from shardgen.crust import crop_resize_mask, uncrop
+from shardgen.crust import crop_resize_mask, geometry_from_meta, uncrop
 from shardgen.cvat import ImageAnnotation, parse_cvat, write_cvat
 from shardgen.raster import rasterize
 from shardgen.tiling import TileGrid

@@ -1,0 +1,89 @@
+"""One scan in a build worker: rasterize its annotation, remove the crust, resize, cut the 25 tiles and
+encode each as a shard sample (the schema of ``shardgen.schema``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import schema
+from .classes import ClassMap
+from .crust import CrustError, crop_resize, crop_resize_mask, geometry_of
+from .plan import BuildOptions, ImageJob, ShardgenError
+from .raster import RasterStats, rasterize
+from .tiling import TileGrid
+
+
+def process_image(job: ImageJob, opts: BuildOptions) -> dict:
+    """Rasterize, crop the crust, resize and tile one scan; returns encoded samples and counts."""
+    ann, grid = job.ann, TileGrid(opts.image_size, opts.tile, opts.stride)
+    data = Path(job.path).read_bytes()
+    try:
+        with Image.open(job.path) as im:
+            im.load()
+            rgb = im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ShardgenError(f"{job.path}: corrupt or truncated image: {e}") from None
+    pixels = np.asarray(rgb)
+    try:
+        geom = geometry_of(pixels, opts.image_size, name=job.path)
+    except CrustError as e:
+        raise ShardgenError(str(e)) from None
+    stats = RasterStats()
+    values = job.values
+    mask = rasterize(
+        ann,
+        lambda s: values[s.order],
+        polyline_width=opts.polyline_width,
+        point_radius=opts.point_radius,
+        stats=stats,
+    )
+    source = rgb if opts.channels == 3 else rgb.convert("L")
+    image = np.asarray(crop_resize(source, geom))
+    mask = crop_resize_mask(mask, geom)
+    n_classes = ClassMap.load(opts.classes).num_classes(opts.mode)
+    samples, hist = [], np.zeros(n_classes, dtype=np.int64)
+    t = opts.tile
+    for i, j, y, x in grid.positions():
+        tile_mask = mask[y : y + t, x : x + t]
+        counts = np.bincount(tile_mask.ravel(), minlength=256)
+        hist += counts[:n_classes]
+        meta = {
+            "image_id": job.image_id,
+            "stone_id": job.stone_id,
+            "row": i,
+            "col": j,
+            "y": y,
+            "x": x,
+            "tile": t,
+            "stride": opts.stride,
+            "image_size": opts.image_size,
+            "source_image": ann.name,
+            "xml_file": Path(ann.xml_file).name,
+            "crop_box": list(geom.box),
+            "scale": list(geom.scale),
+            "source_size": [geom.width, geom.height],
+            "split": job.split,
+            "class_pixels": counts[:n_classes].tolist(),
+            "ignored_pixels": int(counts[255]),
+        }
+        samples.append(
+            {
+                "__key__": schema.sample_key(job.image_id, i, j),
+                schema.IMAGE_KEY: schema.encode_png(image[y : y + t, x : x + t], opts.png_level),
+                schema.MASK_KEY: schema.encode_png(np.ascontiguousarray(tile_mask), opts.png_level),
+                schema.META_KEY: json.dumps(meta, sort_keys=True).encode(),
+            }
+        )
+    return {
+        "samples": samples,
+        "hist": hist,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "warnings": stats.warnings,
+        "skipped": dict(stats.skipped),
+        "geometry": geom,
+    }
