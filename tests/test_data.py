@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import build_tiny
 from torch.utils.data import DataLoader
 
 from shardgen import schema
-from shardgen.__main__ import main as shardgen_main
 from shardgen.reader import CorruptSample
-from shardgen.synth import write_synthetic
 from trainer.config import DataConfig
 from trainer.data import TrainTiles, ValTiles, rank_share, reraise, train_loader, val_loader
 
@@ -104,12 +103,7 @@ def _check_masks(batches, side: int) -> None:
 def built(tmp_path_factory):
     """A dataset built by shardgen from synthetic scans: 8 images of 192 px, 64 px tiles."""
     tmp = tmp_path_factory.mktemp("built")
-    write_synthetic(tmp / "raw", 8, seed=0, size_range=(180, 230))
-    rc = shardgen_main(["build", "--annotations", str(tmp / "raw/annotations"), "--images", str(tmp / "raw/images"),
-                        "--out", str(tmp / "shards"), "--image-size", "192", "--tile", "64", "--stride", "32",
-                        "--shard-size", "75", "--split-ratios", "train=0.5,val=0.25,test=0.25", "--quiet"])  # fmt: skip
-    assert rc == 0
-    return schema.read_manifest(str(tmp / "shards"))
+    return schema.read_manifest(build_tiny(tmp, 8))
 
 
 def _masks_in_shards(manifest: dict, split: str) -> list[np.ndarray]:

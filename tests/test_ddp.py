@@ -20,10 +20,9 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from tiny import build_tiny
 
 from shardgen import schema
-from shardgen.__main__ import main as shardgen_main
-from shardgen.synth import write_synthetic
 from trainer import checkpoint
 from trainer.models import build_model
 from trainer.train import param_digest
@@ -38,11 +37,7 @@ RENDEZVOUS_FAILURES = ("DistNetworkError", "RendezvousConnectionError", "connect
 def shards(tmp_path_factory) -> str:
     """9 synthetic scans, one per shard: 6 train shards and 3 val shards (75 val tiles)."""
     tmp = tmp_path_factory.mktemp("ddp")
-    write_synthetic(tmp / "raw", 9, seed=0, size_range=(180, 230))
-    rc = shardgen_main(["build", "--annotations", str(tmp / "raw/annotations"), "--images", str(tmp / "raw/images"),
-                        "--out", str(tmp / "shards"), "--image-size", "192", "--tile", "64", "--stride", "32",
-                        "--shard-size", "25", "--split-ratios", "train=0.5,val=0.5,test=0", "--quiet"])  # fmt: skip
-    assert rc == 0
+    build_tiny(tmp, 9, shard_size=25, ratios="train=0.5,val=0.5,test=0")
     val = schema.read_manifest(str(tmp / "shards"))["splits"]["val"]
     assert len(val["shards"]) == 3 and val["samples"] == 75  # rank 0 validates images 0 and 2, rank 1 image 1
     return str(tmp / "shards")

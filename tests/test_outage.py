@@ -26,11 +26,10 @@ import aiohttp
 import pytest
 import yaml
 from botocore.exceptions import EndpointConnectionError, NoCredentialsError, ReadTimeoutError
+from tiny import build_tiny
 
 from shardgen import schema, storage
-from shardgen.__main__ import main as shardgen_main
 from shardgen.reader import CorruptSample, StorageUnavailable, is_transient, retry_call
-from shardgen.synth import write_synthetic
 from trainer import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,12 +99,7 @@ def test_checkpoint_upload_survives_a_restart_and_a_failed_one_keeps_the_old(s3_
 
 def build(tmp_path: Path, url: str) -> dict:
     """8 tiny scans, one per shard (4 train, 2 val, 2 test): a new shard is opened every ~6 steps."""
-    raw = tmp_path / "raw"
-    write_synthetic(raw, 8, seed=5, size_range=(180, 230))
-    rc = shardgen_main(["build", "--annotations", str(raw / "annotations"), "--images", str(raw / "images"),
-                        "--out", url, "--image-size", "192", "--tile", "64", "--stride", "32", "--shard-size", "25",
-                        "--split-ratios", "train=0.2,val=0.3,test=0.5", "--quiet"])  # fmt: skip
-    assert rc == 0
+    build_tiny(tmp_path, 8, seed=5, shard_size=25, ratios="train=0.2,val=0.3,test=0.5", out=url)
     return schema.read_manifest(url)
 
 

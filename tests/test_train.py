@@ -25,10 +25,9 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from tiny import build_tiny
 
 from shardgen import schema
-from shardgen.__main__ import main as shardgen_main
-from shardgen.synth import write_synthetic
 from trainer import __main__ as cli
 from trainer import checkpoint
 from trainer import train as train_mod
@@ -55,12 +54,7 @@ def one_thread():
 def shards(tmp_path_factory) -> str:
     """8 synthetic scans -> train 150 tiles (2 shards), val 50 tiles (1 shard), test empty."""
     tmp = tmp_path_factory.mktemp("data")
-    write_synthetic(tmp / "raw", 8, seed=0, size_range=(180, 230))
-    rc = shardgen_main(["build", "--annotations", str(tmp / "raw/annotations"), "--images", str(tmp / "raw/images"),
-                        "--out", str(tmp / "shards"), "--image-size", "192", "--tile", "64", "--stride", "32",
-                        "--shard-size", "75", "--split-ratios", "train=0.5,val=0.25,test=0.25", "--quiet"])  # fmt: skip
-    assert rc == 0
-    manifest = schema.read_manifest(str(tmp / "shards"))
+    manifest = schema.read_manifest(build_tiny(tmp, 8))
     assert [manifest["splits"][s]["samples"] for s in ("train", "val", "test")] == [150, 50, 0]
     return str(tmp / "shards")
 
