@@ -12,15 +12,12 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
-from tiny import build_tiny
+from tiny import build_tiny, scored_pixels
 
 from shardgen import schema
 from trainer import checkpoint
@@ -41,17 +38,6 @@ def shards(tmp_path_factory) -> str:
     val = schema.read_manifest(str(tmp / "shards"))["splits"]["val"]
     assert len(val["shards"]) == 3 and val["samples"] == 75  # rank 0 validates images 0 and 2, rank 1 image 1
     return str(tmp / "shards")
-
-
-def scored_pixels(shards: str, split: str) -> int:
-    """Pixels that are not 255 in every mask of ``split``, read straight from the tar files."""
-    total = 0
-    for url in schema.shard_urls(schema.read_manifest(shards), split):
-        with tarfile.open(url) as tar:
-            for m in tar.getmembers():
-                if m.name.endswith(".mask.png"):
-                    total += int((np.asarray(Image.open(tar.extractfile(m))) != 255).sum())
-    return total
 
 
 def torchrun(config: str, *overrides: str) -> tuple[dict, str]:

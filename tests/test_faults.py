@@ -35,8 +35,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import yaml
 from test_evaluate import tiny_dataset
+from tiny import NARROW
+from tiny import write_config as tiny_write_config
 
 from evaluate.__main__ import main as evaluate_main
 from shardgen import schema, storage
@@ -48,7 +49,6 @@ from trainer.config import load_config
 from trainer.train import lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
-NARROW = {"channels": [4, 6, 8, 10, 12]}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,18 +76,10 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def write_config(path: Path, dataset: str, out: Path, **sections) -> str:
-    """A tiny CPU run (narrow U-Net, batch 4, no DataLoader workers); ``sections`` update the defaults."""
-    cfg = {
-        "data": {"train": dataset, "batch_size": 4, "workers": 0, "shuffle_buffer": 10, "pin_memory": False},
-        "model": {"name": "unet", "kwargs": NARROW},
-        "optim": {"lr": 0.01, "warmup_steps": 2},
-        "train": {"out_dir": str(out), "steps": 4, "device": "cpu", "log_every": 2, "val_every": 4,
-                  "ckpt_every": 4},  # fmt: skip
-    }
-    for name, values in sections.items():
-        cfg[name].update(values)
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+    """``tests/tiny.py``'s ``write_config`` with a smaller shuffle buffer and validation only at the checkpoints."""
+    sections["data"] = {"shuffle_buffer": 10, **sections.get("data", {})}
+    sections["train"] = {"val_every": 4, "ckpt_every": 4, **sections.get("train", {})}
+    return tiny_write_config(path, dataset, out, **sections)
 
 
 def run_trainer(capsys, *argv) -> tuple[int, dict | None, list[str]]:

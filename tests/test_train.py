@@ -16,16 +16,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import yaml
-from PIL import Image
-from tiny import build_tiny
+from tiny import NARROW, build_tiny, scored_pixels, write_config
 
 from shardgen import schema
 from trainer import __main__ as cli
@@ -38,7 +34,6 @@ from trainer.losses import build_loss
 from trainer.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-NARROW = {"channels": [4, 6, 8, 10, 12]}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,21 +54,6 @@ def shards(tmp_path_factory) -> str:
     return str(tmp / "shards")
 
 
-def write_config(path: Path, shards: str, out: Path, **sections) -> str:
-    """A tiny CPU run: narrow U-Net, batch 4, no DataLoader workers; ``sections`` update the defaults."""
-    cfg = {
-        "data": {"train": shards, "batch_size": 4, "workers": 0, "shuffle_buffer": 20, "pin_memory": False},
-        "model": {"name": "unet", "kwargs": NARROW},
-        "optim": {"lr": 0.01, "warmup_steps": 2},
-        "train": {"out_dir": str(out), "steps": 4, "device": "cpu", "log_every": 2, "val_every": 2,
-                  "ckpt_every": 2},  # fmt: skip
-    }
-    for name, values in sections.items():
-        cfg[name].update(values)
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
-
-
 def run_main(capsys, *argv) -> tuple[int, dict | None, list[str]]:
     """``python -m trainer`` in-process: (exit code, the JSON summary line or None, stderr lines)."""
     rc = cli.main(list(argv))
@@ -86,17 +66,6 @@ def run_main(capsys, *argv) -> tuple[int, dict | None, list[str]]:
 
 def read_csv(path: Path) -> list[dict]:
     return list(csv.DictReader(path.open()))
-
-
-def scored_pixels(shards: str, split: str) -> int:
-    """Pixels that are not 255 in every mask of ``split``, read straight from the tar files."""
-    total = 0
-    for url in schema.shard_urls(schema.read_manifest(shards), split):
-        with tarfile.open(url) as tar:
-            for m in tar.getmembers():
-                if m.name.endswith(".mask.png"):
-                    total += int((np.asarray(Image.open(tar.extractfile(m))) != 255).sum())
-    return total
 
 
 # ---------------------------------------------------------------------------------------------- learning

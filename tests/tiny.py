@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
+import numpy as np
+import yaml
+from PIL import Image
+
+from shardgen import schema
 from shardgen.__main__ import main as shardgen_main
 from shardgen.synth import write_synthetic
 
+NARROW = {"channels": [4, 6, 8, 10, 12]}  # a U-Net narrow enough for CPU tests
 TINY_GRID = ["--image-size", "192", "--tile", "64", "--stride", "32"]
 
 
@@ -21,3 +28,29 @@ def build_tiny(tmp: Path, images: int, *, seed: int = 0, shard_size: int = 75,
                         "--quiet"])  # fmt: skip
     assert rc == 0
     return out
+
+
+def write_config(path: Path, shards: str, out: Path, **sections) -> str:
+    """A tiny CPU run: narrow U-Net, batch 4, no DataLoader workers; ``sections`` update the defaults."""
+    cfg = {
+        "data": {"train": shards, "batch_size": 4, "workers": 0, "shuffle_buffer": 20, "pin_memory": False},
+        "model": {"name": "unet", "kwargs": NARROW},
+        "optim": {"lr": 0.01, "warmup_steps": 2},
+        "train": {"out_dir": str(out), "steps": 4, "device": "cpu", "log_every": 2, "val_every": 2,
+                  "ckpt_every": 2},  # fmt: skip
+    }
+    for name, values in sections.items():
+        cfg[name].update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def scored_pixels(shards: str, split: str) -> int:
+    """Pixels that are not 255 in every mask of ``split``, read straight from the tar files."""
+    total = 0
+    for url in schema.shard_urls(schema.read_manifest(shards), split):
+        with tarfile.open(url) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".mask.png"):
+                    total += int((np.asarray(Image.open(tar.extractfile(m))) != 255).sum())
+    return total
