@@ -38,7 +38,7 @@ from .inference import Predictor, check_dataset, load_model
 from .metrics import dice_summary, image_confusion, object_counts, object_summary, per_image_dice
 from .overlay import overlay
 from .report import write_report
-from .tiles import grid_of, image_loader, rank_images
+from .tiles import grid_of, image_loader
 
 PNG_WRITERS = 4  # threads encoding overlay/prediction PNGs while the next images are predicted
 MAX_QUEUED_WRITES = 2 * PNG_WRITERS  # bounds the images held in memory waiting for their PNGs
@@ -139,7 +139,7 @@ def _score_rank(opts: EvalOptions, predictor: Predictor, manifest: dict, out: Pa
     grid, class_names = predictor.grid, list(manifest["classes"])
     n = len(class_names)
     conf, objects, rows = np.zeros((n, n), np.int64), np.zeros((n, 4), np.int64), []
-    expected = rank_images(manifest, opts.split, rank, world)
+    expected = schema.rank_images(manifest, opts.split, rank, world)
     images = image_loader(manifest, opts.split, rank, world, opts.workers)
     writes: deque[Future] = deque()
     bar = tqdm(total=expected, desc=f"evaluate {opts.split}", unit="img", disable=not dist.is_main())

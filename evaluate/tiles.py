@@ -54,10 +54,8 @@ def grid_of(manifest: dict) -> TileGrid:
 
 def _split_key(url: str, key: str) -> tuple[str, int, int]:
     """(image_id, row, col) of a sample key. The image id names output files, so it must be a plain name."""
-    image_id, _, rest = key.rpartition("_")
-    image_id, _, row = image_id.rpartition("_")
     try:
-        i, j = int(row), int(rest)
+        image_id, i, j = schema.parse_key(key)
     except ValueError:
         raise EvaluateError(f"{url}: sample key {key!r} is not IMAGEID_ROW_COL") from None
     if not image_id or image_id.startswith(".") or any(c in image_id for c in "/\\\0"):
@@ -142,7 +140,7 @@ def iter_images(
     grid = grid_of(manifest)
     records = schema.split_info(manifest, split)["shards"]
     urls = schema.shard_urls(manifest, split)
-    offsets = np.cumsum([0] + [int(r["images"]) for r in records]).tolist()
+    offsets = schema.image_offsets(manifest, split)
     for k in range(len(urls)) if shards is None else shards:
         url, record = urls[k], records[k]
         seen, samples = set(), 0
@@ -160,11 +158,6 @@ def iter_images(
                 f"{url}: holds {len(seen)} images in {samples} samples, the manifest says "
                 f"{record['images']} images in {record['samples']} samples"
             )
-
-
-def rank_images(manifest: dict, split: str, rank: int, world: int) -> int:
-    """How many images of ``split`` ``rank`` evaluates."""
-    return len(range(rank, int(schema.split_info(manifest, split)["images"]), world))
 
 
 class _Images(IterableDataset):

@@ -38,6 +38,12 @@ def sample_key(image_id: str, i: int, j: int) -> str:
     return f"{image_id}_{i}_{j}"
 
 
+def parse_key(key: str) -> tuple[str, int, int]:
+    """(image_id, i, j) of a sample key; ValueError if it is not ``{image_id}_{i}_{j}``."""
+    image_id, i, j = key.rsplit("_", 2)
+    return image_id, int(i), int(j)
+
+
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
@@ -108,6 +114,18 @@ def split_info(manifest: dict, split: str) -> dict:
     if split not in splits:
         raise ManifestError(f"{manifest.get('_url', 'manifest')}: no split {split!r} (has {sorted(splits)})")
     return splits[split]
+
+
+def image_offsets(manifest: dict, split: str) -> list[int]:
+    """Index (in manifest order) of the first image of each shard of ``split``."""
+    counts = [int(s["images"]) for s in split_info(manifest, split)["shards"]]
+    return [sum(counts[:k]) for k in range(len(counts))]
+
+
+def rank_images(manifest: dict, split: str, rank: int, world: int) -> int:
+    """How many images of ``split`` belong to ``rank`` when image k is dealt to rank k % world (the dealing
+    used by validation and evaluation, so every image is scored exactly once)."""
+    return len(range(rank, int(split_info(manifest, split)["images"]), world))
 
 
 def shard_urls(manifest: dict, split: str) -> list[str]:

@@ -118,7 +118,7 @@ class ValTiles(IterableDataset):
 
     def __init__(self, manifest: dict, split: str, cfg: DataConfig, rank: int, world: int):
         self.urls = schema.shard_urls(manifest, split)
-        self.offsets = image_offsets(manifest, split)
+        self.offsets = schema.image_offsets(manifest, split)
         self.cfg, self.rank, self.world = cfg, rank, world
         self.retries = 0
 
@@ -132,7 +132,7 @@ class ValTiles(IterableDataset):
         for url, offset in list(zip(self.urls, self.offsets, strict=True))[worker::workers]:
             index, current = offset - 1, None
             for key, parts in _read(self, url):
-                image_id = key.rsplit("_", 2)[0]
+                image_id = schema.parse_key(key)[0]
                 if image_id != current:  # the 25 tiles of an image are consecutive in one shard
                     index, current = index + 1, image_id
                 if index % self.world != self.rank:
@@ -213,17 +213,9 @@ def reraise(loader) -> BatchStream:
     return BatchStream(loader)
 
 
-def image_offsets(manifest: dict, split: str) -> list[int]:
-    """Global index of the first image of each shard of ``split``, in manifest order."""
-    counts = [s["images"] for s in schema.split_info(manifest, split)["shards"]]
-    return [sum(counts[:k]) for k in range(len(counts))]
-
-
 def rank_share(manifest: dict, split: str, rank: int, world: int) -> int:
     """Samples of ``split`` that ``rank`` validates."""
-    info = schema.split_info(manifest, split)
-    images = len(range(rank, info["images"], world))
-    return images * manifest["tiles_per_image"]
+    return schema.rank_images(manifest, split, rank, world) * manifest["tiles_per_image"]
 
 
 def _loader(ds: IterableDataset, cfg: DataConfig, workers: int, pin: bool) -> DataLoader:
