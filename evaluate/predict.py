@@ -1,10 +1,10 @@
 """``python -m evaluate predict``: raw scans of any size -> class masks at their own size, overlays, CVAT XML.
 
-Each scan goes through exactly the preprocessing shardgen gives training images (``shardgen.crust``, as in
-``shardgen.scan.process_image``): crust detection on the RGB scan, then ``.convert("L")`` for a 1-channel
-model, crop to the crust box and Lanczos resize to the grid's square. Its tiles are predicted and blended
-(``inference.Predictor``), and the class map is mapped back onto the scan with ``uncrop`` (nearest; the
-crust is background).
+Each scan goes through exactly the preprocessing shardgen gives training images
+(``shardgen.crust.open_scan``, as ``shardgen.scan.process_image`` uses it): crust detection on the RGB
+scan, ``.convert("L")`` for a 1-channel model, crop to the crust box and Lanczos resize to the grid's
+square. Its tiles are predicted and blended (``inference.Predictor``), and the class map is mapped back
+onto the scan with ``uncrop`` (nearest; the crust is background).
 
 Outputs in ``--out``: ``masks/{stem}.png`` (uint8 class ids, the scan's size), ``overlays/{stem}.png`` and
 ``predictions.xml``, a CVAT for images 1.1 file with one polygon per predicted component in scan
@@ -18,7 +18,6 @@ and ``--stride``, else the checkpoint's ``meta["grid"]`` when it records one, el
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -29,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from shardgen import storage
-from shardgen.crust import CrustError, Geometry, crop_resize, geometry_of, uncrop
+from shardgen.crust import Geometry, ScanError, crop_resize, open_scan, uncrop
 from shardgen.cvat import ImageAnnotation, write_cvat
 from shardgen.tiling import TileGrid
 
@@ -83,16 +82,9 @@ def load_scan(
     """(scan at its own size, crust crop resized to ``size`` square, geometry); (H, W) or (H, W, 3) uint8."""
     fs, _ = storage.fs_for(url)
     try:
-        with Image.open(io.BytesIO(fs.cat_file(path))) as im:
-            im.load()
-            rgb = im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise EvaluateError(f"{path}: not a readable image: {e}") from None
-    try:
-        geom = geometry_of(np.asarray(rgb), size, name=path)
-    except CrustError as e:
+        source, geom = open_scan(fs.cat_file(path), path, channels, size)
+    except ScanError as e:
         raise EvaluateError(str(e)) from None
-    source = rgb if channels == 3 else rgb.convert("L")
     return np.asarray(source), np.array(crop_resize(source, geom)), geom
 
 

@@ -8,13 +8,18 @@ can be mapped back onto the original scan (``uncrop``); evaluate imports this mo
 
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
 
 
-class CrustError(ValueError):
+class ScanError(ValueError):
+    """A scan that cannot be used; the message names the file and the reason."""
+
+
+class CrustError(ScanError):
     """The scan has no content once the crust is removed."""
 
 
@@ -51,6 +56,23 @@ def geometry_of(pixels: np.ndarray, size: int = 1200, name: str = "image") -> Ge
     if box is None:
         raise CrustError(f"{name}: image is entirely black, no content after crust removal")
     return Geometry(width=pixels.shape[1], height=pixels.shape[0], box=box, size=size)
+
+
+def open_scan(data: bytes, name: str, channels: int, size: int = 1200) -> tuple[Image.Image, Geometry]:
+    """Decode a scan and find its crust: (the scan as L or RGB for ``channels`` 1 or 3, its geometry).
+
+    The crust is detected on RGB (a pixel is crust only if every channel is 0) before any grey conversion.
+    shardgen's build and evaluate's predict both read scans through this, so a model sees at prediction time
+    exactly the preprocessing it was trained on. ``ScanError`` names ``name`` for an unreadable scan.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            rgb = im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ScanError(f"{name}: corrupt or truncated image: {e}") from None
+    geom = geometry_of(np.asarray(rgb), size, name=name)
+    return (rgb if channels == 3 else rgb.convert("L")), geom
 
 
 def crop_resize(image: Image.Image, geom: Geometry, resample=Image.Resampling.LANCZOS) -> Image.Image:

@@ -8,11 +8,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from . import schema
 from .classes import ClassMap
-from .crust import CrustError, crop_resize, crop_resize_mask, geometry_of
+from .crust import ScanError, crop_resize, crop_resize_mask, open_scan
 from .plan import BuildOptions, ImageJob, ShardgenError
 from .raster import RasterStats, rasterize
 from .tiling import TileGrid
@@ -23,15 +22,8 @@ def process_image(job: ImageJob, opts: BuildOptions) -> dict:
     ann, grid = job.ann, TileGrid(opts.image_size, opts.tile, opts.stride)
     data = Path(job.path).read_bytes()
     try:
-        with Image.open(job.path) as im:
-            im.load()
-            rgb = im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ShardgenError(f"{job.path}: corrupt or truncated image: {e}") from None
-    pixels = np.asarray(rgb)
-    try:
-        geom = geometry_of(pixels, opts.image_size, name=job.path)
-    except CrustError as e:
+        source, geom = open_scan(data, job.path, opts.channels, opts.image_size)
+    except ScanError as e:
         raise ShardgenError(str(e)) from None
     stats = RasterStats()
     values = job.values
@@ -42,7 +34,6 @@ def process_image(job: ImageJob, opts: BuildOptions) -> dict:
         point_radius=opts.point_radius,
         stats=stats,
     )
-    source = rgb if opts.channels == 3 else rgb.convert("L")
     image = np.asarray(crop_resize(source, geom))
     mask = crop_resize_mask(mask, geom)
     n_classes = ClassMap.load(opts.classes).num_classes(opts.mode)

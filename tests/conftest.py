@@ -49,3 +49,14 @@ def s3_env(s3_server, monkeypatch):
     fs, _ = storage.fs_for(f"s3://{bucket}")
     fs.mkdir(bucket)
     return f"s3://{bucket}"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The test machine's few cores are shared; more torch threads than cores only adds contention."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
