@@ -2,6 +2,7 @@
 
     python -m evaluate --checkpoint CKPT --data URL [--split test] --out DIR [--blend gaussian|mean]
                        [--batch-size 25] [--device auto|cuda|cpu] [--worst 12] [--workers 2]
+                       [--decision tuned|argmax] [--tta none|flips|d4]
     torchrun --standalone --nproc_per_node=8 -m evaluate --checkpoint CKPT --data URL --out DIR
     python -m evaluate predict --checkpoint CKPT --images DIR_OR_URL --out DIR [--device ...] [--blend ...]
                        [--batch-size 25] [--image-size 1200 --tile 400 --stride 200]
@@ -18,6 +19,9 @@ import sys
 
 from .blend import BLEND_MODES
 
+DECISIONS = ("tuned", "argmax")  # evaluate.inference.DECISIONS, without importing torch for --help
+TTA_MODES = ("none", "flips", "d4")  # evaluate.inference.TTA
+
 DEVICES = ("auto", "cuda", "cpu")
 
 
@@ -32,6 +36,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=25, help="tiles per forward pass (default: %(default)s)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda when available (default)")
+    p.add_argument("--decision", choices=DECISIONS, default="tuned",
+                   help="tuned: the thresholds and minimum areas tuned on validation and stored in the checkpoint "
+                        "(argmax if it has none); argmax: plain argmax / 0.5 (default: %(default)s)")  # fmt: skip
+    p.add_argument("--tta", choices=TTA_MODES, default="none",
+                   help="test-time augmentation: average over flipped (flips) or all 8 rotated and flipped (d4) "
+                        "views of each tile (default: %(default)s)")  # fmt: skip
 
 
 def _evaluate_parser() -> argparse.ArgumentParser:
@@ -75,21 +85,24 @@ def main(argv: list[str] | None = None) -> int:
         if predicting:
             summary = predict_scans(PredictOptions(
                 args.checkpoint, args.images, args.out, args.device, args.blend, args.batch_size,
-                args.image_size, args.tile, args.stride))  # fmt: skip
+                args.image_size, args.tile, args.stride, args.decision, args.tta))  # fmt: skip
             print(json.dumps(summary, indent=1))
             return 0
         metrics = evaluate(EvalOptions(
             args.checkpoint, args.data, args.out, args.split, args.blend, args.batch_size, args.device,
-            args.worst, args.workers))  # fmt: skip
+            args.worst, args.workers, args.decision, args.tta))  # fmt: skip
     except (EvaluateError, CheckpointError, ManifestError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     finally:
         dist.cleanup()
     if "report" in metrics:  # rank 0 wrote it
-        miou = metrics["miou"]
+        fmt = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
         print(f"report: {metrics['report']}")
-        print(f"mIoU: {'—' if miou is None else f'{miou:.4f}'} ({metrics['n_images']} images)")
+        headline = "defect IoU" if metrics["config"]["mode"] == "binary" else "mIoU"
+        print(f"{headline}: {fmt(metrics['miou'])} | object recall: {fmt(metrics['object_recall'])} | "
+              f"object precision: {fmt(metrics['object_precision'])} ({metrics['n_images']} images, "
+              f"decision: {metrics['decision']['kind']}, tta: {metrics['tta']})")
     return 0
 
 

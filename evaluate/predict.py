@@ -36,7 +36,7 @@ from . import EvaluateError
 from .contours import mask_polygons
 from .inference import Predictor, load_model
 from .overlay import overlay
-from .run import select_device
+from .run import decide, select_device
 
 SCAN_PATTERN = "*.png"
 XML_NAME = "predictions.xml"
@@ -53,6 +53,8 @@ class PredictOptions:
     image_size: int | None = None  # grid; None: the checkpoint's meta["grid"], else TileGrid's default
     tile: int | None = None
     stride: int | None = None
+    decision: str = "tuned"  # tuned (the checkpoint's validation-tuned thresholds and areas) | argmax
+    tta: str = "none"  # test-time augmentation: none | flips | d4
 
 
 def resolve_grid(meta: dict, image_size: int | None, tile: int | None, stride: int | None) -> TileGrid:
@@ -100,7 +102,7 @@ def predict_scans(opts: PredictOptions) -> dict:
     device = select_device(opts.device)
     model = load_model(opts.checkpoint, device)
     grid = resolve_grid(model.meta, opts.image_size, opts.tile, opts.stride)
-    predictor = Predictor(model, grid, opts.blend, opts.batch_size)
+    predictor = Predictor(model, grid, opts.blend, opts.batch_size, decide(model, opts.decision), opts.tta)
     scans = list_scans(opts.images)
     out = Path(opts.out)
     for sub in ("masks", "overlays"):

@@ -16,7 +16,7 @@ from test_evaluate import GRID, tiny_dataset
 from evaluate.__main__ import main
 from evaluate.blend import reassemble_mask
 from evaluate.contours import component_polygon, mask_polygons, trace_boundary
-from evaluate.inference import Predictor, load_model
+from evaluate.inference import Predictor, decision_for, load_model
 from evaluate.predict import load_scan, tiles_of
 from evaluate.tiles import iter_images
 from shardgen import schema, storage
@@ -216,7 +216,7 @@ def test_predict_preprocesses_like_shardgen(predicted, tiny):
     """Scan tiles equal the shards' tiles bit for bit, so predict's masks are evaluate's, uncropped."""
     manifest = schema.read_manifest(str(tiny.shards))
     model = load_model(str(tiny.ckpt), torch.device("cpu"))
-    predictor = Predictor(model, GRID, batch_size=GRID.count)
+    predictor = Predictor(model, GRID, batch_size=GRID.count, decision=decision_for(model, "tuned")[0])
     items = list(iter_images(manifest, "test"))
     assert len(items) == 3
     images = str(tiny.raw / "images")

@@ -77,10 +77,15 @@ class RunLog:
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         log.info("val step %d: mIoU %s | %s", step, fmt(metrics["miou"]),
                  " ".join(f"{k[4:]} {fmt(v)}" for k, v in ious.items()))  # fmt: skip
-        self._row(step=step, phase="val", miou=metrics["miou"], **ious)
+        tuned = metrics.get("tuned_miou")  # mIoU at the thresholds tuned on this validation
+        if tuned is not None:
+            log.info("val step %d: tuned mIoU %.3f at thresholds %s", step, tuned, metrics["thresholds"])
+        self._row(step=step, phase="val", miou=metrics["miou"], tuned_miou=tuned, **ious)
         if self.tb:
             if metrics["miou"] is not None:
                 self.tb.add_scalar("val/miou", metrics["miou"], step)
+            if tuned is not None:
+                self.tb.add_scalar("val/tuned_miou", tuned, step)
             for k, v in ious.items():
                 if v is not None:
                     self.tb.add_scalar(f"val/{k}", v, step)
