@@ -112,6 +112,8 @@ def scan_size(path, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[in
     with _opened(path, name, max_pixels) as im:
         _check_mode(im, name)
         w, h = im.size
+        if im.format == "TIFF":  # newer Pillows report a TIFF's upright size already: start from the stored one
+            w, h = im.tag_v2.get(256, w), im.tag_v2.get(257, h)
         return (h, w) if _orientation(im, name) >= 5 else (w, h)
 
 
@@ -127,13 +129,14 @@ def read_scan(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
     """The scan's colour channels at source depth, upright: (H, W) or (H, W, 3) of uint8, uint16 or float32."""
     with _opened(io.BytesIO(data), name, max_pixels) as im:
         _check_mode(im, name)
-        orientation = _orientation(im, name)
         try:
             pixels = _decode(im, data, name)
         except ScanError:
             raise
         except (OSError, SyntaxError, ValueError) as e:
             raise ScanError(f"{name}: corrupt or truncated image: {e}") from None
+        # Read after decoding: newer Pillows turn a TIFF upright while loading it and then drop its tag.
+        orientation = _orientation(im, name)
     if orientation != 1:
         pixels = np.ascontiguousarray(_ORIENT[orientation](pixels))
     return pixels
