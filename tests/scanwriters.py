@@ -53,3 +53,13 @@ def tiff16(pixels: np.ndarray, big_endian: bool = False, deflate: bool = False) 
             out += struct.pack(e + "HHII", tag, kind, count, value)
     out += struct.pack(e + "I", 0) + struct.pack(e + "H" * c, *([16] * c)) + data
     return bytes(out)
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A valid 1-bit all-white PNG of any size, compressed row by row: a 20000 x 20000 scan is ~60 KB on disk
+    (and 400 MB once decoded by Pillow, which stores 1-bit images a byte a pixel)."""
+    row = b"\x00" + b"\xff" * ((width + 7) // 8)
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
