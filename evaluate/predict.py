@@ -32,7 +32,7 @@ from tqdm import tqdm
 from shardgen import storage
 from shardgen.crust import UPSCALE_WARNING, Geometry, ScanError, crop_resize, open_scan, uncrop
 from shardgen.cvat import ImageAnnotation, write_cvat
-from shardgen.scanfile import DEFAULT_MAX_PIXELS, SCAN_SUFFIXES
+from shardgen.scanfile import DEFAULT_MAX_PIXELS, SCAN_SUFFIXES, scan_size
 from shardgen.tiling import TileGrid
 
 from . import EvaluateError
@@ -86,6 +86,18 @@ def list_scans(url: str) -> list[tuple[str, str]]:
     return [(PurePosixPath(p).name, p) for p in found]
 
 
+def check_scans(url: str, scans: list[tuple[str, str]], max_pixels: int) -> None:
+    """Every scan's format, mode and size from its header, before any is predicted: an oversized or
+    unsupported scan fails the run up front instead of after hours of predictions."""
+    fs, _ = storage.fs_for(url)
+    for _, path in scans:
+        try:
+            with fs.open(path, "rb") as f:
+                scan_size(f, path, max_pixels)
+        except ScanError as e:
+            raise EvaluateError(str(e)) from None
+
+
 def load_scan(
     url: str, path: str, name: str, channels: int, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[np.ndarray, np.ndarray, Geometry]:
@@ -112,6 +124,7 @@ def predict_scans(opts: PredictOptions) -> dict:
     grid = resolve_grid(model.meta, opts.image_size, opts.tile, opts.stride)
     predictor = Predictor(model, grid, opts.blend, opts.batch_size)
     scans = list_scans(opts.images)
+    check_scans(opts.images, scans, opts.max_pixels)
     out = Path(opts.out)
     for sub in ("masks", "overlays"):
         (out / sub).mkdir(parents=True, exist_ok=True)
