@@ -1,12 +1,12 @@
 """``python -m evaluate predict``: raw scans of any size -> class masks at their own size, overlays, CVAT XML.
 
 Each scan goes through exactly the preprocessing shardgen gives training images
-(``shardgen.crust.open_scan``, as ``shardgen.scan.process_image`` uses it): crust detection on the RGB
-scan, ``.convert("L")`` for a 1-channel model, crop to the crust box and Lanczos resize to the grid's
-square. Its tiles are predicted and blended (``inference.Predictor``), and the class map is mapped back
-onto the scan with ``uncrop`` (nearest; the crust is background). Scans are every PNG, JPEG, TIFF and BMP
-file directly under ``--images`` (``shardgen.scanfile``: any mode, 16-bit scaled by its full range); the
-summary lists the scans whose crust crop was enlarged more than ``UPSCALE_WARNING`` times.
+(``shardgen.crust.open_scan``, as ``shardgen.scan.process_image`` uses it): crust detection on the
+source values, 8-bit scaling, ``.convert("L")`` for a 1-channel model, crop to the crust box and Lanczos
+resize to the grid's square. Its tiles are predicted and blended (``inference.Predictor``), and the class
+map is mapped back onto the scan with ``uncrop`` (nearest; the crust is background). Scans are every PNG,
+JPEG, TIFF and BMP file directly under ``--images`` (``shardgen.scanfile``: any mode, 16-bit scaled by its
+full range); the summary lists the scans whose crust crop was enlarged more than ``UPSCALE_WARNING`` times.
 
 Outputs in ``--out``: ``masks/{stem}.png`` (uint8 class ids, the scan's size), ``overlays/{stem}.png`` and
 ``predictions.xml``, a CVAT for images 1.1 file with one polygon per predicted component in scan

@@ -1,4 +1,4 @@
-"""``shardgen build``: CVAT XML + PNG scans -> WebDataset tile shards per split, plus ``manifest.json``.
+"""``shardgen build``: CVAT XML + scans (PNG, JPEG, TIFF, BMP) -> WebDataset tile shards per split, plus a manifest.
 
 The build is planned in full before anything is written (parse every XML, resolve every label, find every
 image and check its size), so bad input fails fast with ``FILE:LINE: reason`` and no manifest. Each shard is
