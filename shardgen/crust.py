@@ -1,6 +1,7 @@
 """Crust removal and the 1200x1200 resize, and their inverse.
 
-The crust is the border rows and columns that are entirely black (every channel 0). The crop box is the
+The crust is the border rows and columns that are entirely black (every colour channel exactly 0 in the
+source values, before any scaling to 8 bits). The crop box is the
 bounding box of the remaining content; the crop is resized to ``size x size``: the image with Lanczos, the
 mask with nearest so class ids stay exact. ``Geometry`` records the crop box and scale so that predictions
 can be mapped back onto the original scan (``uncrop``); evaluate imports this module rather than copying it.
@@ -14,8 +15,6 @@ import numpy as np
 from PIL import Image
 
 from .scanfile import DEFAULT_MAX_PIXELS, ScanError, read_scan, to_8bit
-
-__all__ = ["DEFAULT_MAX_PIXELS", "UPSCALE_WARNING", "CrustError", "Geometry", "ScanError", "open_scan"]
 
 # A crust crop enlarged more than this to the training square is warned about: its detail is interpolated
 # (a 100 px scan reaches 1200 px at 12x) and small defects are blurred over many pixels.
@@ -82,7 +81,8 @@ def open_scan(
     geom = geometry_of(pixels, size, name=name)
     image = Image.fromarray(to_8bit(pixels))
     del pixels  # the source copy may be twice the 8-bit one: free it before the caller resizes
-    return image.convert("RGB" if channels == 3 else "L"), geom
+    wanted = "RGB" if channels == 3 else "L"
+    return (image if image.mode == wanted else image.convert(wanted)), geom
 
 
 def crop_resize(image: Image.Image, geom: Geometry, resample=Image.Resampling.LANCZOS) -> Image.Image:
