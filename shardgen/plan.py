@@ -39,7 +39,8 @@ class BuildOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
-# Options that decide what is accepted but never change a byte of the output: not in the fingerprint.
+# Options that decide what is accepted but never change a byte of the output: left out of the shard
+# fingerprint (raising --max-pixels reuses finished shards) and of the manifest's options.
 NON_OUTPUT_OPTIONS = ("max_pixels",)
 
 
