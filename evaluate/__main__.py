@@ -5,7 +5,7 @@
                        [--decision tuned|argmax] [--tta none|flips|d4]
     torchrun --standalone --nproc_per_node=8 -m evaluate --checkpoint CKPT --data URL --out DIR
     python -m evaluate predict --checkpoint CKPT --images DIR_OR_URL --out DIR [--device ...] [--blend ...]
-                       [--batch-size 25] [--image-size 1200 --tile 400 --stride 200]
+                       [--batch-size 25] [--image-size 1200 --tile 400 --stride 200] [--max-pixels N]
 
 Bad input (a missing or corrupt checkpoint, a checkpoint for other classes, a broken manifest or shard, an
 incomplete image) is reported in one line and exits with status 2.
@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from shardgen.scanfile import DEFAULT_MAX_PIXELS, max_pixels_arg
 
 from .blend import BLEND_MODES
 
@@ -59,10 +61,12 @@ def _predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evaluate predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     _common(p)
-    p.add_argument("--images", required=True, help="folder or URL prefix of the scans (*.png)")
+    p.add_argument("--images", required=True, help="folder or URL prefix of the scans (PNG, JPEG, TIFF, BMP)")
     p.add_argument("--image-size", type=int, help="side of the resized crust crop the model was trained on")
     p.add_argument("--tile", type=int, help="tile side the model was trained on")
     p.add_argument("--stride", type=int, help="tile stride")
+    p.add_argument("--max-pixels", type=max_pixels_arg, default=DEFAULT_MAX_PIXELS,
+                   help="refuse scans with more pixels, from the header (default %(default)s, Pillow's limit)")
     return p
 
 
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if predicting:
             summary = predict_scans(PredictOptions(
                 args.checkpoint, args.images, args.out, args.device, args.blend, args.batch_size,
-                args.image_size, args.tile, args.stride, args.decision, args.tta))  # fmt: skip
+                args.image_size, args.tile, args.stride, args.decision, args.tta, args.max_pixels))  # fmt: skip
             print(json.dumps(summary, indent=1))
             return 0
         metrics = evaluate(EvalOptions(

@@ -13,7 +13,11 @@ import sys
 
 from .build import BuildOptions, ShardgenError, build
 from .classes import MODES, REFLECTION_POLICIES
+from .crust import UPSCALE_WARNING
+from .scanfile import max_pixels_arg
 from .splits import parse_ratios
+
+MAX_NAMED = 10  # upscaled scans named in the summary line; the warnings above name every one
 
 
 def _ratios(text: str) -> dict[str, float]:
@@ -35,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="processes (output does not depend on it)")
 
     d = BuildOptions()
-    b = sub.add_parser("build", help="CVAT XML + PNG scans -> WebDataset tile shards + manifest.json")
+    b = sub.add_parser("build", help="CVAT XML + scans (PNG, JPEG, TIFF, BMP) -> WebDataset tile shards + manifest")
     b.add_argument("--annotations", required=True, help="folder of CVAT for images 1.1 XML files (or one file)")
     b.add_argument("--images", required=True, help="folder of the scans named in the XML")
     b.add_argument("--out", required=True, help="output URL: a local path, s3://bucket/prefix, memory://...")
@@ -59,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--png-level", type=int, choices=range(10), default=d.png_level, metavar="0-9",
                    help="zlib level of tile PNGs (default %(default)s)")
     b.add_argument("--classes", default=d.classes, help="class map YAML (default configs/classes.yaml)")
+    b.add_argument("--max-pixels", type=max_pixels_arg, default=d.max_pixels,
+                   help="refuse scans with more pixels, from the header (default %(default)s, Pillow's limit)")
     b.add_argument("--workers", type=int, default=1, help="processes; output bytes do not depend on it")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -74,6 +80,7 @@ def _build(args) -> int:
         stride=args.stride, shard_size=args.shard_size, split_ratios=args.split_ratios,
         stone_id_regex=args.stone_id_regex, polyline_width=args.polyline_width,
         point_radius=args.point_radius, png_level=args.png_level, classes=args.classes,
+        max_pixels=args.max_pixels,
     )  # fmt: skip
     summary = build(args.annotations, args.images, args.out, opts, workers=args.workers, progress=not args.quiet)
     for w in summary["warnings"]:
@@ -83,6 +90,11 @@ def _build(args) -> int:
           f"({summary['reused_shards']} reused)")  # fmt: skip
     for reason, n in summary["skipped"].items():
         print(f"skipped: {n} x {reason}")
+    if summary["upscaled"]:
+        names = ", ".join(f"{name} ({factor:g}x)" for name, factor in summary["upscaled"][:MAX_NAMED])
+        more = len(summary["upscaled"]) - MAX_NAMED
+        print(f"upscaled: {len(summary['upscaled'])} scans whose crust crop is enlarged more than "
+              f"{UPSCALE_WARNING:g}x: {names}{f' and {more} more' if more > 0 else ''}")  # fmt: skip
     print(f"throughput: {summary['images_per_s']:.2f} images/s in {summary['seconds']:.1f} s")
     print(f"manifest: {summary['manifest']}")
     return 0

@@ -1,4 +1,4 @@
-"""``shardgen build``: CVAT XML + PNG scans -> WebDataset tile shards per split, plus ``manifest.json``.
+"""``shardgen build``: CVAT XML + scans (PNG, JPEG, TIFF, BMP) -> WebDataset tile shards per split, plus a manifest.
 
 The build is planned in full before anything is written (parse every XML, resolve every label, find every
 image and check its size), so bad input fails fast with ``FILE:LINE: reason`` and no manifest. Each shard is
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import schema, storage
 from .classes import ClassMap
-from .plan import BuildOptions, ImageJob, ShardgenError, plan
+from .plan import NON_OUTPUT_OPTIONS, BuildOptions, ImageJob, ShardgenError, plan
 from .scan import process_image
 from .splits import SPLITS
 from .tiling import TileGrid
@@ -76,7 +76,7 @@ def _fingerprint(name: str, jobs: list[ImageJob], image_hashes: list[str], opts:
 
 
 def _manifest_options(opts: BuildOptions) -> dict:
-    out = asdict(opts)
+    out = {k: v for k, v in asdict(opts).items() if k not in NON_OUTPUT_OPTIONS}
     out["classes"] = Path(opts.classes).name
     return out
 
@@ -172,6 +172,7 @@ def build(annotations, images, out: str, opts: BuildOptions, workers: int = 1, p
                 "class_pixels": hist.tolist(),
                 "warnings": [w for r in shard_results for w in r["warnings"]],
                 "skipped": dict(raster_skipped),
+                "upscaled": [u for r in shard_results for u in r["upscaled"]],
                 "fingerprint": fp,
             }
             rec_url = storage.join(storage.join(out, BUILD_DIR), name + ".json")
@@ -184,6 +185,7 @@ def build(annotations, images, out: str, opts: BuildOptions, workers: int = 1, p
     warnings = plan_warnings + [w for s, i, _ in plans for w in records[schema.shard_name(s, i)]["warnings"]]
     for rec in records.values():
         skipped.update(rec["skipped"])
+    upscaled = [u for s, i, _ in plans for u in records[schema.shard_name(s, i)].get("upscaled", [])]
 
     manifest = _manifest(plans, records, opts, cmap, skipped)
     storage.write_bytes_atomic(murl, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
@@ -196,6 +198,7 @@ def build(annotations, images, out: str, opts: BuildOptions, workers: int = 1, p
         "reused_shards": len(plans) - len(pending),
         "skipped": dict(sorted(skipped.items())),
         "warnings": warnings,
+        "upscaled": upscaled,  # [source image, factor] of each crop enlarged more than UPSCALE_WARNING
         "seconds": elapsed,
         "images_per_s": len(jobs) / elapsed if elapsed else 0.0,
     }
