@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import NARROW, build_tiny, scored_pixels, write_config
+from tiny import NARROW, build_tiny, scored_pixels, tb_scalars, write_config
 
 from shardgen import schema
 from trainer import __main__ as cli
@@ -135,6 +135,19 @@ def test_finished_run_resumes_to_a_later_step(unet_run, tmp_path, capsys, caplog
     state = checkpoint.load(str(out / "last.pt"))
     assert all(s["step"] == 6 for s in state["optimizer"]["state"].values())
     assert [r["step"] for r in read_csv(out / "metrics.csv") if r["phase"] == "train"] == ["2", "4", "6"]
+
+
+def test_tensorboard_events_go_to_tb_dir_and_the_log_says_where(unet_run, tmp_path, capsys, caplog):
+    cfg_path, finished, _ = unet_run
+    assert tb_scalars(finished / "tb")["val/miou"] == [2, 4]  # the default: {out_dir}/tb
+    caplog.set_level(logging.INFO, logger="trainer")
+    tb = tmp_path / "tb"
+    rc, _, _ = run_main(capsys, "--config", cfg_path, f"train.out_dir={tmp_path / 'out'}", f"train.tb_dir={tb}")
+    assert rc == 0
+    assert f"TensorBoard events: {tb} (tensorboard --logdir {tb})" in caplog.text
+    scalars = tb_scalars(tb)
+    assert scalars["train/loss"] == [2, 4] and scalars["val/miou"] == [2, 4]
+    assert not (tmp_path / "out" / "tb").exists()
 
 
 # ---------------------------------------------------------------------------------------- kill and resume
