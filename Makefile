@@ -32,10 +32,10 @@ demo: $(STAMP)
 s3-demo: $(STAMP)
 	$(PY) tests/s3server.py --bucket $(BUCKET) -- $(MAKE) --no-print-directory s3-demo-steps
 
-# The S3 demo's steps, against whatever S3 the AWS_* variables point to (the bucket must exist): 12 small
-# scans in exact 7/1/4 splits, 64 px tiles, 60 steps of 2-process torchrun, all data and the run on S3.
+# The S3 demo's steps, against whatever S3 the AWS_* variables point to (the bucket must exist): 20 small
+# scans in exact 12/2/6 splits (a val image per rank), 64 px tiles, 60 steps of 2-process torchrun, all on S3.
 s3-demo-steps:
-	$(PY) -m shardgen synth --out $(S3DEMO)/raw --images 12 --seed 0 --workers 2
+	$(PY) -m shardgen synth --out $(S3DEMO)/raw --images 20 --seed 0 --workers 2
 	$(PY) -m shardgen build --annotations $(S3DEMO)/raw/annotations --images $(S3DEMO)/raw/images \
 		--out $(S3)/shards --mode binary --split-method exact --image-size 192 --tile 64 --stride 32 --workers 2
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m trainer --config demo \
