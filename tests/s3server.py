@@ -283,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"s3server: SeaweedFS S3 at {server.endpoint} (ready in {server.startup_s:.1f} s), buckets: {buckets}; "
               f"running with AWS_* set: {shlex.join(command)}", file=sys.stderr, flush=True)  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k not in SHADOWING_AWS_VARS} | server.env()
+        # Ctrl-C reaches the command itself (same process group): it decides, and an interactive shell lives
+        # on. A handler, not SIG_IGN, because an ignored signal would stay ignored in the command.
+        signal.signal(signal.SIGINT, lambda *_: None)
         return subprocess.call(command, env=env)
     except RuntimeError as e:  # weed missing or not starting: its log tail says why
         print(f"s3server: error: {e}", file=sys.stderr)
