@@ -290,12 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # weed missing or not starting: its log tail says why
         print(f"s3server: error: {e}", file=sys.stderr)
         return 2
-    finally:
+    finally:  # the message last: printing can fail (a closed pipe), killing and cleaning up must not be skipped
         if server is not None:
             server.kill()
-            print(f"s3server: server at {server.endpoint} stopped (SIGKILL)", file=sys.stderr)
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
+        if server is not None:
+            print(f"s3server: server at {server.endpoint} stopped (SIGKILL)", file=sys.stderr)
 
 
 if __name__ == "__main__":
