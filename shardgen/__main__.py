@@ -15,7 +15,7 @@ from .build import BuildOptions, ShardgenError, build
 from .classes import MODES, REFLECTION_POLICIES
 from .crust import UPSCALE_WARNING
 from .scanfile import max_pixels_arg
-from .splits import parse_ratios
+from .splits import SPLIT_METHODS, parse_ratios
 
 MAX_NAMED = 10  # upscaled scans named in the summary line; the warnings above name every one
 
@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--shard-size", type=int, default=d.shard_size, help="samples per shard (default %(default)s)")
     b.add_argument("--split-ratios", type=_ratios, default=d.split_ratios,
                    help="e.g. train=0.6,val=0.1,test=0.3 (the default)")
+    b.add_argument("--split-method", choices=SPLIT_METHODS, default=d.split_method,
+                   help="hash: each stone by a stable hash, adding stones never moves existing ones (default);\n"
+                        "exact: stones in hash order cut at the exact ratios, for small datasets\n"
+                        "(adding stones can move a few existing ones)")
     b.add_argument("--stone-id-regex", default=None,
                    help="regex on the image id whose first group is the stone id (default: image id)")
     b.add_argument("--polyline-width", type=int, default=d.polyline_width, help="px (default %(default)s)")
@@ -78,6 +82,7 @@ def _build(args) -> int:
         mode=args.mode, reflections=args.reflections, unknown_labels=args.unknown_labels,
         skip_missing=args.skip_missing, channels=args.channels, image_size=args.image_size, tile=args.tile,
         stride=args.stride, shard_size=args.shard_size, split_ratios=args.split_ratios,
+        split_method=args.split_method,
         stone_id_regex=args.stone_id_regex, polyline_width=args.polyline_width,
         point_radius=args.point_radius, png_level=args.png_level, classes=args.classes,
         max_pixels=args.max_pixels,
@@ -88,6 +93,12 @@ def _build(args) -> int:
     tiles = ", ".join(f"{k} {v}" for k, v in summary["tiles"].items())
     print(f"images: {summary['images']}  tiles: {tiles}  shards: {summary['shards']} "
           f"({summary['reused_shards']} reused)")  # fmt: skip
+    n_stones = sum(summary["stones"].values()) or 1
+    shares = ", ".join(f"{s} {n} = {n / n_stones:.1%} (asked {opts.split_ratios[s]:.1%})"
+                       for s, n in summary["stones"].items())  # fmt: skip
+    print(f"stones per split ({opts.split_method}): {shares}", flush=True)
+    for w in summary["split_warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
     for reason, n in summary["skipped"].items():
         print(f"skipped: {n} x {reason}")
     if summary["upscaled"]:

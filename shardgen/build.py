@@ -27,7 +27,7 @@ from . import schema, storage
 from .classes import ClassMap
 from .plan import NON_OUTPUT_OPTIONS, BuildOptions, ImageJob, ShardgenError, plan
 from .scan import process_image
-from .splits import SPLITS
+from .splits import SPLITS, share_warnings
 from .tiling import TileGrid
 
 __all__ = ["BuildOptions", "ShardgenError", "build"]
@@ -66,7 +66,11 @@ def _shard_plans(jobs: list[ImageJob], opts: BuildOptions) -> list[tuple[str, in
 
 
 def _fingerprint(name: str, jobs: list[ImageJob], image_hashes: list[str], opts: BuildOptions) -> str:
-    h = hashlib.sha256(json.dumps(_manifest_options(opts), sort_keys=True).encode())
+    options = _manifest_options(opts)
+    # The split method only decides which images a shard holds, and those are hashed below: leaving it out
+    # keeps the shards of builds made before the option existed reusable.
+    del options["split_method"]
+    h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     h.update(name.encode())
     for job, digest in zip(jobs, image_hashes, strict=True):
         h.update(repr((job.image_id, job.stone_id, job.ann.width, job.ann.height, job.ann.shapes)).encode())
@@ -190,10 +194,13 @@ def build(annotations, images, out: str, opts: BuildOptions, workers: int = 1, p
     manifest = _manifest(plans, records, opts, cmap, skipped)
     storage.write_bytes_atomic(murl, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     elapsed = time.perf_counter() - start
+    stones = {s: len({j.stone_id for j in jobs if j.split == s}) for s in SPLITS}
     return {
         "manifest": murl,
         "images": len(jobs),
         "tiles": {s: manifest["splits"][s]["samples"] for s in SPLITS},
+        "stones": stones,
+        "split_warnings": share_warnings(stones, opts.split_ratios, opts.split_method),
         "shards": len(plans),
         "reused_shards": len(plans) - len(pending),
         "skipped": dict(sorted(skipped.items())),

@@ -11,7 +11,7 @@ from . import schema
 from .classes import DEFAULT_CLASSES_YAML, ClassMap
 from .cvat import CvatError, ImageAnnotation, parse_cvat
 from .scanfile import DEFAULT_MAX_PIXELS, ScanError, scan_size
-from .splits import DEFAULT_RATIOS, SPLITS, assign_split, stone_id_of
+from .splits import DEFAULT_RATIOS, SPLITS, assign_splits, stone_id_of
 
 
 class ShardgenError(Exception):
@@ -30,6 +30,7 @@ class BuildOptions:
     stride: int = 200  # tile step
     shard_size: int = 1000  # samples per shard, rounded down to whole images (about 100 MB)
     split_ratios: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RATIOS))
+    split_method: str = "hash"  # hash: stable per stone (datasets that grow); exact: exact shares (small ones)
     stone_id_regex: str | None = None  # groups images into stones; default: one stone per image
     polyline_width: int = 3  # px, at source resolution
     point_radius: int = 2  # px, at source resolution
@@ -77,7 +78,7 @@ def plan(
     xml_files = sorted(annotations.glob("*.xml")) if annotations.is_dir() else [annotations]
     if not xml_files:
         raise ShardgenError(f"{annotations}: no CVAT XML files found")
-    jobs, seen, named = [], {}, 0
+    found, seen, named = [], {}, 0
     for xml in xml_files:
         try:
             anns = parse_cvat(xml, skipped=skipped)
@@ -122,12 +123,16 @@ def plan(
                 stone = stone_id_of(image_id, opts.stone_id_regex)
             except ValueError as e:
                 raise ShardgenError(str(e)) from None
-            split = assign_split(stone, opts.split_ratios)
-            jobs.append(ImageJob(ann, str(path), image_id, stone, split, tuple(values)))
+            found.append((ann, str(path), image_id, stone, tuple(values)))
     # An empty dataset would only fail later, in the trainer.
     if not named:
         raise ShardgenError(f"{annotations}: no images in {len(xml_files)} XML files")
-    if not jobs:
+    if not found:
         raise ShardgenError(f"{annotations}: all {named} images named in the XML are missing from {images}")
+    try:  # after the loop: the exact method cuts the whole set of stones
+        splits = assign_splits((f[3] for f in found), opts.split_ratios, opts.split_method)
+    except ValueError as e:
+        raise ShardgenError(str(e)) from None
+    jobs = [ImageJob(ann, path, image_id, stone, splits[stone], values) for ann, path, image_id, stone, values in found]
     jobs.sort(key=lambda j: (SPLITS.index(j.split), j.image_id))
     return jobs

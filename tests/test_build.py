@@ -210,6 +210,33 @@ def test_round_trip_with_webdataset_and_exact_masks(synth, built):
     assert max(len(manifest["splits"][s]["shards"]) for s in ("train", "val", "test")) >= 2
 
 
+def test_small_dataset_exact_split_fills_every_split_and_the_summary_warns_about_hash(tmp_path, capsys):
+    data = tmp_path / "raw"
+    write_synthetic(data, 10, seed=3, size_range=(180, 230))
+    grid = SMALL[:6]  # the default ratios 0.6/0.1/0.3
+    rc, out, err = cli(capsys, *build_args(data, tmp_path / "hash", *grid, "--quiet"))
+    assert rc == 0
+    # The stable hash puts all 10 stones in train; the summary says so and names the fix.
+    assert ("stones per split (hash): train 10 = 100.0% (asked 60.0%), val 0 = 0.0% (asked 10.0%), "
+            "test 0 = 0.0% (asked 30.0%)") in out  # fmt: skip
+    assert "warning: split 'val' is empty (0 of 10 stones, asked 10.0%): the trainer validates on it" in err
+    assert "warning: split 'test' is empty (0 of 10 stones, asked 30.0%): evaluate scores it" in err
+    assert "more than 5 percentage points: train 100.0% (asked 60.0%)" in err and "--split-method exact" in err
+    hashed = schema.read_manifest(str(tmp_path / "hash"))
+    assert hashed["options"]["split_method"] == "hash"
+    assert hashed["splits"]["train"]["images"] == sum(assign_split(f"stone_{i:05d}") == "train" for i in range(10))
+
+    rc, out, err = cli(capsys, *build_args(data, tmp_path / "exact", *grid, "--split-method", "exact", "--quiet"))
+    assert rc == 0 and "warning" not in err
+    assert ("stones per split (exact): train 6 = 60.0% (asked 60.0%), val 1 = 10.0% (asked 10.0%), "
+            "test 3 = 30.0% (asked 30.0%)") in out  # fmt: skip
+    exact = schema.read_manifest(str(tmp_path / "exact"))
+    assert exact["options"]["split_method"] == "exact"
+    assert {s: exact["splits"][s]["images"] for s in ("train", "val", "test")} == {"train": 6, "val": 1, "test": 3}
+    for split in ("train", "val", "test"):  # the tiles say the same as the manifest
+        assert {json.loads(x["json"])["split"] for x in read_split(tmp_path / "exact", split)} == {split}
+
+
 def test_workers_do_not_change_a_single_byte(synth, built, tmp_path, capsys):
     rc, out, _ = cli(capsys, *build_args(synth, tmp_path / "w2", *SMALL, "--shard-size", 75, "--quiet", "--workers", 2))
     assert rc == 0 and "(0 reused)" in out

@@ -101,6 +101,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/default"  # checkpoints, config.yaml, metrics.csv, TensorBoard events (local or s3://)
+    tb_dir: str = ""  # TensorBoard event folder (local or s3://); "" = {out_dir}/tb
     steps: int = 0  # optimizer steps; 0 = epochs * steps_per_epoch
     epochs: float = 20.0  # used when steps = 0; an epoch = train samples / global batch
     seed: int = 0  # same seed, same samples and same initial weights
