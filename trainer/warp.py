@@ -1,0 +1,130 @@
+"""Per-sample geometric transforms of a batch as one 3x3 matrix each, applied with one warp per tensor.
+
+Flips, quarter turns and the affine jitter of ``GpuAugment`` are composed into a single pixel-space matrix
+per sample, so the image is resampled once (bilinear) and the mask once (nearest), instead of once per op.
+Coordinates are pixel centres: x to the right, y down, (0, 0) the top-left pixel. Matrices map an output
+pixel to the source point it samples (dst -> src), so composing the inverse steps in reverse order gives
+the whole pipeline's sampling map.
+
+The samplers gather source pixels directly from pixel coordinates. For flips and quarter turns of a square
+tile every coordinate is an exact integer in float32, every bilinear weight is exactly 0 or 1, and the
+warp is a lossless pixel permutation, bit for bit what ``torch.flip``/``torch.rot90`` give. (``grid_sample``
+works on coordinates normalized to [-1, 1], whose rounding blends neighbours by ~1e-5 there.) Points
+outside the source read zeros in the image and ``fill`` in the mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def identity(batch: int, device: torch.device) -> torch.Tensor:
+    return torch.eye(3, device=device).expand(batch, 3, 3)
+
+
+def hflip(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(3, 3) dst -> src of a left/right flip (its own inverse): x -> W-1-x."""
+    return torch.tensor([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], device=device)
+
+
+def vflip(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(3, 3) dst -> src of an up/down flip: y -> H-1-y."""
+    return torch.tensor([[1.0, 0.0, 0.0], [0.0, -1.0, height - 1.0], [0.0, 0.0, 1.0]], device=device)
+
+
+def rot90_table(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(4, 3, 3): entry k is dst -> src of ``torch.rot90(img, k, dims=(-2, -1))``, a turn about the centre.
+
+    For a square tile the entries are small integers, so the warp is an exact permutation of its pixels.
+    """
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    table = []
+    for k in range(4):
+        # torch.rot90 by k turns the picture counter-clockwise as displayed; sampling undoes that turn.
+        c, s = round(math.cos(k * math.pi / 2)), round(math.sin(k * math.pi / 2))
+        # src - centre = R(+k) (dst - centre) with y pointing down: [[c, -s], [s, c]] in (x, y).
+        a, b, d, e = c, -s, s, c
+        table.append([[a, b, cx - a * cx - b * cy], [d, e, cy - d * cx - e * cy], [0.0, 0.0, 1.0]])
+    return torch.tensor(table, dtype=torch.float32, device=device)
+
+
+def affine_forward(angle: torch.Tensor, translate: torch.Tensor, scale: torch.Tensor, shear: torch.Tensor,
+                   height: int, width: int) -> torch.Tensor:  # fmt: skip
+    """(B, 3, 3) src -> dst in kornia's ``RandomAffine`` convention (``kornia.geometry.get_affine_matrix2d``).
+
+    angle (B,) degrees, positive turns clockwise as displayed; translate (B, 2) pixels; scale (B,) isotropic;
+    shear (B, 2) degrees, x then y, about the centre ((W-1)/2, (H-1)/2). Forward: shear, then rotation and
+    scale about the centre, then translation.
+    """
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    theta = torch.deg2rad(-angle)  # kornia negates: its rotation helper turns counter-clockwise
+    alpha, beta = scale * torch.cos(theta), scale * torch.sin(theta)
+    b, a = -torch.tan(torch.deg2rad(shear[:, 0])), -torch.tan(torch.deg2rad(shear[:, 1]))
+    # Shear about the centre: x' = x + b (y - cy), y' = y + a (x' - cx).
+    s00, s01, s10, s11 = torch.ones_like(a), b, a, a * b + 1
+    s02, s12 = -b * cy, -a * cx - (a * b) * cy  # keeps the centre fixed
+    # Rotation + scale about the centre (OpenCV's getRotationMatrix2D), then the translation.
+    r00, r01, r10, r11 = alpha, beta, -beta, alpha
+    r02 = (1 - alpha) * cx - beta * cy + translate[:, 0]
+    r12 = beta * cx + (1 - alpha) * cy + translate[:, 1]
+    m = torch.stack([
+        r00 * s00 + r01 * s10, r00 * s01 + r01 * s11, r00 * s02 + r01 * s12 + r02,
+        r10 * s00 + r11 * s10, r10 * s01 + r11 * s11, r10 * s02 + r11 * s12 + r12,
+    ], dim=-1).view(-1, 2, 3)  # fmt: skip
+    bottom = torch.tensor([0.0, 0.0, 1.0], device=m.device, dtype=m.dtype).expand(m.shape[0], 1, 3)
+    return torch.cat([m, bottom], dim=1)
+
+
+def invert_affine(m: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) affine matrices inverted in closed form: no linalg call, so no device -> host sync."""
+    a, b, tx = m[:, 0, 0], m[:, 0, 1], m[:, 0, 2]
+    c, d, ty = m[:, 1, 0], m[:, 1, 1], m[:, 1, 2]
+    det = a * d - b * c
+    ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det
+    rows = torch.stack([ia, ib, -(ia * tx + ib * ty), ic, id_, -(ic * tx + id_ * ty)], dim=-1).view(-1, 2, 3)
+    bottom = torch.tensor([0.0, 0.0, 1.0], device=m.device, dtype=m.dtype).expand(m.shape[0], 1, 3)
+    return torch.cat([rows, bottom], dim=1)
+
+
+def source_points(m: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, v), each (B, H, W): the source point every output pixel samples under dst -> src ``m``."""
+    xs = torch.arange(width, device=m.device, dtype=torch.float32).view(1, 1, width)
+    ys = torch.arange(height, device=m.device, dtype=torch.float32).view(1, height, 1)
+    coef = m[:, :2].reshape(-1, 6, 1, 1).unbind(1)
+    u = coef[0] * xs + coef[1] * ys + coef[2]
+    v = coef[3] * xs + coef[4] * ys + coef[5]
+    return u, v
+
+
+def warp_bilinear(image: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Float ``(B, C, H, W)`` resampled bilinearly under dst -> src ``m`` (B, 3, 3); zeros outside."""
+    b, ch, h, w = image.shape
+    u, v = source_points(m, h, w)
+    x0, y0 = torch.floor(u), torch.floor(v)
+    fx, fy = (u - x0).view(b, 1, -1), (v - y0).view(b, 1, -1)
+    x0, y0 = x0.long().view(b, 1, -1), y0.long().view(b, 1, -1)
+    flat = image.reshape(b, ch, h * w)
+    out = None
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        yi = y0 + dy
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            xi = x0 + dx
+            inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+            index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).expand(b, ch, -1)
+            term = flat.gather(2, index) * (wx * wy * inside)
+            out = term if out is None else out.add_(term)
+    return out.view(b, ch, h, w)
+
+
+def warp_nearest(mask: torch.Tensor, m: torch.Tensor, fill: int) -> torch.Tensor:
+    """Integer ``(B, H, W)`` resampled by nearest neighbour under ``m``; ``fill`` outside. Values are copied,
+    never interpolated, so a mask keeps exactly its labels."""
+    b, h, w = mask.shape
+    u, v = source_points(m, h, w)
+    xi, yi = torch.round(u).long(), torch.round(v).long()  # half to even, as grid_sample's nearest
+    inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+    index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).view(b, -1)
+    picked = mask.reshape(b, h * w).gather(1, index).view(b, h, w)
+    return torch.where(inside, picked, torch.full_like(picked, fill))
