@@ -80,3 +80,9 @@ def tree_bytes(root: str | Path, pattern: str = "*") -> tuple[int, int]:
     """(files, bytes) of the files under ``root`` matching ``pattern``."""
     files = [p for p in Path(root).rglob(pattern) if p.is_file()]
     return len(files), sum(p.stat().st_size for p in files)
+
+
+def limit_line(name: str, value: float, unit: str, goal: float) -> str:
+    """A figure that must stay at or below its goal (a time), in the form run_all.py parses."""
+    verdict = "meets" if value <= goal else "BELOW"
+    return f"{name}: {value:.3g} {unit}  (goal <= {goal:g} {unit}: {verdict})"

@@ -242,7 +242,8 @@ class GpuAugment(nn.Module):
         x = to_unit_float(image)
         if self.geometric:
             m = sampling_matrix(p, h, w)
-            x = warp.warp_bilinear(x, m)
+            # Without the affine every sample's map is a pixel permutation: copying pixels is exact and cheaper.
+            x = warp.warp_bilinear(x, m) if self.cfg.affine_p > 0 else warp.warp_nearest(x, m, 0.0)
             mask = warp.warp_nearest(mask, m, IGNORE_INDEX)
         if self.photometric:
             x = self._photometric(x, p)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def identity(batch: int, device: torch.device) -> torch.Tensor:
@@ -88,43 +89,43 @@ def invert_affine(m: torch.Tensor) -> torch.Tensor:
     return torch.cat([rows, bottom], dim=1)
 
 
-def source_points(m: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u, v), each (B, H, W): the source point every output pixel samples under dst -> src ``m``."""
-    xs = torch.arange(width, device=m.device, dtype=torch.float32).view(1, 1, width)
-    ys = torch.arange(height, device=m.device, dtype=torch.float32).view(1, height, 1)
-    coef = m[:, :2].reshape(-1, 6, 1, 1).unbind(1)
-    u = coef[0] * xs + coef[1] * ys + coef[2]
-    v = coef[3] * xs + coef[4] * ys + coef[5]
-    return u, v
+def source_points(m: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, 2, H*W): the source point (x, y) that every output pixel samples under dst -> src ``m``; one
+    batched matmul against the pixel grid."""
+    ys, xs = torch.meshgrid(torch.arange(height, device=m.device, dtype=torch.float32),
+                            torch.arange(width, device=m.device, dtype=torch.float32), indexing="ij")  # fmt: skip
+    grid = torch.stack([xs.flatten(), ys.flatten(), torch.ones(height * width, device=m.device)])
+    return torch.matmul(m[:, :2].to(torch.float32), grid)
 
 
 def warp_bilinear(image: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Float ``(B, C, H, W)`` resampled bilinearly under dst -> src ``m`` (B, 3, 3); zeros outside."""
+    """Float ``(B, C, H, W)`` resampled bilinearly under dst -> src ``m`` (B, 3, 3); zeros outside.
+
+    The image is padded with a zero border and the points clamped into it, so every neighbour is a valid
+    index and one gather reads all four; a point outside the tile reads only the border.
+    """
     b, ch, h, w = image.shape
-    u, v = source_points(m, h, w)
-    x0, y0 = torch.floor(u), torch.floor(v)
-    fx, fy = (u - x0).view(b, 1, -1), (v - y0).view(b, 1, -1)
-    x0, y0 = x0.long().view(b, 1, -1), y0.long().view(b, 1, -1)
-    flat = image.reshape(b, ch, h * w)
-    out = None
-    for dy, wy in ((0, 1 - fy), (1, fy)):
-        yi = y0 + dy
-        for dx, wx in ((0, 1 - fx), (1, fx)):
-            xi = x0 + dx
-            inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-            index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).expand(b, ch, -1)
-            term = flat.gather(2, index) * (wx * wy * inside)
-            out = term if out is None else out.add_(term)
-    return out.view(b, ch, h, w)
+    points = source_points(m, h, w)
+    x, y = points[:, 0].clamp(-1, w), points[:, 1].clamp(-1, h)  # (B, H*W) each
+    x0, y0 = torch.floor(x), torch.floor(y)
+    fx, fy = x - x0, y - y0
+    wx, wy = torch.stack([1 - fx, fx], 1), torch.stack([1 - fy, fy], 1)  # (B, 2, H*W): lower, upper
+    weights = (wy[:, :, None] * wx[:, None, :]).view(b, 1, 4, h * w)  # (dy, dx) = 00, 01, 10, 11
+    pw = w + 3  # padded width: one column before, two after (the upper neighbour of x = w)
+    corner = torch.tensor([pw + 1, pw + 2, 2 * pw + 1, 2 * pw + 2], device=image.device).view(1, 4, 1)
+    index = (y0 * pw + x0).long()[:, None] + corner  # (B, 4, H*W) into the padded image
+    padded = F.pad(image, (1, 2, 1, 2)).reshape(b, ch, -1)
+    values = padded.gather(2, index.view(b, 1, -1).expand(b, ch, -1)).view(b, ch, 4, h * w)
+    return (values * weights).sum(2).view(b, ch, h, w)
 
 
-def warp_nearest(mask: torch.Tensor, m: torch.Tensor, fill: int) -> torch.Tensor:
-    """Integer ``(B, H, W)`` resampled by nearest neighbour under ``m``; ``fill`` outside. Values are copied,
-    never interpolated, so a mask keeps exactly its labels."""
-    b, h, w = mask.shape
-    u, v = source_points(m, h, w)
-    xi, yi = torch.round(u).long(), torch.round(v).long()  # half to even, as grid_sample's nearest
-    inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-    index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).view(b, -1)
-    picked = mask.reshape(b, h * w).gather(1, index).view(b, h, w)
-    return torch.where(inside, picked, torch.full_like(picked, fill))
+def warp_nearest(data: torch.Tensor, m: torch.Tensor, fill: int | float) -> torch.Tensor:
+    """``(B, H, W)`` or ``(B, C, H, W)`` resampled by nearest neighbour under ``m``; ``fill`` outside.
+    Values are copied, never interpolated, so a mask keeps exactly its labels."""
+    b, h, w = data.shape[0], data.shape[-2], data.shape[-1]
+    points = torch.round(source_points(m, h, w))  # half to even, as grid_sample's nearest
+    x, y = points[:, 0].clamp(-1, w), points[:, 1].clamp(-1, h)  # -1 and w/h land on the fill border
+    index = ((y + 1) * (w + 2) + (x + 1)).long()
+    padded = F.pad(data.reshape(b, -1, h, w), (1, 1, 1, 1), value=fill).reshape(b, -1, (h + 2) * (w + 2))
+    picked = padded.gather(2, index[:, None].expand(b, padded.shape[1], -1))
+    return picked.view(data.shape)
