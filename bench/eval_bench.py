@@ -138,7 +138,8 @@ def compare(net: torch.nn.Module, grid: TileGrid, images: list[torch.Tensor], ti
     """Time both paths on ``net``, print their table, agreement and ratio; returns evaluate / MONAI."""
     device = args.device
     normalize = GpuAugment(AugmentConfig(enabled=False), NormalizeConfig()).to(device).eval()
-    model = Model(net.to(device).eval(), normalize, {"model": title}, "random weights", device)
+    meta = {"model": title, "classes": [f"class{k}" for k in range(N_CLASSES)]}  # what Predictor reads
+    model = Model(net.to(device).eval(), normalize, meta, "random weights", device)
     predictor = Predictor(model, grid, blend="gaussian", batch_size=args.batch_size)
     monai = MonaiPath(predictor, grid, args.batch_size)
 

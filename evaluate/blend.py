@@ -12,6 +12,8 @@ a disagreement means the shards are corrupt or mixed up and is an error, never a
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -57,13 +59,24 @@ def blend_tiles(
         raise ValueError(
             f"tile probabilities have shape {tuple(tile_probs.shape)}, expected ({grid.count}, C, {t}, {t})"
         )
-    w = importance_map(t, mode, sigma_scale, device=tile_probs.device, dtype=tile_probs.dtype)
+    w, weight = _weights(grid, mode, sigma_scale, tile_probs.device, tile_probs.dtype)
     total = tile_probs.new_zeros((tile_probs.shape[1], s, s))
-    weight = tile_probs.new_zeros((1, s, s))
     for k, (_, _, y, x) in enumerate(grid.positions()):
         total[:, y : y + t, x : x + t].addcmul_(tile_probs[k], w)
+    return total.div_(weight)
+
+
+@functools.lru_cache(maxsize=8)
+def _weights(grid: TileGrid, mode: str, sigma_scale: float, device: torch.device, dtype: torch.dtype):
+    """(importance map (t, t), summed weights of the full image (1, S, S)), the same for every image: made
+    once per grid and device, so blending an image neither recomputes them nor waits on the device (the
+    map's floor reads its minimum on the host)."""
+    t, s = grid.tile, grid.image_size
+    w = importance_map(t, mode, sigma_scale, device=device, dtype=dtype)
+    weight = torch.zeros((1, s, s), device=device, dtype=dtype)
+    for _, _, y, x in grid.positions():
         weight[:, y : y + t, x : x + t] += w
-    return total / weight
+    return w, weight
 
 
 def reassemble_mask(tile_masks, grid: TileGrid, image_id: str) -> np.ndarray:

@@ -146,12 +146,16 @@ class Predictor:
         x = self.model.normalize.normalize(tiles.to(self.model.device, non_blocking=True))
         total = None
         for k, flip in self.views:
-            view = torch.rot90(x, k, (2, 3))
-            view = view.flip(3) if flip else view
+            turned = k % 4 or flip  # the identity view skips rot90, which would copy the batch both ways
+            view = x
+            if turned:
+                view = torch.rot90(x, k, (2, 3))
+                view = view.flip(3) if flip else view
             with self.amp:
                 logits = self.model.net(view).float()
             probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
-            probs = torch.rot90(probs.flip(3) if flip else probs, -k, (2, 3))
+            if turned:
+                probs = torch.rot90(probs.flip(3) if flip else probs, -k, (2, 3))
             total = probs if total is None else total.add_(probs)
         return total / len(self.views) if len(self.views) > 1 else total
 
