@@ -54,26 +54,31 @@ def encode_png(pixels: np.ndarray, compress_level: int = 1) -> bytes:
     return buf.getvalue()
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> uint8 array with the exact stored values: (H, W) for L, (H, W, 3) for RGB."""
+def decode_png(data: bytes, copy: bool = True) -> np.ndarray:
+    """PNG bytes -> uint8 array with the exact stored values: (H, W) for L, (H, W, 3) for RGB.
+
+    ``copy=False`` returns a read-only view of the decoded bytes, for a caller that copies the pixels into
+    a buffer of its own anyway (the training loader's batches).
+    """
     with Image.open(io.BytesIO(data)) as im:
         if im.mode not in ("L", "RGB"):
             raise ValueError(f"unexpected PNG mode {im.mode} (shards hold L or RGB)")
-        return np.asarray(im).copy()
+        pixels = np.asarray(im)
+        return pixels.copy() if copy else pixels
 
 
-def decode_sample(sample: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+def decode_sample(sample: dict, copy: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
     """A raw webdataset sample -> (image (C, H, W) uint8, mask (H, W) uint8, meta).
 
     Masks are decoded by PIL from mode L as stored, never through webdataset's "l"/"pil" decoders, which
-    rescale values.
+    rescale values. ``copy=False``: read-only arrays, the image possibly strided (see ``decode_png``).
     """
-    image = decode_png(sample[IMAGE_KEY])
+    image = decode_png(sample[IMAGE_KEY], copy)
     image = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
-    mask = decode_png(sample[MASK_KEY])
+    mask = decode_png(sample[MASK_KEY], copy)
     meta = sample[META_KEY]
     meta = json.loads(meta) if isinstance(meta, (bytes, str)) else meta
-    return np.ascontiguousarray(image), mask, meta
+    return (np.ascontiguousarray(image) if copy else image), mask, meta
 
 
 def manifest_url(url: str) -> str:

@@ -66,7 +66,7 @@ def crop_window(mask: torch.Tensor, size: int, rng: random.Random, focus: int | 
     that a random pixel of class ``focus`` lies in the window's central half."""
     h, w = mask.shape
     if focus is not None:
-        ys, xs = np.nonzero(mask.numpy() == focus)
+        ys, xs = np.nonzero(np.asarray(mask) == focus)  # a torch tensor or, in the loader, a numpy view
         if len(ys):
             k = rng.randrange(len(ys))
             return _around(int(ys[k]), h, size, rng), _around(int(xs[k]), w, size, rng)
@@ -79,8 +79,9 @@ def _around(p: int, extent: int, size: int, rng: random.Random) -> int:
     return rng.randint(low, high) if low <= high else min(max(0, p - size // 2), extent - size)
 
 
-def crop(image: torch.Tensor, mask: torch.Tensor, size: int, rng: random.Random, focus: int | None = None):
-    """(image (C, H, W), mask (H, W)) cut to ``size x size`` (see crop_window); unchanged if size is 0."""
+def crop(image, mask, size: int, rng: random.Random, focus: int | None = None):
+    """(image (C, H, W), mask (H, W)), torch tensors or numpy arrays, cut to ``size x size`` (see
+    crop_window) as views; unchanged if size is 0."""
     if not size:
         return image, mask
     if size > mask.shape[0] or size > mask.shape[1]:
