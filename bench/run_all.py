@@ -27,6 +27,9 @@ import common
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_HEADING = "## Results"
 RATIO = re.compile(r"^(?P<name>.+): (?P<ratio>[\d.]+)x  \(goal >= (?P<goal>[\d.]+)x: (?P<verdict>meets|BELOW)\)")
+# common.limit_line: a figure that must stay at or below its goal, e.g. a time per batch.
+LIMIT = re.compile(r"^(?P<name>.+): (?P<value>[\d.,]+) (?P<unit>\S+)  \(goal <= (?P<goal>[\d.]+) \S+: "
+                   r"(?P<verdict>meets|BELOW)\)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class Figures:
     """Where a ratio's two figures sit in the bench's tables: row labels (regex) and the column."""
 
     ratio: str  # regex on the ratio line's name
-    numerator: str
+    numerator: str  # "{best}" stands for the setting the bench names in its "best setting for X: S" line
     denominator: str
     column: str
 
@@ -61,6 +64,11 @@ BENCHES = [
         Figures(r"(\w+): train_loader (\d+) / (\d+) workers", r"{0} shards: train_loader, {1} workers?$",
                 r"{0} shards: train_loader, {2} workers?$", "samples/s"),
     ]),
+    Bench("augment", "augment_bench.py", "GPU augmentation: folded single warp vs kornia chain", True, [
+        Figures(r"augmentation speed", r"^folded", r"^kornia chain", "tiles/s"),
+    ]),
+    Bench("model_step", "model_step_bench.py", "model step: bf16, channels_last, compile, CUDA graphs vs eager fp32",
+          True, [Figures(r"model step \((\w+)\)", r"^{0} {best}$", r"^{0} eager fp32$", "samples/s")]),
     Bench("train", "train_bench.py", "training input pipeline vs model step alone", True, [
         Figures(r"input pipeline", r"shard loader \(", r"model step alone", "samples/s"),
     ]),
@@ -107,8 +115,16 @@ def find_row(rows: dict[str, dict[str, str]], pattern: str) -> dict[str, str] | 
 def comparisons(bench: Bench, output: str) -> list[list[str]]:
     """Table rows: bench, comparison, numerator figure, denominator figure, ratio, goal, verdict."""
     rows = parse_tables(output)
+    best = dict(re.findall(r"^best setting for (\S+): (.+)$", output, re.M))
     out = []
     for line in output.splitlines():
+        limit = LIMIT.match(line)
+        if limit:
+            note = line[limit.end() :].strip()
+            label = f"{limit['name']} {note}" if note else limit["name"]
+            out.append([bench.key, label, f"{limit['value']} {limit['unit']}", "", "",
+                        f"<= {limit['goal']} {limit['unit']}", limit["verdict"]])  # fmt: skip
+            continue
         m = RATIO.match(line)
         if not m:
             continue
@@ -118,8 +134,9 @@ def comparisons(bench: Bench, output: str) -> list[list[str]]:
             found = re.search(spec.ratio, name)
             if found:
                 groups = [re.escape(g) for g in found.groups()]
-                a = find_row(rows, spec.numerator.format(*groups))
-                b = find_row(rows, spec.denominator.format(*groups))
+                setting = re.escape(best.get(found.groups()[0], "?")) if found.groups() else "?"
+                a = find_row(rows, spec.numerator.format(*groups, best=setting))
+                b = find_row(rows, spec.denominator.format(*groups, best=setting))
                 num = a[spec.column] + f" {spec.column}" if a else "?"
                 den = b[spec.column] + f" {spec.column}" if b else "?"
                 break
@@ -174,8 +191,19 @@ CPU and a GPU run use; `python bench/run_all.py` (or `make bench`) runs them all
 |---|---|
 {rows}
 
-"measured" is the first path of a comparison, "baseline" the one it is divided by. CPU figures come from a
-small shared machine, where concurrent load moves every number: compare ratios within one run only.
+"measured" is the first path of a comparison, "baseline" the one it is divided by; a row with a limit
+("<= 3 ms") has no baseline. CPU figures come from a small shared machine, where concurrent load moves every
+number: compare ratios within one run only.
+
+On a GPU machine, one command runs every GPU comparison at the real sizes (400 px tiles, batch 16, the
+research models) and adds its section below the CPU one:
+
+```bash
+python bench/run_all.py --append --only augment model_step train eval shardgen
+```
+
+`model_step` compiles each model twice (Inductor, and Inductor with CUDA graphs): allow ~10 minutes for
+the whole command on an H100/H200.
 
 {RESULTS_HEADING}
 """
