@@ -163,3 +163,16 @@ def test_photometric_ops_are_kornias():
     want = want.pow(p.gamma.view(-1, 1, 1, 1)).clamp(0, 1)
     want = kornia.filters.gaussian_blur2d(want, (5, 5), p.sigma[:, None].expand(6, 2), border_type="reflect")
     assert torch.allclose(x, want, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist on CUDA only")
+def test_training_forward_never_waits_for_the_gpu():
+    aug = GpuAugment(AugmentConfig(), NormalizeConfig()).to("cuda")
+    image = torch.randint(0, 256, (4, 1, 64, 64), dtype=torch.uint8, device="cuda")
+    mask = torch.randint(0, 11, (4, 64, 64), dtype=torch.uint8, device="cuda")
+    aug(image, mask)  # the first call makes the cached constants (one host copy each)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        aug(image, mask)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

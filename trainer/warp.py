@@ -15,6 +15,7 @@ outside the source read zeros in the image and ``fill`` in the mask.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,17 +23,24 @@ import torch.nn.functional as F
 
 
 def identity(batch: int, device: torch.device) -> torch.Tensor:
-    return torch.eye(3, device=device).expand(batch, 3, 3)
+    return _constant(((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)), device).expand(batch, 3, 3)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A constant tensor made once per device and reused read-only: building it from a Python list on every
+    batch would copy it from the host, and on CUDA such a copy waits for all the device's queued work."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def hflip(height: int, width: int, device: torch.device) -> torch.Tensor:
     """(3, 3) dst -> src of a left/right flip (its own inverse): x -> W-1-x."""
-    return torch.tensor([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], device=device)
+    return _constant(((-1.0, 0.0, width - 1.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)), device)
 
 
 def vflip(height: int, width: int, device: torch.device) -> torch.Tensor:
     """(3, 3) dst -> src of an up/down flip: y -> H-1-y."""
-    return torch.tensor([[1.0, 0.0, 0.0], [0.0, -1.0, height - 1.0], [0.0, 0.0, 1.0]], device=device)
+    return _constant(((1.0, 0.0, 0.0), (0.0, -1.0, height - 1.0), (0.0, 0.0, 1.0)), device)
 
 
 def rot90_table(height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -47,8 +55,8 @@ def rot90_table(height: int, width: int, device: torch.device) -> torch.Tensor:
         c, s = round(math.cos(k * math.pi / 2)), round(math.sin(k * math.pi / 2))
         # src - centre = R(+k) (dst - centre) with y pointing down: [[c, -s], [s, c]] in (x, y).
         a, b, d, e = c, -s, s, c
-        table.append([[a, b, cx - a * cx - b * cy], [d, e, cy - d * cx - e * cy], [0.0, 0.0, 1.0]])
-    return torch.tensor(table, dtype=torch.float32, device=device)
+        table.append(((a, b, cx - a * cx - b * cy), (d, e, cy - d * cx - e * cy), (0.0, 0.0, 1.0)))
+    return _constant(tuple(table), device)
 
 
 def affine_forward(angle: torch.Tensor, translate: torch.Tensor, scale: torch.Tensor, shear: torch.Tensor,
@@ -74,7 +82,7 @@ def affine_forward(angle: torch.Tensor, translate: torch.Tensor, scale: torch.Te
         r00 * s00 + r01 * s10, r00 * s01 + r01 * s11, r00 * s02 + r01 * s12 + r02,
         r10 * s00 + r11 * s10, r10 * s01 + r11 * s11, r10 * s02 + r11 * s12 + r12,
     ], dim=-1).view(-1, 2, 3)  # fmt: skip
-    bottom = torch.tensor([0.0, 0.0, 1.0], device=m.device, dtype=m.dtype).expand(m.shape[0], 1, 3)
+    bottom = _constant((0.0, 0.0, 1.0), m.device, m.dtype).expand(m.shape[0], 1, 3)
     return torch.cat([m, bottom], dim=1)
 
 
@@ -85,17 +93,22 @@ def invert_affine(m: torch.Tensor) -> torch.Tensor:
     det = a * d - b * c
     ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det
     rows = torch.stack([ia, ib, -(ia * tx + ib * ty), ic, id_, -(ic * tx + id_ * ty)], dim=-1).view(-1, 2, 3)
-    bottom = torch.tensor([0.0, 0.0, 1.0], device=m.device, dtype=m.dtype).expand(m.shape[0], 1, 3)
+    bottom = _constant((0.0, 0.0, 1.0), m.device, m.dtype).expand(m.shape[0], 1, 3)
     return torch.cat([rows, bottom], dim=1)
 
 
 def source_points(m: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(B, 2, H*W): the source point (x, y) that every output pixel samples under dst -> src ``m``; one
     batched matmul against the pixel grid."""
-    ys, xs = torch.meshgrid(torch.arange(height, device=m.device, dtype=torch.float32),
-                            torch.arange(width, device=m.device, dtype=torch.float32), indexing="ij")  # fmt: skip
-    grid = torch.stack([xs.flatten(), ys.flatten(), torch.ones(height * width, device=m.device)])
-    return torch.matmul(m[:, :2].to(torch.float32), grid)
+    return torch.matmul(m[:, :2].to(torch.float32), _pixel_grid(height, width, m.device))
+
+
+@functools.lru_cache(maxsize=16)
+def _pixel_grid(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(3, H*W): x, y and 1 of every pixel, row by row."""
+    ys, xs = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float32),
+                            torch.arange(width, device=device, dtype=torch.float32), indexing="ij")  # fmt: skip
+    return torch.stack([xs.flatten(), ys.flatten(), torch.ones(height * width, device=device)])
 
 
 def warp_bilinear(image: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -112,7 +125,7 @@ def warp_bilinear(image: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     wx, wy = torch.stack([1 - fx, fx], 1), torch.stack([1 - fy, fy], 1)  # (B, 2, H*W): lower, upper
     weights = (wy[:, :, None] * wx[:, None, :]).view(b, 1, 4, h * w)  # (dy, dx) = 00, 01, 10, 11
     pw = w + 3  # padded width: one column before, two after (the upper neighbour of x = w)
-    corner = torch.tensor([pw + 1, pw + 2, 2 * pw + 1, 2 * pw + 2], device=image.device).view(1, 4, 1)
+    corner = _constant((pw + 1, pw + 2, 2 * pw + 1, 2 * pw + 2), image.device, torch.long).view(1, 4, 1)
     index = (y0 * pw + x0).long()[:, None] + corner  # (B, 4, H*W) into the padded image
     padded = F.pad(image, (1, 2, 1, 2)).reshape(b, ch, -1)
     values = padded.gather(2, index.view(b, 1, -1).expand(b, ch, -1)).view(b, ch, 4, h * w)
