@@ -182,13 +182,14 @@ class Predictor:
             queue.append(tiles)
             queued += count
             while queued >= self.batch_size:
-                batch = torch.cat(queue)
-                queue = [batch[self.batch_size :]]
+                batch = queue[0] if len(queue) == 1 else torch.cat(queue)  # one image per batch: no copy
+                rest = batch[self.batch_size :]
+                queue = [rest] if len(rest) else []
                 queued -= self.batch_size
                 self._distribute(pending, self.tile_probabilities(batch[: self.batch_size]))
             yield from self._finished(pending)
         if queued:
-            self._distribute(pending, self.tile_probabilities(torch.cat(queue)))
+            self._distribute(pending, self.tile_probabilities(queue[0] if len(queue) == 1 else torch.cat(queue)))
         yield from self._finished(pending)
 
     def _distribute(self, pending: deque[_Pending], probs: torch.Tensor) -> None:
