@@ -202,8 +202,8 @@ research models) and adds its section below the CPU one:
 python bench/run_all.py --append --only augment model_step train eval shardgen
 ```
 
-`model_step` compiles each model twice (Inductor, and Inductor with CUDA graphs): allow ~10 minutes for
-the whole command on an H100/H200.
+`model_step` compiles each model twice (Inductor, and Inductor with CUDA graphs): allow 10-15 minutes for
+the whole command on an H100/H200 (`--only model_step` alone, or `model_step_bench.py --models unet`, is shorter).
 
 {RESULTS_HEADING}
 """
