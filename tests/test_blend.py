@@ -103,3 +103,18 @@ def test_reassemble_mask_names_image_on_disagreement():
 def test_reassemble_mask_rejects_wrong_shape():
     with pytest.raises(ValueError, match="scan_7"):
         reassemble_mask(np.zeros((25, 400, 399), np.uint8), GRID, "scan_7")
+
+
+@pytest.mark.parametrize("grid", [GRID, TileGrid(12, 4, 2), TileGrid(12, 6, 3), TileGrid(8, 8, 4)])
+def test_cpu_cell_blend_is_identical_to_the_tile_loop(grid):
+    """On the CPU, blend_tiles writes each stride cell once; the sums and their order are those of adding the
+    weighted tiles into a zeroed image one by one, so the result must be bit for bit the same."""
+    torch.manual_seed(3)
+    t, s = grid.tile, grid.image_size
+    probs = torch.rand(grid.count, 3, t, t)
+    w = importance_map(t, "gaussian")
+    total, weight = torch.zeros(3, s, s), torch.zeros(1, s, s)
+    for k, (_, _, y, x) in enumerate(grid.positions()):
+        total[:, y : y + t, x : x + t].addcmul_(probs[k], w)
+        weight[:, y : y + t, x : x + t] += w
+    assert torch.equal(blend_tiles(probs, grid, "gaussian"), total / weight)
