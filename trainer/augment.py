@@ -136,7 +136,7 @@ def draw_params(cfg: AugmentConfig, batch: int, height: int, width: int, device:
     its own probability; parameters are uniform in their ranges; a quarter turn, when applied, is k * 90 deg
     with k uniform in {0, 1, 2, 3}.
     """
-    u = torch.rand(batch, 17, device=device).unbind(1)
+    u = torch.rand(batch, 20, device=device).unbind(1)  # 0-8: the op gates, 9-19: the parameters
 
     def between(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
         return low + (high - low) * x
@@ -145,21 +145,21 @@ def draw_params(cfg: AugmentConfig, batch: int, height: int, width: int, device:
         return x < p
 
     t, s = cfg.affine_translate, cfg.affine_shear
-    k = torch.clamp((u[3] * 4).long(), max=3)
+    k = torch.clamp((u[9] * 4).long(), max=3)
     on = [gate(u[i], p) for i, p in enumerate((cfg.hflip_p, cfg.vflip_p, cfg.rot90_p, cfg.affine_p,
                                                 cfg.brightness_p, cfg.contrast_p, cfg.gamma_p, cfg.blur_p,
                                                 cfg.noise_p))]  # fmt: skip
-    brightness = between(u[12], *cfg.brightness) - 1
+    brightness = between(u[16], *cfg.brightness) - 1
     return AugmentParams(
         hflip=on[0], vflip=on[1], rot90=torch.where(on[2], k, 0), affine=on[3],
-        angle=between(u[4], -cfg.affine_degrees, cfg.affine_degrees),
-        translate=torch.stack([between(u[5], -t, t) * width, between(u[6], -t, t) * height], dim=1),
-        scale=between(u[7], *cfg.affine_scale),
-        shear=torch.stack([between(u[8], -s, s), between(u[9], -s, s)], dim=1),
+        angle=between(u[10], -cfg.affine_degrees, cfg.affine_degrees),
+        translate=torch.stack([between(u[11], -t, t) * width, between(u[12], -t, t) * height], dim=1),
+        scale=between(u[13], *cfg.affine_scale),
+        shear=torch.stack([between(u[14], -s, s), between(u[15], -s, s)], dim=1),
         brightness=torch.where(on[4], brightness, 0.0),
-        contrast=torch.where(on[5], between(u[13], *cfg.contrast), 1.0),
-        gamma=torch.where(on[6], between(u[14], *cfg.gamma), 1.0),
-        blur=on[7], sigma=between(u[15], *cfg.blur_sigma), noise=on[8] & (cfg.noise_std > 0),
+        contrast=torch.where(on[5], between(u[17], *cfg.contrast), 1.0),
+        gamma=torch.where(on[6], between(u[18], *cfg.gamma), 1.0),
+        blur=on[7], sigma=between(u[19], *cfg.blur_sigma), noise=on[8] & (cfg.noise_std > 0),
     )  # fmt: skip
 
 
