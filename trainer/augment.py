@@ -132,9 +132,9 @@ class AugmentParams:
 def draw_params(cfg: AugmentConfig, batch: int, height: int, width: int, device: torch.device) -> AugmentParams:
     """Every per-sample draw of one batch from one ``torch.rand`` call on ``device`` (no host round trip).
 
-    The distributions are kornia's for the ops ``build`` used to chain: each op is applied to a sample with
-    its own probability; parameters are uniform in their ranges; a quarter turn, when applied, is k * 90 deg
-    with k uniform in {0, 1, 2, 3}.
+    The distributions are those of the kornia modules this replaced (``bench/augment_bench.py``'s
+    ``kornia_chain``): each op is applied to a sample with its own probability; parameters are uniform in
+    their ranges; a quarter turn, when applied, is k * 90 deg with k uniform in {0, 1, 2, 3}.
     """
     u = torch.rand(batch, 20, device=device).unbind(1)  # 0-8: the op gates, 9-19: the parameters
 
