@@ -131,7 +131,7 @@ def _pinpoint(sc: Scene):
     rng = sc.rng
     c = np.floor(sc.point(3))  # a whole-pixel point: the pixel holding it is the same under any rounding
     part = Part("points", c[None], 1) if rng.random() < 0.6 else Part("polygon", _blob(rng, c, 1.8, 6, 0.2))
-    value = polarity(rng, (190, 250), (15, 60))
+    value = contrasting(sc, [Part("points", np.array([c - 2, c + 3]))], (190, 250), (15, 60))
     return [part], lambda sc, parts, k: blend(sc, *paint_mask(sc, parts), value)
 
 
