@@ -24,7 +24,8 @@ def binary_shards(tmp_path_factory) -> str:
     out = str(tmp / "shards")
     rc = shardgen_main(["build", "--annotations", str(tmp / "raw" / "annotations"), "--images",
                         str(tmp / "raw" / "images"), "--out", out, *TINY_GRID, "--mode", "binary",
-                        "--split-method", "exact", "--split-ratios", "train=0.75,val=0.25,test=0", "--quiet"])  # fmt: skip
+                        "--split-method", "exact", "--split-ratios", "train=0.75,val=0.25,test=0",
+                        "--quiet"])  # fmt: skip
     assert rc == 0
     return out
 
