@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .build import BuildOptions, ShardgenError, build
 from .classes import MODES, REFLECTION_POLICIES
+from .distribute import DISTRIBUTORS, SCHEDULER_ENV
 from .splits import parse_ratios
 
 
@@ -59,7 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--png-level", type=int, choices=range(10), default=d.png_level, metavar="0-9",
                    help="zlib level of tile PNGs (default %(default)s)")
     b.add_argument("--classes", default=d.classes, help="class map YAML (default configs/classes.yaml)")
-    b.add_argument("--workers", type=int, default=1, help="processes; output bytes do not depend on it")
+    b.add_argument("--workers", type=int, default=None,
+                   help="processes (local), or LocalCluster workers (dask without a scheduler); default 1. "
+                        "The output bytes do not depend on it")
+    b.add_argument("--distributor", choices=DISTRIBUTORS, default="local",
+                   help="local: a process pool on this machine; dask: one task per shard on a Dask cluster")
+    b.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help=f"Dask scheduler, e.g. tcp://HOST:8786 (default ${SCHEDULER_ENV}; if neither is set, "
+                        "--distributor dask starts a LocalCluster of --workers processes)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
 
     v = sub.add_parser("verify", help="check every shard against the manifest's sha256 and counts")
@@ -68,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build(args) -> int:
+    if args.scheduler and args.distributor != "dask":
+        raise ValueError("--scheduler needs --distributor dask")
+    if args.distributor == "dask" and args.workers is not None and (args.scheduler or os.environ.get(SCHEDULER_ENV)):
+        raise ValueError("--workers sizes the local pool or a LocalCluster; a Dask scheduler's cluster brings its "
+                         "own workers (start more with `dask worker ADDRESS`)")
     opts = BuildOptions(
         mode=args.mode, reflections=args.reflections, unknown_labels=args.unknown_labels,
         skip_missing=args.skip_missing, channels=args.channels, image_size=args.image_size, tile=args.tile,
@@ -75,12 +89,16 @@ def _build(args) -> int:
         stone_id_regex=args.stone_id_regex, polyline_width=args.polyline_width,
         point_radius=args.point_radius, png_level=args.png_level, classes=args.classes,
     )  # fmt: skip
-    summary = build(args.annotations, args.images, args.out, opts, workers=args.workers, progress=not args.quiet)
+    summary = build(args.annotations, args.images, args.out, opts, workers=args.workers or 1,
+                    progress=not args.quiet, distributor=args.distributor, scheduler=args.scheduler)
     for w in summary["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     tiles = ", ".join(f"{k} {v}" for k, v in summary["tiles"].items())
     print(f"images: {summary['images']}  tiles: {tiles}  shards: {summary['shards']} "
           f"({summary['reused_shards']} reused)")  # fmt: skip
+    if "dask" in summary:
+        d = summary["dask"]
+        print(f"dask: {d['tasks']} tasks on {d['workers']} workers, {d['retried']} retried ({d['scheduler']})")
     for reason, n in summary["skipped"].items():
         print(f"skipped: {n} x {reason}")
     print(f"throughput: {summary['images_per_s']:.2f} images/s in {summary['seconds']:.1f} s")
