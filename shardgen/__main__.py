@@ -98,7 +98,8 @@ def _build(args) -> int:
           f"({summary['reused_shards']} reused)")  # fmt: skip
     if "dask" in summary:
         d = summary["dask"]
-        print(f"dask: {d['tasks']} tasks on {d['workers']} workers, {d['retried']} retried ({d['scheduler']})")
+        print(f"dask: {d['tasks']} tasks on {d['workers']} worker{'s' * (d['workers'] != 1)}, {d['retried']} "
+              f"retried ({d['scheduler']})")
     for reason, n in summary["skipped"].items():
         print(f"skipped: {n} x {reason}")
     print(f"throughput: {summary['images_per_s']:.2f} images/s in {summary['seconds']:.1f} s")

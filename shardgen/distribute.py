@@ -97,11 +97,17 @@ def _shard_task(out: str, shard: ShardPlan, opts: BuildOptions) -> tuple[dict, b
 
 
 def _retried(client, keys: list[str]) -> int:
-    """How many of ``keys`` the scheduler had to rerun because a worker died while it held them."""
+    """How many of ``keys`` the scheduler ran more than once: their worker died while running or holding them
+    (suspicious), or their result was lost with a worker before this client fetched it (a second run)."""
 
-    # Defined inside so that cloudpickle ships it by value: the scheduler needs no shardgen to run it.
+    # Defined inside so that cloudpickle ships it by value: it needs nothing from shardgen on the scheduler.
     def count(keys, dask_scheduler=None):
-        return sum(1 for k in keys if (ts := dask_scheduler.tasks.get(k)) is not None and ts.suspicious > 0)
+        keys, runs = set(keys), {}
+        for t in dask_scheduler.transition_log:  # bounded: old transitions of huge builds may be gone
+            if t.finish == "processing" and t.key in keys:
+                runs[t.key] = runs.get(t.key, 0) + 1
+        tasks = dask_scheduler.tasks
+        return sum(1 for k in keys if runs.get(k, 0) > 1 or (k in tasks and tasks[k].suspicious > 0))
 
     return client.run_on_scheduler(count, keys)
 
@@ -117,8 +123,9 @@ def run_dask(out: str, shards: list[ShardPlan], opts: BuildOptions, workers: int
     address = scheduler or os.environ.get(SCHEDULER_ENV)
     cluster = None
     if not address:
+        # Loopback only, and a free port for the scheduler's HTTP server (the default 8787 may be taken).
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                               dashboard_address=None)  # fmt: skip
+                               dashboard_address="127.0.0.1:0")  # fmt: skip
     try:
         with Client(cluster if cluster else address) as client:
             # Unique keys per build: a rerun never collides with the tasks of a killed client still running.
@@ -132,9 +139,14 @@ def run_dask(out: str, shards: list[ShardPlan], opts: BuildOptions, workers: int
                 shard = futures[future]
                 try:
                     record, was_reused, worker = future.result()
-                except KilledWorker as e:
-                    raise ShardgenError(f"{shard.name}: its task was lost with every worker that ran it ({e}); "
-                                        "rerun the build to resume") from None  # fmt: skip
+                except (ShardgenError, OSError, ValueError):
+                    raise  # bad input named by the task, as with the local distributor
+                except KilledWorker:
+                    raise ShardgenError(f"{shard.name}: every Dask worker that ran its task died; rerun the build "
+                                        "to resume") from None  # fmt: skip
+                except Exception as e:  # e.g. a scheduler or worker without shardgen: one line, not a remote trace
+                    first = (str(e).splitlines() or [""])[0]
+                    raise ShardgenError(f"{shard.name}: Dask task failed: {type(e).__name__}: {first}") from e
                 records[shard.name] = record
                 reused += was_reused
                 ran_on.add(worker)
