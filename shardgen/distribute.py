@@ -14,6 +14,7 @@ every worker. Dask reruns the tasks of a lost worker on the others.
 from __future__ import annotations
 
 import itertools
+import logging
 import multiprocessing as mp
 import os
 from collections.abc import Iterable, Iterator
@@ -123,9 +124,11 @@ def run_dask(out: str, shards: list[ShardPlan], opts: BuildOptions, workers: int
     address = scheduler or os.environ.get(SCHEDULER_ENV)
     cluster = None
     if not address:
-        # Loopback only, and a free port for the scheduler's HTTP server (the default 8787 may be taken).
+        # Loopback only, and a free port for the scheduler's HTTP server (the default 8787 may be taken). Its
+        # workers log to this terminal: quiet them, so a failed task ends in the one-line error below, not in
+        # the workers' own report of it; lost workers are counted in the summary.
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                               dashboard_address="127.0.0.1:0")  # fmt: skip
+                               dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL)  # fmt: skip
     try:
         with Client(cluster if cluster else address) as client:
             # Unique keys per build: a rerun never collides with the tasks of a killed client still running.

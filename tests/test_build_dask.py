@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -176,17 +177,34 @@ def test_a_corrupt_scan_in_a_task_is_a_one_line_error_naming_the_file(two_worker
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-def test_local_cluster_without_a_scheduler(synth, reference, tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+def test_local_cluster_reuses_shards_and_a_bad_scan_is_one_line_on_a_quiet_terminal(synth, reference, tmp_path):
+    """Without a scheduler, ``--distributor dask`` starts a LocalCluster whose workers share this terminal: a
+    failing task must still end in the one-line error alone, and nothing already written is lost."""
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    names = [s["url"] for info in schema.read_manifest(str(reference))["splits"].values() for s in info["shards"]]
     out = tmp_path / "ds"
     shutil.copytree(reference, out)
     (out / "manifest.json").unlink()
-    for name in ("train-000000.tar", "test-000000.tar"):  # two shards to build, the rest to reuse
-        (out / name).unlink()
-    rc, stdout, err = cli(capsys, *build_args(synth, out, *ARGS, "--distributor", "dask", "--workers", 2))
-    assert rc == 0, err
-    assert f"shards: {N_SYNTH} ({N_SYNTH - 2} reused)" in stdout and f"dask: {N_SYNTH} tasks on" in stdout
-    assert files(out) == files(reference)
+    (out / names[0]).unlink()  # to rebuild
+    with tarfile.open(reference / names[-1]) as tar:  # one scan per shard: the last shard's scan goes bad
+        image_id = schema.parse_key(tar.getnames()[0].split(".", 1)[0])[0]
+    bad = data / "images" / f"{image_id}.png"
+    bad.write_bytes(bad.read_bytes()[:3000])  # the header still gives the size the plan checks
+    env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    args = build_args(data, out, *ARGS, "--distributor", "dask", "--workers", 2)
+    proc = subprocess.run([sys.executable, "-m", "shardgen", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"shardgen: error: {bad}: ") and len(proc.stderr.strip().splitlines()) == 1, (
+        proc.stderr
+    )
+    assert not (out / "manifest.json").exists()
+    reference_files = files(reference)
+    kept = files(out)
+    assert set(names[1:-1]) <= set(kept)  # the reused shards are still there ...
+    assert all(kept[n] == reference_files[n] for n in kept)  # ... and nothing written differs
 
 
 def test_scheduler_options_are_checked(synth, tmp_path, capsys, monkeypatch):
