@@ -14,7 +14,7 @@ import sys
 
 from .build import BuildOptions, ShardgenError, build
 from .classes import MODES, REFLECTION_POLICIES
-from .distribute import DISTRIBUTORS, SCHEDULER_ENV
+from .distribute import DISTRIBUTORS, SCHEDULER_ENV, quiet_dask_logs
 from .splits import parse_ratios
 
 
@@ -89,6 +89,8 @@ def _build(args) -> int:
         stone_id_regex=args.stone_id_regex, polyline_width=args.polyline_width,
         point_radius=args.point_radius, png_level=args.png_level, classes=args.classes,
     )  # fmt: skip
+    if args.distributor == "dask":
+        quiet_dask_logs()  # shardgen reports lost workers and failed tasks itself, in one line
     summary = build(args.annotations, args.images, args.out, opts, workers=args.workers or 1,
                     progress=not args.quiet, distributor=args.distributor, scheduler=args.scheduler)
     for w in summary["warnings"]:

@@ -18,6 +18,7 @@ import logging
 import multiprocessing as mp
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 
 from .plan import BuildOptions, ShardgenError
@@ -89,7 +90,7 @@ def run_local(out: str, shards: list[ShardPlan], opts: BuildOptions, workers: in
 # --------------------------------------------------------------------------------------------------- dask
 
 
-def _shard_task(out: str, shard: ShardPlan, opts: BuildOptions) -> tuple[dict, bool, str]:
+def _shard_task(shard: ShardPlan, out: str, opts: BuildOptions) -> tuple[dict, bool, str]:
     """The Dask task of one shard: (record, reused, address of the worker that ran it)."""
     from distributed import get_worker
 
@@ -101,16 +102,31 @@ def _retried(client, keys: list[str]) -> int:
     """How many of ``keys`` the scheduler ran more than once: their worker died while running or holding them
     (suspicious), or their result was lost with a worker before this client fetched it (a second run)."""
 
-    # Defined inside so that cloudpickle ships it by value: it needs nothing from shardgen on the scheduler.
+    # Defined inside, so cloudpickle ships its code by value: it reads only the scheduler's own state.
     def count(keys, dask_scheduler=None):
         keys, runs = set(keys), {}
-        for t in dask_scheduler.transition_log:  # bounded: old transitions of huge builds may be gone
-            if t.finish == "processing" and t.key in keys:
-                runs[t.key] = runs.get(t.key, 0) + 1
+        # (key, start, finish, ...) tuples; bounded, so the oldest transitions of a huge build may be gone.
+        for key, _, finish, *_ in dask_scheduler.transition_log:
+            if finish == "processing" and key in keys:
+                runs[key] = runs.get(key, 0) + 1
         tasks = dask_scheduler.tasks
         return sum(1 for k in keys if runs.get(k, 0) > 1 or (k in tasks and tasks[k].suspicious > 0))
 
     return client.run_on_scheduler(count, keys)
+
+
+def quiet_dask_logs() -> None:
+    """Silence Dask's log output in this process for good (the CLI calls it): Dask logs lost connections and
+    failed tasks to the terminal with tracebacks, some from its event loop thread after the client has closed,
+    while shardgen reports them itself (one-line errors, the retried count)."""
+    import distributed  # noqa: F401  (its logging config creates the handlers)
+
+    # Dask's logging config gives several distributed.* loggers a handler of their own (and no propagation).
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] == "distributed":
+            for h in logging.getLogger(name).handlers:
+                if isinstance(h, logging.StreamHandler):
+                    h.setLevel(logging.CRITICAL)
 
 
 def run_dask(out: str, shards: list[ShardPlan], opts: BuildOptions, workers: int, scheduler: str | None,
@@ -120,28 +136,31 @@ def run_dask(out: str, shards: list[ShardPlan], opts: BuildOptions, workers: int
     import uuid
 
     from distributed import Client, KilledWorker, LocalCluster, as_completed
+    from distributed.comm.core import CommClosedError
 
     address = scheduler or os.environ.get(SCHEDULER_ENV)
     cluster = None
     if not address:
         # Loopback only, and a free port for the scheduler's HTTP server (the default 8787 may be taken). Its
-        # workers log to this terminal: quiet them, so a failed task ends in the one-line error below, not in
-        # the workers' own report of it; lost workers are counted in the summary.
+        # workers share this terminal: quiet them too.
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                                dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL)  # fmt: skip
     try:
         with Client(cluster if cluster else address) as client:
             # Unique keys per build: a rerun never collides with the tasks of a killed client still running.
             build_id = uuid.uuid4().hex[:8]
-            futures = {}
-            for shard in shards:
-                key = f"shardgen-{build_id}-{shard.name}"
-                futures[client.submit(_shard_task, out, shard, opts, key=key, pure=False)] = shard
+            keys = [f"shardgen-{build_id}-{shard.name}" for shard in shards]
+            # One graph for all tasks (one message to the scheduler, not one per shard).
+            futures = dict(zip(client.map(_shard_task, shards, out=out, opts=opts, key=keys), shards, strict=True))
             records, reused, ran_on = {}, 0, set()
             for future in as_completed(futures):
                 shard = futures[future]
                 try:
                     record, was_reused, worker = future.result()
+                except (CommClosedError, CancelledError) as e:
+                    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise ShardgenError(f"lost the Dask scheduler at {client.scheduler.address} ({reason}); rerun "
+                                        "the build to resume") from None  # fmt: skip
                 except (ShardgenError, OSError, ValueError):
                     raise  # bad input named by the task, as with the local distributor
                 except KilledWorker:

@@ -71,7 +71,7 @@ class DaskCluster:
             self.start_worker()
         deadline = time.monotonic() + READY_TIMEOUT_S
         with Client(self.address, timeout="60s") as client:
-            while len(client.scheduler_info(n_workers=-1)["workers"]) != n:
+            while len(client.nthreads()) != n:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the scheduler does not list {n} workers:\n{self.log_tail()}")
                 time.sleep(0.1)
