@@ -150,6 +150,7 @@ def test_sigkill_of_the_client_then_a_rerun_reuses_finished_shards(synth, refere
 @pytest.mark.s3
 def test_s3_build_through_the_cluster(synth, reference, two_workers, s3_env, s3_server, capsys):
     url = f"{s3_env}/ds"
+    storage.write_bytes_atomic(f"{url}/train-000000.tar.0123abcd.partial", b"left by a killed attempt")
     rc, stdout, err = cli(capsys, *build_args(synth, url, *ARGS, *dask_args(two_workers)))
     assert rc == 0, err
     assert f"dask: {N_SYNTH} tasks on 2 workers" in stdout
@@ -161,6 +162,7 @@ def test_s3_build_through_the_cluster(synth, reference, two_workers, s3_env, s3_
     fs, root = storage.fs_for(url)
     assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(root, detail=False)) == sorted([*names, "manifest.json",
                                                                                      "_build"])  # fmt: skip
+    # ^ no temporary object left behind, not even one of an earlier attempt
     assert s3_server.secret_key not in stdout + err
 
 
