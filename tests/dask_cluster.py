@@ -43,8 +43,10 @@ class DaskCluster:
 
     def start(self, workers: int = 2) -> None:
         sched_file = self.base_dir / "scheduler.json"
+        # --idle-timeout and the workers' --death-timeout end a cluster orphaned by a killed test session.
         self.scheduler = self._spawn("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", "0",
-                                                   "--no-dashboard", "--scheduler-file", str(sched_file)])  # fmt: skip
+                                                   "--no-dashboard", "--scheduler-file", str(sched_file),
+                                                   "--idle-timeout", "300s"])  # fmt: skip
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not self.address:
             if self.scheduler.poll() is not None or time.monotonic() > deadline:

@@ -41,7 +41,7 @@ def cluster(tmp_path_factory, s3_server):
     c = DaskCluster(tmp_path_factory.mktemp("dask"), env)
     try:
         c.start(workers=2)
-    except RuntimeError as e:
+    except (RuntimeError, OSError) as e:
         c.kill()
         pytest.fail(f"Dask test cluster did not start: {e}", pytrace=False)
     try:
