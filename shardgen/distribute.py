@@ -65,6 +65,7 @@ def _counted(results: Iterable[dict], bar) -> Iterator[dict]:
 
 
 def run_local(out: str, shards: list[ShardPlan], opts: BuildOptions, workers: int, bar) -> Outcome:
+    """Reuse the finished shards (checked here), then build the others with ``workers`` processes."""
     records, pending = {}, []
     for shard in shards:
         rec = reusable(out, shard, opts)
