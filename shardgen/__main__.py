@@ -14,8 +14,12 @@ import sys
 
 from .build import BuildOptions, ShardgenError, build
 from .classes import MODES, REFLECTION_POLICIES
+from .crust import UPSCALE_WARNING
 from .distribute import DISTRIBUTORS, SCHEDULER_ENV, quiet_dask_logs
-from .splits import parse_ratios
+from .scanfile import max_pixels_arg
+from .splits import SPLIT_METHODS, parse_ratios
+
+MAX_NAMED = 10  # upscaled scans named in the summary line; the warnings above name every one
 
 
 def _ratios(text: str) -> dict[str, float]:
@@ -37,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="processes (output does not depend on it)")
 
     d = BuildOptions()
-    b = sub.add_parser("build", help="CVAT XML + PNG scans -> WebDataset tile shards + manifest.json")
+    b = sub.add_parser("build", help="CVAT XML + scans (PNG, JPEG, TIFF, BMP) -> WebDataset tile shards + manifest")
     b.add_argument("--annotations", required=True, help="folder of CVAT for images 1.1 XML files (or one file)")
     b.add_argument("--images", required=True, help="folder of the scans named in the XML")
     b.add_argument("--out", required=True, help="output URL: a local path, s3://bucket/prefix, memory://...")
@@ -54,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--shard-size", type=int, default=d.shard_size, help="samples per shard (default %(default)s)")
     b.add_argument("--split-ratios", type=_ratios, default=d.split_ratios,
                    help="e.g. train=0.6,val=0.1,test=0.3 (the default)")
+    b.add_argument("--split-method", choices=SPLIT_METHODS, default=d.split_method,
+                   help="hash: each stone by a stable hash, adding stones never moves existing ones (default);\n"
+                        "exact: stones in hash order cut at the exact ratios, for small datasets\n"
+                        "(adding stones can move a few existing ones)")
     b.add_argument("--stone-id-regex", default=None,
                    help="regex on the image id whose first group is the stone id (default: image id)")
     b.add_argument("--polyline-width", type=int, default=d.polyline_width, help="px (default %(default)s)")
@@ -61,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--png-level", type=int, choices=range(10), default=d.png_level, metavar="0-9",
                    help="zlib level of tile PNGs (default %(default)s)")
     b.add_argument("--classes", default=d.classes, help="class map YAML (default configs/classes.yaml)")
+    b.add_argument("--max-pixels", type=max_pixels_arg, default=d.max_pixels,
+                   help="refuse scans with more pixels, from the header (default %(default)s, Pillow's limit)")
     b.add_argument("--workers", type=int, default=None,
                    help="processes (local), or LocalCluster workers (dask without a scheduler); default 1. "
                         "The output bytes do not depend on it")
@@ -86,8 +96,10 @@ def _build(args) -> int:
         mode=args.mode, reflections=args.reflections, unknown_labels=args.unknown_labels,
         skip_missing=args.skip_missing, channels=args.channels, image_size=args.image_size, tile=args.tile,
         stride=args.stride, shard_size=args.shard_size, split_ratios=args.split_ratios,
+        split_method=args.split_method,
         stone_id_regex=args.stone_id_regex, polyline_width=args.polyline_width,
         point_radius=args.point_radius, png_level=args.png_level, classes=args.classes,
+        max_pixels=args.max_pixels,
     )  # fmt: skip
     if args.distributor == "dask":
         quiet_dask_logs()  # shardgen reports lost workers and failed tasks itself, in one line
@@ -102,8 +114,19 @@ def _build(args) -> int:
         d = summary["dask"]
         print(f"dask: {d['tasks']} tasks on {d['workers']} worker{'s' * (d['workers'] != 1)}, {d['retried']} "
               f"retried ({d['scheduler']})")
+    n_stones = sum(summary["stones"].values()) or 1
+    shares = ", ".join(f"{s} {n} = {n / n_stones:.1%} (asked {opts.split_ratios[s]:.1%})"
+                       for s, n in summary["stones"].items())  # fmt: skip
+    print(f"stones per split ({opts.split_method}): {shares}", flush=True)
+    for w in summary["split_warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
     for reason, n in summary["skipped"].items():
         print(f"skipped: {n} x {reason}")
+    if summary["upscaled"]:
+        names = ", ".join(f"{name} ({factor:g}x)" for name, factor in summary["upscaled"][:MAX_NAMED])
+        more = len(summary["upscaled"]) - MAX_NAMED
+        print(f"upscaled: {len(summary['upscaled'])} scans whose crust crop is enlarged more than "
+              f"{UPSCALE_WARNING:g}x: {names}{f' and {more} more' if more > 0 else ''}")  # fmt: skip
     print(f"throughput: {summary['images_per_s']:.2f} images/s in {summary['seconds']:.1f} s")
     print(f"manifest: {summary['manifest']}")
     return 0

@@ -1,4 +1,4 @@
-"""``shardgen build``: CVAT XML + PNG scans -> WebDataset tile shards per split, plus ``manifest.json``.
+"""``shardgen build``: CVAT XML + scans (PNG, JPEG, TIFF, BMP) -> WebDataset tile shards per split, plus a manifest.
 
 The build is planned in full before anything is written (parse every XML, resolve every label, find every
 image and check its size), so bad input fails fast with ``FILE:LINE: reason`` and no manifest. The plan fixes
@@ -26,7 +26,7 @@ from .classes import ClassMap
 from .distribute import DISTRIBUTORS, run_dask, run_local
 from .plan import BuildOptions, ShardgenError, plan
 from .shard import BUILD_DIR, manifest_options, remove_partials, shard_plans
-from .splits import SPLITS
+from .splits import SPLITS, share_warnings
 from .tiling import TileGrid
 
 __all__ = ["BuildOptions", "ShardgenError", "build"]
@@ -78,18 +78,23 @@ def build(annotations, images, out: str, opts: BuildOptions, workers: int = 1, p
     warnings = plan_warnings + [w for p in plans for w in records[p.name]["warnings"]]
     for rec in records.values():
         skipped.update(rec["skipped"])
+    upscaled = [u for p in plans for u in records[p.name].get("upscaled", [])]
 
     manifest = _manifest(plans, records, opts, cmap, skipped)
     storage.write_bytes_atomic(murl, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     elapsed = time.perf_counter() - start
+    stones = {s: len({j.stone_id for j in jobs if j.split == s}) for s in SPLITS}
     summary = {
         "manifest": murl,
         "images": len(jobs),
         "tiles": {s: manifest["splits"][s]["samples"] for s in SPLITS},
+        "stones": stones,
+        "split_warnings": share_warnings(stones, opts.split_ratios, opts.split_method),
         "shards": len(plans),
         "reused_shards": outcome.reused,
         "skipped": dict(sorted(skipped.items())),
         "warnings": warnings,
+        "upscaled": upscaled,  # [source image, factor] of each crop enlarged more than UPSCALE_WARNING
         "seconds": elapsed,
         "images_per_s": len(jobs) / elapsed if elapsed else 0.0,
         "distributor": distributor,

@@ -22,7 +22,7 @@ import numpy as np
 import webdataset as wds
 
 from . import schema, storage
-from .plan import BuildOptions, ImageJob
+from .plan import NON_OUTPUT_OPTIONS, BuildOptions, ImageJob
 from .scan import process_image
 from .splits import SPLITS
 from .tiling import TileGrid
@@ -57,13 +57,17 @@ def shard_plans(jobs: list[ImageJob], opts: BuildOptions) -> list[ShardPlan]:
 
 
 def manifest_options(opts: BuildOptions) -> dict:
-    out = asdict(opts)
+    out = {k: v for k, v in asdict(opts).items() if k not in NON_OUTPUT_OPTIONS}
     out["classes"] = Path(opts.classes).name
     return out
 
 
 def fingerprint(shard: ShardPlan, image_hashes: list[str], opts: BuildOptions) -> str:
-    h = hashlib.sha256(json.dumps(manifest_options(opts), sort_keys=True).encode())
+    options = manifest_options(opts)
+    # The split method only decides which images a shard holds, and those are hashed below: leaving it out
+    # keeps the shards of builds made before the option existed reusable.
+    del options["split_method"]
+    h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     h.update(shard.name.encode())
     for job, digest in zip(shard.jobs, image_hashes, strict=True):
         h.update(repr((job.image_id, job.stone_id, job.ann.width, job.ann.height, job.ann.shapes)).encode())
@@ -117,6 +121,9 @@ def build_shard(out: str, shard: ShardPlan, opts: BuildOptions, results: Iterabl
         "class_pixels": np.sum([r["hist"] for r in results], axis=0).tolist(),
         "warnings": [w for r in results for w in r["warnings"]],
         "skipped": dict(raster_skipped),
+        # [source image, factor] of each crop enlarged more than UPSCALE_WARNING, kept so that a resumed or
+        # distributed build reports them like a fresh local one
+        "upscaled": [u for r in results for u in r["upscaled"]],
         "fingerprint": fingerprint(shard, [r["sha256"] for r in results], opts),
     }
     storage.write_bytes_atomic(record_url(out, shard.name), json.dumps(record, sort_keys=True).encode())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from dask_cluster import DaskCluster
-from test_build import HAND, build_args, cli, content, files, write_scan, write_xml
+from test_build import HAND, UPSCALED_LINE, build_args, cli, content, files, tiny_scan_case, write_scan, write_xml
 
 from shardgen import schema, storage
 from shardgen.__main__ import main
@@ -102,6 +102,24 @@ def test_cluster_build_is_byte_identical_to_the_local_build(synth, reference, tw
     assert files(out) == files(reference)
     assert sorted(p.name for p in (out / "_build").iterdir()) == sorted(f"{n}.json" for n in files(reference)
                                                                         if n.endswith(".tar"))  # fmt: skip
+
+
+def test_cluster_build_keeps_every_option_warning_and_summary_line_of_a_local_build(two_workers, tmp_path, capsys):
+    """Options the tasks must see (--max-pixels, --split-method) and what they report (upscaled scans,
+    split shares) are the same through the cluster, on a fresh and on a resumed build."""
+    data, tiny = tiny_scan_case(tmp_path)
+    extra = [*HAND, "--shard-size", 4, "--split-method", "exact", "--max-pixels", 10_000]
+    rc, local_out, local_err = cli(capsys, *build_args(data, tmp_path / "local", *extra))
+    assert rc == 0, local_err
+    for run in ("fresh", "resumed"):
+        rc, out, err = cli(capsys, *build_args(data, tmp_path / "ds", *extra, *dask_args(two_workers)))
+        assert rc == 0, err
+        assert files(tmp_path / "ds") == files(tmp_path / "local"), run
+        assert err == local_err and f"warning: {tiny}: crust crop 20x20 is upscaled 3.2x" in err, run
+        assert UPSCALED_LINE in out and "stones per split (exact): train 2 = 100.0%" in out, run
+        assert f"shards: 2 ({2 if run == 'resumed' else 0} reused)" in out, run
+    manifest = schema.read_manifest(str(tmp_path / "ds"))
+    assert manifest["options"]["split_method"] == "exact" and "max_pixels" not in manifest["options"]
 
 
 def test_sigkill_of_a_worker_mid_build_is_retried_and_ends_byte_identical(synth, reference, two_workers, tmp_path):
