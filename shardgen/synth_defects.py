@@ -208,10 +208,11 @@ def _cloud(sc: Scene):
     delta, alpha = polarity(rng, (60, 95), (-75, -50)), rng.uniform(0.7, 0.9)
 
     def paint(sc, parts, k):
-        box, m = paint_mask(sc, parts, blur=size / 2.5)
+        # The haze reaches the outline an annotator draws around it: a soft edge, not a faint core.
+        box, m = paint_mask(sc, parts, blur=size / 5)
         x0, y0, x1, y1 = box
         grain = rng.random(m.shape, dtype=np.float32)  # a cloud is a haze of sub-pixel pinpoints
-        blend(sc, box, m**2 * k * alpha * (0.4 + 0.6 * grain**2), sc.gray[y0:y1, x0:x1] + delta)
+        blend(sc, box, np.sqrt(m) * k * alpha * (0.4 + 0.6 * grain**2), sc.gray[y0:y1, x0:x1] + delta)
 
     return parts, paint
 
