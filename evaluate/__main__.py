@@ -4,7 +4,8 @@
                        [--batch-size 25] [--device auto|cuda|cpu] [--worst 12] [--workers 2]
     torchrun --standalone --nproc_per_node=8 -m evaluate --checkpoint CKPT --data URL --out DIR
     python -m evaluate predict --checkpoint CKPT --images DIR_OR_URL --out DIR [--device ...] [--blend ...]
-                       [--batch-size 25] [--image-size 1200 --tile 400 --stride 200]
+                       [--batch-size 25] [--image-size 1200 --tile 400 --stride 200] [--simplify 1]
+                       [--masks holes|all] [--min-score 0] [--labels-from TASK_XML]
 
 Bad input (a missing or corrupt checkpoint, a checkpoint for other classes, a broken manifest or shard, an
 incomplete image) is reported in one line and exits with status 2.
@@ -17,6 +18,7 @@ import json
 import sys
 
 from .blend import BLEND_MODES
+from .contours import DEFAULT_SIMPLIFY, MASK_POLICIES
 
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -53,6 +55,15 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="side of the resized crust crop the model was trained on")
     p.add_argument("--tile", type=int, help="tile side the model was trained on")
     p.add_argument("--stride", type=int, help="tile stride")
+    p.add_argument("--simplify", type=float, default=DEFAULT_SIMPLIFY, metavar="PX",
+                   help="Douglas-Peucker tolerance of polygon outlines in px; 0 writes exact outlines "
+                        "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--masks", choices=MASK_POLICIES, default="holes",
+                   help="RLE masks for components with holes, or for all of them (default: %(default)s)")  # fmt: skip
+    p.add_argument("--min-score", type=float, default=0.0, metavar="P",
+                   help="leave out shapes whose mean probability is below P (default: %(default)s)")  # fmt: skip
+    p.add_argument("--labels-from", metavar="XML",
+                   help="a CVAT export of the task to import into: its label names are used")  # fmt: skip
     return p
 
 
@@ -75,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         if predicting:
             summary = predict_scans(PredictOptions(
                 args.checkpoint, args.images, args.out, args.device, args.blend, args.batch_size,
-                args.image_size, args.tile, args.stride))  # fmt: skip
+                args.image_size, args.tile, args.stride, args.simplify, args.masks, args.min_score,
+                args.labels_from))  # fmt: skip
             print(json.dumps(summary, indent=1))
             return 0
         metrics = evaluate(EvalOptions(

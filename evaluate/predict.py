@@ -7,10 +7,11 @@ square. Its tiles are predicted and blended (``inference.Predictor``), and the c
 onto the scan with ``uncrop`` (nearest; the crust is background).
 
 Outputs in ``--out``: ``masks/{stem}.png`` (uint8 class ids, the scan's size), ``overlays/{stem}.png`` and
-``predictions.xml``, a CVAT for images 1.1 file with one polygon per predicted component in scan
-coordinates (``contours``: holes are not represented, components of 1-2 pixels are dropped and counted),
-labelled with the checkpoint's class names. It imports into CVAT as pre-annotations and builds into shards
-with ``shardgen build`` like any hand-made export.
+``predictions.xml``, a CVAT for images 1.1 file with one shape per predicted component in scan coordinates
+(``contours``: a polygon, or a CVAT RLE mask for a component with holes; exact unless simplified), each
+with ``source="auto"`` and its mean probability as the attribute ``score``. Labels are the checkpoint's
+class names, or the matching labels of an existing CVAT task (``--labels-from``). It imports into CVAT as
+pre-annotations and builds into shards with ``shardgen build`` like any hand-made export.
 
 The grid (image size, tile, stride) must be the one the model was trained on: ``--image-size``, ``--tile``
 and ``--stride``, else the checkpoint's ``meta["grid"]`` when it records one, else shardgen's defaults.
@@ -28,18 +29,21 @@ from PIL import Image
 from tqdm import tqdm
 
 from shardgen import storage
+from shardgen.classes import normalize_label
 from shardgen.crust import Geometry, ScanError, crop_resize, open_scan, uncrop
-from shardgen.cvat import ImageAnnotation, write_cvat
+from shardgen.cvat import CvatError, ImageAnnotation, Shape, parse_labels, write_cvat
 from shardgen.tiling import TileGrid
 
 from . import EvaluateError
-from .contours import mask_polygons
+from .contours import DEFAULT_MIN_IOU, DEFAULT_SIMPLIFY, MASK_POLICIES, SCORE, ShapeOptions, mask_shapes
 from .inference import Predictor, load_model
 from .overlay import overlay
 from .run import select_device
 
 SCAN_PATTERN = "*.png"
 XML_NAME = "predictions.xml"
+SCORE_BANDS = (0.5, 0.6, 0.7, 0.8, 0.9)  # summary band edges: review the shapes of the lowest band first
+LEAST_CERTAIN = 10  # shapes listed by name in the summary, lowest score first
 
 
 @dataclass
@@ -53,6 +57,10 @@ class PredictOptions:
     image_size: int | None = None  # grid; None: the checkpoint's meta["grid"], else TileGrid's default
     tile: int | None = None
     stride: int | None = None
+    simplify: float = DEFAULT_SIMPLIFY  # px of Douglas-Peucker on polygon outlines; 0: exact outlines
+    masks: str = "holes"  # holes: RLE masks for components with holes; all: for every component
+    min_score: float = 0.0  # shapes whose mean probability is lower are left out of the XML
+    labels_from: str | None = None  # a CVAT export whose label names the XML uses
 
 
 def resolve_grid(meta: dict, image_size: int | None, tile: int | None, stride: int | None) -> TileGrid:
@@ -95,10 +103,93 @@ def tiles_of(image: np.ndarray, grid: TileGrid) -> torch.Tensor:
     return torch.stack([chw[:, y : y + t, x : x + t] for _, _, y, x in grid.positions()])
 
 
+def task_labels(class_names: list[str], xml: str) -> tuple[list[str], list[str | None]]:
+    """(every label of the CVAT export ``xml``, the label it uses for each class id; None for background).
+
+    A class matches the label spelled the same, else the one label equal to it up to case, spaces and
+    underscores (shardgen's rule). A class the task lacks is an error naming it.
+    """
+    try:
+        labels = parse_labels(xml)
+    except CvatError as e:
+        raise EvaluateError(str(e)) from None
+    chosen: list[str | None] = [None]
+    for name in class_names[1:]:
+        matches = [label for label in labels if label == name] or [
+            label for label in labels if normalize_label(label) == normalize_label(name)
+        ]
+        if len(matches) != 1:
+            why = "has no label" if not matches else f"has several labels ({', '.join(matches)})"
+            raise EvaluateError(f"{xml}: the task {why} for class {name!r}; its labels: {', '.join(labels)}")
+        chosen.append(matches[0])
+    return labels, chosen
+
+
+def check_options(opts: PredictOptions) -> None:
+    if opts.simplify < 0:
+        raise EvaluateError(f"--simplify must be >= 0 px, got {opts.simplify}")
+    if not 0 <= opts.min_score <= 1:
+        raise EvaluateError(f"--min-score must be within 0..1, got {opts.min_score}")
+    if opts.masks not in MASK_POLICIES:
+        raise EvaluateError(f"--masks must be one of {', '.join(MASK_POLICIES)}, got {opts.masks!r}")
+
+
+def score_of(shape: Shape) -> float:
+    return float(dict(shape.attributes)["score"])
+
+
+def band_of(score: float) -> str:
+    edges = (0.0, *SCORE_BANDS, 1.0)
+    k = sum(score >= e for e in SCORE_BANDS)
+    return f"{edges[k]:.1f}-{edges[k + 1]:.1f}"
+
+
+def summarize(annotations: list[ImageAnnotation], below: Counter, xml: Path) -> dict:
+    """Shapes per class (polygon / mask), per score band, polygon points, the least certain shapes, XML size."""
+    per_class: dict[str, Counter] = {}
+    bands = Counter({band_of(e - 0.01): 0 for e in (*SCORE_BANDS, 1.0)})
+    points, shapes = [], []
+    for ann in annotations:
+        for s in ann.shapes:
+            per_class.setdefault(s.label, Counter())[s.kind] += 1
+            bands[band_of(score_of(s))] += 1
+            if s.kind == "polygon":
+                points.append(len(s.points))
+            shapes.append((score_of(s), ann.name, s))
+    shapes.sort(key=lambda t: t[0])
+    return {
+        "shapes": len(shapes),
+        "per_class": {label: dict(sorted(kinds.items())) for label, kinds in sorted(per_class.items())},
+        "score_bands": dict(bands),
+        "below_min_score": dict(below),
+        "polygon_points": {"total": sum(points), "mean": round(sum(points) / max(len(points), 1), 1),
+                           "max": max(points, default=0)},  # fmt: skip
+        "least_certain": [{"image": name, "label": s.label, "score": score, "box": _box(s)}
+                          for score, name, s in shapes[:LEAST_CERTAIN]],  # fmt: skip
+        "xml": str(xml),
+        "xml_bytes": xml.stat().st_size,
+    }
+
+
+def _box(shape: Shape) -> list[float]:
+    """[left, top, right, bottom] of a shape in scan coordinates."""
+    if shape.kind == "mask":
+        left, top, width, height = shape.mask_box
+        return [left, top, left + width, top + height]
+    xs, ys = [p[0] for p in shape.points], [p[1] for p in shape.points]
+    return [min(xs), min(ys), max(xs), max(ys)]
+
+
 def predict_scans(opts: PredictOptions) -> dict:
-    """Predict every scan under ``opts.images``; returns a summary (images, polygons, dropped per class)."""
+    """Predict every scan under ``opts.images``; returns the summary (see ``summarize``)."""
+    check_options(opts)
     device = select_device(opts.device)
     model = load_model(opts.checkpoint, device)
+    names = model.class_names
+    labels, label_of = names[1:], [None, *names[1:]]
+    if opts.labels_from:
+        labels, label_of = task_labels(names, opts.labels_from)
+    shape_options = ShapeOptions(opts.simplify, opts.masks, DEFAULT_MIN_IOU)
     grid = resolve_grid(model.meta, opts.image_size, opts.tile, opts.stride)
     predictor = Predictor(model, grid, opts.blend, opts.batch_size)
     scans = list_scans(opts.images)
@@ -111,19 +202,18 @@ def predict_scans(opts: PredictOptions) -> dict:
             original, resized, geom = load_scan(opts.images, path, name, model.in_channels, grid.image_size)
             yield tiles_of(resized, grid), (name, original, geom)
 
-    names = model.class_names
-    annotations, polygons, dropped = [], Counter(), Counter()
-    bar = tqdm(predictor.predict(inputs()), total=len(scans), desc="predict", unit="scan")
-    for pred, (name, original, geom) in bar:
+    annotations, below = [], Counter()
+    bar = tqdm(predictor.predict_scored(inputs()), total=len(scans), desc="predict", unit="scan")
+    for pred, confidence, (name, original, geom) in bar:
         mask = uncrop(pred, geom)
         stem = PurePosixPath(name).stem
         Image.fromarray(mask).save(out / "masks" / f"{stem}.png")
         Image.fromarray(overlay(original, mask)).save(out / "overlays" / f"{stem}.png")
-        shapes, lost = mask_polygons(mask, names)
-        polygons.update(s.label for s in shapes)
-        dropped.update(lost)
-        annotations.append(ImageAnnotation(name, geom.width, geom.height, tuple(shapes), XML_NAME, 0))
+        shapes = mask_shapes(mask, label_of, uncrop(confidence, geom), shape_options)
+        kept = [s for s in shapes if score_of(s) >= opts.min_score]
+        below.update(s.label for s in shapes if score_of(s) < opts.min_score)
+        annotations.append(ImageAnnotation(name, geom.width, geom.height, tuple(kept), XML_NAME, 0))
     xml = out / XML_NAME
-    write_cvat(xml, annotations, names[1:], source="auto")
-    return {"images": len(annotations), "polygons": dict(polygons), "dropped_components": dict(dropped),
-            "xml": str(xml), "grid": [grid.image_size, grid.tile, grid.stride]}  # fmt: skip
+    write_cvat(xml, annotations, labels, source="auto", attributes=[SCORE])
+    summary = {"images": len(annotations), "grid": [grid.image_size, grid.tile, grid.stride]}
+    return {**summary, **summarize(annotations, below, xml)}
