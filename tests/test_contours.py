@@ -22,7 +22,7 @@ from evaluate.contours import (
 )
 from shardgen.classes import ClassMap
 from shardgen.cvat import ImageAnnotation, parse_cvat, write_cvat
-from shardgen.raster import decode_rle, encode_rle, rasterize
+from shardgen.raster import rasterize
 
 CMAP = ClassMap.load()
 NAMES = CMAP.names
@@ -106,16 +106,6 @@ def test_outline_follows_pixel_edges():
     diamond = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], bool)  # 8-connected, encloses its centre
     assert has_holes(ring) and has_holes(diamond)
     assert not has_holes(np.ones((3, 3), bool)) and not has_holes(np.eye(3, dtype=bool))
-
-
-def test_rle_round_trip():
-    rng = np.random.default_rng(3)
-    for shape in [(1, 1), (1, 5), (7, 3), (20, 31)]:
-        for p in (0.0, 0.3, 1.0):
-            m = rng.random(shape) < p
-            rle = encode_rle(m)
-            assert sum(rle) == m.size and all(r > 0 for r in rle[1:])
-            np.testing.assert_array_equal(decode_rle(rle, shape[1], shape[0]), m)
 
 
 def test_exact_shapes_rasterize_back_to_the_mask(tmp_path):
