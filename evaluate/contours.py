@@ -35,7 +35,7 @@ from shardgen.raster import encode_rle, rasterize
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 EDGE_INSET = 0.25  # px the right/bottom edges are pulled in; any value in (0, 0.5) is exact for both rules
 MASK_POLICIES = ("holes", "all")
-DEFAULT_SIMPLIFY = 1.0  # px; on the demo scans ~4x fewer points at per-image IoU >= 0.99 (README, predict)
+DEFAULT_SIMPLIFY = 1.0  # px; demo scans: 34% fewer points than exact, IoU >= 0.993 per scan (README, predict)
 DEFAULT_MIN_IOU = 0.9  # a simplified polygon must keep this IoU with its component, else it is simplified less
 MIN_TOLERANCE = 0.2  # px; below this Douglas-Peucker removes almost nothing: write the exact outline instead
 SCORE = AttributeSpec("score", "number", ("0", "1", "0.01"), "0")  # CVAT number attribute: min, max, step
