@@ -2,9 +2,11 @@
 
     python -m evaluate --checkpoint CKPT --data URL [--split test] --out DIR [--blend gaussian|mean]
                        [--batch-size 25] [--device auto|cuda|cpu] [--worst 12] [--workers 2]
+                       [--decision tuned|argmax] [--tta none|flips|d4]
     torchrun --standalone --nproc_per_node=8 -m evaluate --checkpoint CKPT --data URL --out DIR
     python -m evaluate predict --checkpoint CKPT --images DIR_OR_URL --out DIR [--device ...] [--blend ...]
-                       [--batch-size 25] [--image-size 1200 --tile 400 --stride 200] [--simplify 1]
+                       [--batch-size 25] [--image-size 1200 --tile 400 --stride 200] [--max-pixels N]
+                       [--decision tuned|argmax] [--tta none|flips|d4] [--simplify 1]
                        [--masks holes|all] [--min-score 0] [--labels-from TASK_XML]
 
 Bad input (a missing or corrupt checkpoint, a checkpoint for other classes, a broken manifest or shard, an
@@ -17,8 +19,13 @@ import argparse
 import json
 import sys
 
+from shardgen.scanfile import DEFAULT_MAX_PIXELS, max_pixels_arg
+
 from .blend import BLEND_MODES
 from .contours import DEFAULT_SIMPLIFY, MASK_POLICIES
+
+DECISIONS = ("tuned", "argmax")  # evaluate.inference.DECISIONS, without importing torch for --help
+TTA_MODES = ("none", "flips", "d4")  # evaluate.inference.TTA
 
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -34,6 +41,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=25, help="tiles per forward pass (default: %(default)s)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda when available (default)")
+    p.add_argument("--decision", choices=DECISIONS, default="tuned",
+                   help="tuned: the thresholds and minimum areas tuned on validation and stored in the checkpoint "
+                        "(argmax if it has none); argmax: plain argmax / 0.5 (default: %(default)s)")  # fmt: skip
+    p.add_argument("--tta", choices=TTA_MODES, default="none",
+                   help="test-time augmentation: average over flipped (flips) or all 8 rotated and flipped (d4) "
+                        "views of each tile (default: %(default)s)")  # fmt: skip
 
 
 def _evaluate_parser() -> argparse.ArgumentParser:
@@ -51,10 +64,12 @@ def _predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evaluate predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     _common(p)
-    p.add_argument("--images", required=True, help="folder or URL prefix of the scans (*.png)")
+    p.add_argument("--images", required=True, help="folder or URL prefix of the scans (PNG, JPEG, TIFF, BMP)")
     p.add_argument("--image-size", type=int, help="side of the resized crust crop the model was trained on")
     p.add_argument("--tile", type=int, help="tile side the model was trained on")
     p.add_argument("--stride", type=int, help="tile stride")
+    p.add_argument("--max-pixels", type=max_pixels_arg, default=DEFAULT_MAX_PIXELS,
+                   help="refuse scans with more pixels, from the header (default %(default)s, Pillow's limit)")
     p.add_argument("--simplify", type=float, default=DEFAULT_SIMPLIFY, metavar="PX",
                    help="Douglas-Peucker tolerance of polygon outlines in px; 0 writes exact outlines "
                         "(default: %(default)s)")  # fmt: skip
@@ -86,22 +101,25 @@ def main(argv: list[str] | None = None) -> int:
         if predicting:
             summary = predict_scans(PredictOptions(
                 args.checkpoint, args.images, args.out, args.device, args.blend, args.batch_size,
-                args.image_size, args.tile, args.stride, args.simplify, args.masks, args.min_score,
-                args.labels_from))  # fmt: skip
+                args.image_size, args.tile, args.stride, args.decision, args.tta, args.max_pixels,
+                args.simplify, args.masks, args.min_score, args.labels_from))  # fmt: skip
             print(json.dumps(summary, indent=1))
             return 0
         metrics = evaluate(EvalOptions(
             args.checkpoint, args.data, args.out, args.split, args.blend, args.batch_size, args.device,
-            args.worst, args.workers))  # fmt: skip
+            args.worst, args.workers, args.decision, args.tta))  # fmt: skip
     except (EvaluateError, CheckpointError, ManifestError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     finally:
         dist.cleanup()
     if "report" in metrics:  # rank 0 wrote it
-        miou = metrics["miou"]
+        fmt = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
         print(f"report: {metrics['report']}")
-        print(f"mIoU: {'—' if miou is None else f'{miou:.4f}'} ({metrics['n_images']} images)")
+        headline = "defect IoU" if metrics["config"]["mode"] == "binary" else "mIoU"
+        print(f"{headline}: {fmt(metrics['miou'])} | object recall: {fmt(metrics['object_recall'])} | "
+              f"object precision: {fmt(metrics['object_precision'])} ({metrics['n_images']} images, "
+              f"decision: {metrics['decision']['kind']}, tta: {metrics['tta']})")
     return 0
 
 

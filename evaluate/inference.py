@@ -3,9 +3,12 @@
 ``load_model`` rebuilds the network from the checkpoint's own ``meta`` (architecture, channels, classes,
 normalization), so nothing about the model has to be repeated on the command line. ``Predictor`` runs
 tiles through it in fixed-size batches that may span images, turns logits into probabilities (softmax, or
-sigmoid for a single binary output), blends each image's tile probabilities with ``blend_tiles`` and
-decides the class per pixel: argmax, or probability > ``BINARY_THRESHOLD`` for binary models. It is the
-same preprocessing as validation in training: ``GpuAugment.normalize`` in eval mode, bf16 autocast on CUDA.
+sigmoid for a single binary output), optionally averaged over flipped and rotated copies of each tile
+(test-time augmentation, ``TTA``), blends each image's tile probabilities with ``blend_tiles`` and decides
+the class per pixel with a ``trainer.decision.Decision``: the thresholds and minimum component areas tuned
+on validation and stored in the checkpoint (``decision_for``), or plain argmax (0.5 for binary models).
+It is the same preprocessing as validation in training: ``GpuAugment.normalize`` in eval mode, bf16
+autocast on CUDA.
 """
 
 from __future__ import annotations
@@ -24,12 +27,20 @@ from shardgen.tiling import TileGrid
 from trainer import checkpoint
 from trainer.augment import AugmentConfig, GpuAugment, NormalizeConfig
 from trainer.config import ConfigError, from_dict
+from trainer.decision import Decision
 from trainer.models import build_model
 
 from . import EvaluateError
 from .blend import blend_tiles
 
-BINARY_THRESHOLD = 0.5  # sigmoid probability above which a binary model's pixel is a defect
+DECISIONS = ("tuned", "argmax")
+# Test-time augmentation: (quarter turns, horizontal flip) pairs; "flips" is {identity, h, v, h+v}, "d4" the
+# square's whole symmetry group. Scans have no preferred orientation, so every view is equally valid.
+TTA = {
+    "none": ((0, False),),
+    "flips": ((0, False), (0, True), (2, True), (2, False)),
+    "d4": tuple((k, f) for k in range(4) for f in (False, True)),
+}
 META_KEYS = ("model", "in_channels", "n_classes", "classes", "mode", "config")
 
 
@@ -91,6 +102,21 @@ def check_dataset(model: Model, manifest: dict) -> None:
         )
 
 
+def decision_for(model: Model, requested: str) -> tuple[Decision, str | None]:
+    """The decision to apply and, when ``tuned`` was asked for but the checkpoint has none, a warning."""
+    if requested not in DECISIONS:
+        raise EvaluateError(f"--decision must be one of {', '.join(DECISIONS)}, got {requested!r}")
+    n_defect = max(1, len(model.class_names) - 1)
+    tuned = Decision.from_meta(model.meta)
+    if requested == "tuned" and tuned is not None:
+        return tuned, None
+    warning = None
+    if requested == "tuned":
+        warning = (f"{model.url}: checkpoint has no tuned decision (trained with train.tune_decision: false or "
+                   f"by an older version); using argmax" + (" (threshold 0.5)" if n_defect == 1 else ""))
+    return Decision.argmax(n_defect), warning
+
+
 @dataclass
 class _Pending:
     payload: Any
@@ -101,26 +127,37 @@ class _Pending:
 class Predictor:
     """Class maps of whole images from their tiles, batching ``batch_size`` tiles across images."""
 
-    def __init__(self, model: Model, grid: TileGrid, blend: str = "gaussian", batch_size: int = 25):
+    def __init__(self, model: Model, grid: TileGrid, blend: str = "gaussian", batch_size: int = 25,
+                 decision: Decision | None = None, tta: str = "none"):  # fmt: skip
         if batch_size < 1:
             raise EvaluateError(f"--batch-size must be >= 1, got {batch_size}")
+        if tta not in TTA:
+            raise EvaluateError(f"--tta must be one of {', '.join(TTA)}, got {tta!r}")
         self.model, self.grid, self.blend, self.batch_size = model, grid, blend, batch_size
+        self.decision = decision or Decision.argmax(max(1, len(model.class_names) - 1))
+        self.views = TTA[tta]
         cuda = model.device.type == "cuda"
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
     @torch.no_grad()
     def tile_probabilities(self, tiles: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, t, t) -> float32 (N, K, t, t): softmax over classes, or the sigmoid of one logit."""
+        """uint8 (N, C, t, t) -> float32 (N, K, t, t): softmax over classes, or the sigmoid of one logit,
+        averaged over the TTA views (each view's output turned back before averaging)."""
         x = self.model.normalize.normalize(tiles.to(self.model.device, non_blocking=True))
-        with self.amp:
-            logits = self.model.net(x)
-        logits = logits.float()
-        return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+        total = None
+        for k, flip in self.views:
+            view = torch.rot90(x, k, (2, 3))
+            view = view.flip(3) if flip else view
+            with self.amp:
+                logits = self.model.net(view).float()
+            probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+            probs = torch.rot90(probs.flip(3) if flip else probs, -k, (2, 3))
+            total = probs if total is None else total.add_(probs)
+        return total / len(self.views) if len(self.views) > 1 else total
 
     def classes(self, probs: torch.Tensor) -> np.ndarray:
-        """Blended (K, S, S) probabilities -> (S, S) uint8 class ids."""
-        pred = probs[0] > BINARY_THRESHOLD if probs.shape[0] == 1 else probs.argmax(0)
-        return pred.to(torch.uint8).cpu().numpy()
+        """Blended (K, S, S) probabilities -> (S, S) uint8 class ids, by the decision."""
+        return self.decision(probs)
 
     def confidence(self, probs: torch.Tensor, classes: np.ndarray) -> np.ndarray:
         """(S, S) float32: the blended probability of each pixel's decided class (binary: p or 1 - p)."""

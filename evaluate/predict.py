@@ -1,10 +1,12 @@
 """``python -m evaluate predict``: raw scans of any size -> class masks at their own size, overlays, CVAT XML.
 
 Each scan goes through exactly the preprocessing shardgen gives training images
-(``shardgen.crust.open_scan``, as ``shardgen.scan.process_image`` uses it): crust detection on the RGB
-scan, ``.convert("L")`` for a 1-channel model, crop to the crust box and Lanczos resize to the grid's
-square. Its tiles are predicted and blended (``inference.Predictor``), and the class map is mapped back
-onto the scan with ``uncrop`` (nearest; the crust is background).
+(``shardgen.crust.open_scan``, as ``shardgen.scan.process_image`` uses it): crust detection on the
+source values, 8-bit scaling, ``.convert("L")`` for a 1-channel model, crop to the crust box and Lanczos
+resize to the grid's square. Its tiles are predicted and blended (``inference.Predictor``), and the class
+map is mapped back onto the scan with ``uncrop`` (nearest; the crust is background). Scans are every PNG,
+JPEG, TIFF and BMP file directly under ``--images`` (``shardgen.scanfile``: any mode, 16-bit scaled by its
+full range); the summary lists the scans whose crust crop was enlarged more than ``UPSCALE_WARNING`` times.
 
 Outputs in ``--out``: ``masks/{stem}.png`` (uint8 class ids, the scan's size), ``overlays/{stem}.png`` and
 ``predictions.xml``, a CVAT for images 1.1 file with one shape per predicted component in scan coordinates
@@ -29,8 +31,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from shardgen import storage
-from shardgen.crust import Geometry, ScanError, crop_resize, open_scan, uncrop
+from shardgen.crust import UPSCALE_WARNING, Geometry, ScanError, crop_resize, open_scan, uncrop
 from shardgen.cvat import ImageAnnotation, write_cvat
+from shardgen.scanfile import DEFAULT_MAX_PIXELS, SCAN_SUFFIXES, scan_size
 from shardgen.tiling import TileGrid
 
 from . import EvaluateError
@@ -38,16 +41,15 @@ from .contours import DEFAULT_MIN_IOU, DEFAULT_SIMPLIFY, MASK_POLICIES, SCORE, S
 from .inference import Predictor, load_model
 from .overlay import overlay
 from .review import score_of, summarize, task_labels
-from .run import select_device
+from .run import decide, select_device
 
-SCAN_PATTERN = "*.png"
 XML_NAME = "predictions.xml"
 
 
 @dataclass
 class PredictOptions:
     checkpoint: str
-    images: str  # folder or URL prefix holding the scans (*.png)
+    images: str  # folder or URL prefix holding the scans (PNG, JPEG, TIFF, BMP: SCAN_SUFFIXES)
     out: str  # local output folder
     device: str = "auto"  # auto | cuda | cpu
     blend: str = "gaussian"
@@ -55,6 +57,9 @@ class PredictOptions:
     image_size: int | None = None  # grid; None: the checkpoint's meta["grid"], else TileGrid's default
     tile: int | None = None
     stride: int | None = None
+    decision: str = "tuned"  # tuned (the checkpoint's validation-tuned thresholds and areas) | argmax
+    tta: str = "none"  # test-time augmentation: none | flips | d4
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger scans are refused from their header
     simplify: float = DEFAULT_SIMPLIFY  # px of Douglas-Peucker on polygon outlines; 0: exact outlines
     masks: str = "holes"  # holes: RLE masks for components with holes; all: for every component
     min_score: float = 0.0  # shapes whose mean probability is lower are left out of the XML
@@ -74,21 +79,40 @@ def resolve_grid(meta: dict, image_size: int | None, tile: int | None, stride: i
 
 
 def list_scans(url: str) -> list[tuple[str, str]]:
-    """(file name, path for the url's filesystem) of every ``*.png`` directly under ``url``, sorted."""
+    """(file name, path for the url's filesystem) of every scan directly under ``url``, sorted: the files
+    whose suffix is one of ``SCAN_SUFFIXES`` in any case. Two scans with one stem would write one mask."""
     fs, path = storage.fs_for(url)
-    found = sorted(fs.glob(path.rstrip("/") + "/" + SCAN_PATTERN))
+    found = sorted(p for p in fs.glob(path.rstrip("/") + "/*") if PurePosixPath(p).suffix.lower() in SCAN_SUFFIXES)
     if not found:
-        raise EvaluateError(f"{url}: no {SCAN_PATTERN} scans found")
+        raise EvaluateError(f"{url}: no scans found ({', '.join('*' + s for s in SCAN_SUFFIXES)})")
+    stems: dict[str, str] = {}
+    for p in found:
+        name = PurePosixPath(p).name
+        other = stems.setdefault(PurePosixPath(p).stem, name)
+        if other != name:
+            raise EvaluateError(f"{url}: {other} and {name} would both write masks/{PurePosixPath(p).stem}.png")
     return [(PurePosixPath(p).name, p) for p in found]
 
 
+def check_scans(url: str, scans: list[tuple[str, str]], max_pixels: int) -> None:
+    """Every scan's format, mode and size from its header, before any is predicted: an oversized or
+    unsupported scan fails the run up front instead of after hours of predictions."""
+    fs, _ = storage.fs_for(url)
+    for _, path in scans:
+        try:
+            with fs.open(path, "rb") as f:
+                scan_size(f, path, max_pixels)
+        except ScanError as e:
+            raise EvaluateError(str(e)) from None
+
+
 def load_scan(
-    url: str, path: str, name: str, channels: int, size: int
+    url: str, path: str, name: str, channels: int, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[np.ndarray, np.ndarray, Geometry]:
     """(scan at its own size, crust crop resized to ``size`` square, geometry); (H, W) or (H, W, 3) uint8."""
     fs, _ = storage.fs_for(url)
     try:
-        source, geom = open_scan(fs.cat_file(path), path, channels, size)
+        source, geom = open_scan(fs.cat_file(path), path, channels, size, max_pixels)
     except ScanError as e:
         raise EvaluateError(str(e)) from None
     return np.asarray(source), np.array(crop_resize(source, geom)), geom
@@ -121,21 +145,26 @@ def predict_scans(opts: PredictOptions) -> dict:
         labels, label_of = task_labels(names, opts.labels_from)
     shape_options = ShapeOptions(opts.simplify, opts.masks, DEFAULT_MIN_IOU)
     grid = resolve_grid(model.meta, opts.image_size, opts.tile, opts.stride)
-    predictor = Predictor(model, grid, opts.blend, opts.batch_size)
+    predictor = Predictor(model, grid, opts.blend, opts.batch_size, decide(model, opts.decision), opts.tta)
     scans = list_scans(opts.images)
+    check_scans(opts.images, scans, opts.max_pixels)
     out = Path(opts.out)
     for sub in ("masks", "overlays"):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
     def inputs():
         for name, path in scans:
-            original, resized, geom = load_scan(opts.images, path, name, model.in_channels, grid.image_size)
+            original, resized, geom = load_scan(
+                opts.images, path, name, model.in_channels, grid.image_size, opts.max_pixels
+            )
             yield tiles_of(resized, grid), (name, original, geom)
 
-    annotations, below = [], Counter()
+    annotations, below, upscaled = [], Counter(), []
     bar = tqdm(predictor.predict_scored(inputs()), total=len(scans), desc="predict", unit="scan")
     for pred, confidence, (name, original, geom) in bar:
         mask = uncrop(pred, geom)
+        if geom.upscale > UPSCALE_WARNING:  # the model saw interpolated detail: say so
+            upscaled.append([name, round(geom.upscale, 2)])
         stem = PurePosixPath(name).stem
         Image.fromarray(mask).save(out / "masks" / f"{stem}.png")
         Image.fromarray(overlay(original, mask)).save(out / "overlays" / f"{stem}.png")
@@ -146,4 +175,4 @@ def predict_scans(opts: PredictOptions) -> dict:
     xml = out / XML_NAME
     write_cvat(xml, annotations, labels, source="auto", attributes=[SCORE])
     summary = {"images": len(annotations), "grid": [grid.image_size, grid.tile, grid.stride]}
-    return {**summary, **summarize(annotations, below, xml)}
+    return {**summary, **summarize(annotations, below, xml), "upscaled": upscaled}

@@ -195,6 +195,19 @@ def _legend(class_names: Sequence[str]) -> str:
     return f"<p>{classes}</p><table>{rows}</table>"
 
 
+def _decision(decision: Mapping | None, class_names: Sequence[str]) -> str:
+    """How probabilities became classes: tuned thresholds and minimum areas per class, or argmax."""
+    if not decision:
+        return "argmax"
+    if decision["kind"] != "tuned":
+        fallback = " (the checkpoint has no tuned decision)" if decision.get("requested") == "tuned" else ""
+        return escape(f"argmax{' / 0.5' if len(decision['thresholds']) == 1 else ''}{fallback}")
+    names = class_names[1:]
+    parts = [f"{n}: p ≥ {t:.2f}, ≥ {a} px" for n, t, a in zip(names, decision["thresholds"], decision["min_area"],
+                                                               strict=True)]
+    return "tuned on validation · " + escape("; ".join(parts))
+
+
 def write_report(
     out_dir: str | Path, metrics: Mapping, worst: Sequence[Mapping], class_names: Sequence[str]
 ) -> Path:
@@ -219,7 +232,11 @@ def write_report(
         f"images: {escape(str(metrics.get('n_images')))}</p>",
         "<h2>Summary</h2>",
         f"<table><tr><th>mIoU (defect classes)</th><td>{_fmt(metrics.get('miou'))}</td></tr>"
-        f"<tr><th>Mean Dice (per image × class)</th><td>{_fmt(mean_dice)}</td></tr></table>",
+        f"<tr><th>Mean Dice (per image × class)</th><td>{_fmt(mean_dice)}</td></tr>"
+        f"<tr><th>Object recall (all defects)</th><td>{_fmt(metrics.get('object_recall'))}</td></tr>"
+        f"<tr><th>Object precision (all defects)</th><td>{_fmt(metrics.get('object_precision'))}</td></tr>"
+        f"<tr><th>Decision</th><td>{_decision(metrics.get('decision'), class_names)}</td></tr>"
+        f"<tr><th>Test-time augmentation</th><td>{escape(str(metrics.get('tta', 'none')))}</td></tr></table>",
         _summary_table(metrics, class_names),
         "<h2>Per-class scores</h2>",
         _bars_svg(metrics.get("per_class", {}), class_names),

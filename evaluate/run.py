@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -34,7 +35,7 @@ from trainer.metrics import summarize
 
 from . import EvaluateError
 from .blend import reassemble_mask
-from .inference import Predictor, check_dataset, load_model
+from .inference import Predictor, check_dataset, decision_for, load_model
 from .metrics import dice_summary, image_confusion, object_counts, object_summary, per_image_dice
 from .overlay import overlay
 from .report import write_report
@@ -55,6 +56,8 @@ class EvalOptions:
     device: str = "auto"  # auto | cuda | cpu
     worst: int = 12  # images shown in the report, lowest mean Dice first
     workers: int = 2  # processes decoding shards
+    decision: str = "tuned"  # tuned: the checkpoint's validation-tuned thresholds and areas | argmax
+    tta: str = "none"  # test-time augmentation: none | flips | d4
 
 
 def select_device(name: str) -> torch.device:
@@ -64,6 +67,14 @@ def select_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise EvaluateError("--device cuda, but no CUDA device is available")
     return dist.setup(name)
+
+
+def decide(model, requested: str):
+    """The checkpoint's decision (see inference.decision_for); rank 0 prints the fallback warning."""
+    decision, warning = decision_for(model, requested)
+    if warning and dist.is_main():
+        print(f"evaluate: warning: {warning}", file=sys.stderr)
+    return decision
 
 
 def scan_of(images: torch.Tensor, grid: TileGrid) -> np.ndarray:
@@ -101,8 +112,13 @@ def split_metrics(conf, objects, rows: list[dict], class_names: list[str]) -> di
     for name in class_names:
         o = obj.get(name, {"object_recall": None, "object_precision": None})
         per_class[name] = {**pixel["per_class"][name], **o, "image_dice": dice["per_class"].get(name)}
+    found, total = objects[1:, :2].sum(0).tolist(), objects[1:, 2:].sum(0).tolist()
     return {
         "miou": pixel["miou"],
+        # All defect classes together: "of the defects there were, how many did we find; of the ones we
+        # painted, how many were real".
+        "object_recall": found[1] / found[0] if found[0] else None,
+        "object_precision": total[1] / total[0] if total[0] else None,
         "mdice": pixel["mdice"],
         "mean_dice": dice["mean_dice"],
         "pixel_accuracy": pixel["pixel_accuracy"],
@@ -177,7 +193,8 @@ def evaluate(opts: EvalOptions) -> dict:
     if not schema.split_info(manifest, opts.split)["images"]:
         raise EvaluateError(f"{manifest['_url']}: split {opts.split!r} has no images")
     grid = grid_of(manifest)
-    predictor = Predictor(model, grid, opts.blend, opts.batch_size)
+    decision = decide(model, opts.decision)
+    predictor = Predictor(model, grid, opts.blend, opts.batch_size, decision, opts.tta)
     class_names = list(manifest["classes"])
     out = Path(opts.out)
     for sub in ("predictions", "overlays"):
@@ -202,6 +219,8 @@ def evaluate(opts: EvalOptions) -> dict:
 
     metrics = split_metrics(conf, objects, rows, class_names)
     metrics["checkpoint"] = opts.checkpoint
+    metrics["decision"] = {"requested": opts.decision, **decision.to_json()}
+    metrics["tta"] = opts.tta
     metrics["config"] = {
         "evaluate": {**asdict(opts), "data": manifest["_url"], "world_size": dist.world_size()},
         "grid": {"image_size": grid.image_size, "tile": grid.tile, "stride": grid.stride},

@@ -1,6 +1,7 @@
 """Crust removal and the 1200x1200 resize, and their inverse.
 
-The crust is the border rows and columns that are entirely black (every channel 0). The crop box is the
+The crust is the border rows and columns that are entirely black (every colour channel exactly 0 in the
+source values, before any scaling to 8 bits). The crop box is the
 bounding box of the remaining content; the crop is resized to ``size x size``: the image with Lanczos, the
 mask with nearest so class ids stay exact. ``Geometry`` records the crop box and scale so that predictions
 can be mapped back onto the original scan (``uncrop``); evaluate imports this module rather than copying it.
@@ -8,15 +9,16 @@ can be mapped back onto the original scan (``uncrop``); evaluate imports this mo
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
 
+from .scanfile import DEFAULT_MAX_PIXELS, ScanError, read_scan, to_8bit
 
-class ScanError(ValueError):
-    """A scan that cannot be used; the message names the file and the reason."""
+# A crust crop enlarged more than this to the training square is warned about: its detail is interpolated
+# (a 100 px scan reaches 1200 px at 12x) and small defects are blurred over many pixels.
+UPSCALE_WARNING = 2.0
 
 
 class CrustError(ScanError):
@@ -35,6 +37,11 @@ class Geometry:
         """(sx, sy): resized pixels per source pixel."""
         left, top, right, bottom = self.box
         return self.size / (right - left), self.size / (bottom - top)
+
+    @property
+    def upscale(self) -> float:
+        """How much the crop is enlarged along its shorter side (below 1: it is reduced)."""
+        return max(self.scale)
 
     def to_json(self) -> dict:
         return {**asdict(self), "box": list(self.box), "scale": list(self.scale)}
@@ -58,21 +65,24 @@ def geometry_of(pixels: np.ndarray, size: int = 1200, name: str = "image") -> Ge
     return Geometry(width=pixels.shape[1], height=pixels.shape[0], box=box, size=size)
 
 
-def open_scan(data: bytes, name: str, channels: int, size: int = 1200) -> tuple[Image.Image, Geometry]:
+def open_scan(
+    data: bytes, name: str, channels: int, size: int = 1200, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[Image.Image, Geometry]:
     """Decode a scan and find its crust: (the scan as L or RGB for ``channels`` 1 or 3, its geometry).
 
-    The crust is detected on RGB (a pixel is crust only if every channel is 0) before any grey conversion.
-    shardgen's build and evaluate's predict both read scans through this, so a model sees at prediction time
-    exactly the preprocessing it was trained on. ``ScanError`` names ``name`` for an unreadable scan.
+    The crust is judged on the source values (``shardgen.scanfile.read_scan``: upright, alpha dropped,
+    16-bit and float kept) before they are scaled to 8 bits: a pixel is crust only if every channel is
+    exactly 0, so a 16-bit value of 1..128 is content although it rounds to 0. A colour scan becomes grey
+    through Pillow's ``convert("L")`` after the 8-bit scaling. shardgen's build and evaluate's predict both
+    read scans through this, so a model sees at prediction time exactly the preprocessing it was trained on.
+    ``ScanError`` names ``name`` for an unreadable, oversized (``max_pixels``) or unsupported scan.
     """
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            rgb = im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ScanError(f"{name}: corrupt or truncated image: {e}") from None
-    geom = geometry_of(np.asarray(rgb), size, name=name)
-    return (rgb if channels == 3 else rgb.convert("L")), geom
+    pixels = read_scan(data, name, max_pixels)
+    geom = geometry_of(pixels, size, name=name)
+    image = Image.fromarray(to_8bit(pixels))
+    del pixels  # the source copy may be twice the 8-bit one: free it before the caller resizes
+    wanted = "RGB" if channels == 3 else "L"
+    return (image if image.mode == wanted else image.convert(wanted)), geom
 
 
 def crop_resize(image: Image.Image, geom: Geometry, resample=Image.Resampling.LANCZOS) -> Image.Image:

@@ -7,12 +7,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
 from . import schema
 from .classes import DEFAULT_CLASSES_YAML, ClassMap
 from .cvat import CvatError, ImageAnnotation, parse_cvat
-from .splits import DEFAULT_RATIOS, SPLITS, assign_split, stone_id_of
+from .scanfile import DEFAULT_MAX_PIXELS, ScanError, scan_size
+from .splits import DEFAULT_RATIOS, SPLITS, assign_splits, stone_id_of
 
 
 class ShardgenError(Exception):
@@ -31,11 +30,19 @@ class BuildOptions:
     stride: int = 200  # tile step
     shard_size: int = 1000  # samples per shard, rounded down to whole images (about 100 MB)
     split_ratios: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RATIOS))
+    split_method: str = "hash"  # hash: stable per stone (datasets that grow); exact: exact shares (small ones)
     stone_id_regex: str | None = None  # groups images into stones; default: one stone per image
     polyline_width: int = 3  # px, at source resolution
     point_radius: int = 2  # px, at source resolution
     png_level: int = 1  # zlib level of tile PNGs: 1 encodes 3.2x faster than 6 for 14% more bytes
     classes: str = str(DEFAULT_CLASSES_YAML)  # class map YAML
+    # A scan with more pixels is refused from its header, before it is decoded (Pillow's bomb limit).
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+# Options that decide what is accepted but never change a byte of the output: left out of the shard
+# fingerprint (raising --max-pixels reuses finished shards) and of the manifest's options.
+NON_OUTPUT_OPTIONS = ("max_pixels",)
 
 
 @dataclass(frozen=True)
@@ -71,12 +78,13 @@ def plan(
     xml_files = sorted(annotations.glob("*.xml")) if annotations.is_dir() else [annotations]
     if not xml_files:
         raise ShardgenError(f"{annotations}: no CVAT XML files found")
-    jobs, seen = [], {}
+    found, seen, named = [], {}, 0
     for xml in xml_files:
         try:
             anns = parse_cvat(xml, skipped=skipped)
         except CvatError as e:
             raise ShardgenError(str(e)) from None
+        named += len(anns)
         for ann in anns:
             values = []
             for shape in ann.shapes:
@@ -100,10 +108,9 @@ def plan(
                 warnings.append(f"{xml}:{ann.line}: image {ann.name!r} not found in {images}, skipped")
                 continue
             try:
-                with Image.open(path) as im:
-                    size = im.size
-            except OSError as e:
-                raise ShardgenError(f"{path}: not a readable image: {e}") from None
+                size = scan_size(path, str(path), opts.max_pixels)  # the header only: nothing is decoded
+            except ScanError as e:
+                raise ShardgenError(str(e)) from None
             if size != (ann.width, ann.height):
                 raise ShardgenError(
                     f"{path}: image is {size[0]}x{size[1]} but {xml}:{ann.line} says {ann.width}x{ann.height}"
@@ -116,7 +123,16 @@ def plan(
                 stone = stone_id_of(image_id, opts.stone_id_regex)
             except ValueError as e:
                 raise ShardgenError(str(e)) from None
-            split = assign_split(stone, opts.split_ratios)
-            jobs.append(ImageJob(ann, str(path), image_id, stone, split, tuple(values)))
+            found.append((ann, str(path), image_id, stone, tuple(values)))
+    # An empty dataset would only fail later, in the trainer.
+    if not named:
+        raise ShardgenError(f"{annotations}: no images in {len(xml_files)} XML files")
+    if not found:
+        raise ShardgenError(f"{annotations}: all {named} images named in the XML are missing from {images}")
+    try:  # after the loop: the exact method cuts the whole set of stones
+        splits = assign_splits((f[3] for f in found), opts.split_ratios, opts.split_method)
+    except ValueError as e:
+        raise ShardgenError(str(e)) from None
+    jobs = [ImageJob(ann, path, image_id, stone, splits[stone], values) for ann, path, image_id, stone, values in found]
     jobs.sort(key=lambda j: (SPLITS.index(j.split), j.image_id))
     return jobs

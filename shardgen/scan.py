@@ -11,7 +11,7 @@ import numpy as np
 
 from . import schema
 from .classes import ClassMap
-from .crust import ScanError, crop_resize, crop_resize_mask, open_scan
+from .crust import UPSCALE_WARNING, ScanError, crop_resize, crop_resize_mask, open_scan
 from .plan import BuildOptions, ImageJob, ShardgenError
 from .raster import RasterStats, rasterize
 from .tiling import TileGrid
@@ -22,10 +22,18 @@ def process_image(job: ImageJob, opts: BuildOptions) -> dict:
     ann, grid = job.ann, TileGrid(opts.image_size, opts.tile, opts.stride)
     data = Path(job.path).read_bytes()
     try:
-        source, geom = open_scan(data, job.path, opts.channels, opts.image_size)
+        source, geom = open_scan(data, job.path, opts.channels, opts.image_size, opts.max_pixels)
     except ScanError as e:
         raise ShardgenError(str(e)) from None
     stats = RasterStats()
+    upscaled = []
+    if geom.upscale > UPSCALE_WARNING:  # a tiny scan: warned and counted, still built
+        left, top, right, bottom = geom.box
+        upscaled.append([ann.name, round(geom.upscale, 2)])
+        stats.warnings.append(
+            f"{job.path}: crust crop {right - left}x{bottom - top} is upscaled {geom.upscale:.1f}x to "
+            f"{opts.image_size}x{opts.image_size} (more than {UPSCALE_WARNING:g}x): its detail is interpolated"
+        )
     values = job.values
     mask = rasterize(
         ann,
@@ -75,6 +83,7 @@ def process_image(job: ImageJob, opts: BuildOptions) -> dict:
         "hist": hist,
         "sha256": hashlib.sha256(data).hexdigest(),
         "warnings": stats.warnings,
+        "upscaled": upscaled,
         "skipped": dict(stats.skipped),
         "geometry": geom,
     }

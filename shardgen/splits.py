@@ -1,12 +1,23 @@
-"""Split assignment by stone: a stable hash of the stone id, so adding stones never moves existing ones."""
+"""Split assignment by stone.
+
+``hash`` (the default) splits by a stable hash of the stone id alone, so adding stones never moves existing
+ones; on a few dozen stones its shares wander far from the ratios (40 stones: 29/5/6 instead of 24/4/12)
+and a split can even be empty. ``exact`` orders the stones by the same hash and cuts that order at the
+requested proportions: exact shares on any dataset, but adding stones can move a few existing ones.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
+from collections.abc import Iterable
 
 SPLITS = ("train", "val", "test")
 DEFAULT_RATIOS = {"train": 0.6, "val": 0.1, "test": 0.3}  # the write-up's 6:1:3
+SPLIT_METHODS = ("hash", "exact")
+# A split whose share of the stones is further than this from its ratio is warned about in the build summary.
+SHARE_TOLERANCE = 0.05
 
 
 def unit_hash(stone_id: str) -> float:
@@ -22,6 +33,64 @@ def assign_split(stone_id: str, ratios: dict[str, float] = DEFAULT_RATIOS) -> st
         if h < edge:
             return split
     return SPLITS[-1]  # guards against ratios summing to 1 - epsilon
+
+
+def exact_counts(n: int, ratios: dict[str, float]) -> dict[str, int]:
+    """Stones per split for ``n`` stones: the largest-remainder rounding of ``n * ratio``; then every split
+    with a positive ratio gets at least one stone when there are enough, taken from the split furthest above
+    its quota (10 stones at 0.6/0.1/0.3: 6/1/3; 40: 24/4/12; 5: 3/1/1)."""
+    quotas = {s: n * ratios[s] for s in SPLITS}
+    counts = {s: math.floor(quotas[s] + 1e-9) for s in SPLITS}  # 1e-9: 0.3 * 10 is 3.0000000000000004
+    by_remainder = sorted(SPLITS, key=lambda s: counts[s] - quotas[s])  # stable: ties go in split order
+    for split in by_remainder[: n - sum(counts.values())]:
+        counts[split] += 1
+    wanted = [s for s in SPLITS if ratios[s] > 0]
+    if n >= len(wanted):
+        for split in wanted:
+            if counts[split] == 0:
+                donor = max((s for s in wanted if counts[s] > 1), key=lambda s: counts[s] - quotas[s])
+                counts[donor] -= 1
+                counts[split] += 1
+    return counts
+
+
+def assign_splits(stones: Iterable[str], ratios: dict[str, float], method: str = "hash") -> dict[str, str]:
+    """The split of every stone; ``hash`` looks at each stone alone, ``exact`` at all of them together."""
+    if method not in SPLIT_METHODS:
+        raise ValueError(f"--split-method must be one of {', '.join(SPLIT_METHODS)}; got {method!r}")
+    stones = sorted(set(stones))
+    if method == "hash":
+        return {s: assign_split(s, ratios) for s in stones}
+    order = sorted(stones, key=lambda s: (unit_hash(s), s))
+    out, start = {}, 0
+    for split, count in exact_counts(len(order), ratios).items():
+        out |= {s: split for s in order[start : start + count]}
+        start += count
+    return out
+
+
+def share_warnings(stones: dict[str, int], ratios: dict[str, float], method: str) -> list[str]:
+    """What the build summary warns about: empty splits and shares further than SHARE_TOLERANCE from the
+    ratios, then what to do about it. ``stones`` is the stone count per split."""
+    n = sum(stones.values())
+    warnings = []
+    for split in SPLITS:
+        if n and ratios[split] > 0 and stones[split] == 0:
+            needs = {"val": ": the trainer validates on it", "test": ": evaluate scores it"}.get(split, "")
+            warnings.append(f"split {split!r} is empty (0 of {n} stones, asked {ratios[split]:.1%}){needs}")
+    off = [s for s in SPLITS if stones[s] and abs(stones[s] / n - ratios[s]) > SHARE_TOLERANCE]
+    if off:
+        shares = ", ".join(f"{s} {stones[s] / n:.1%} (asked {ratios[s]:.1%})" for s in off)
+        warnings.append(f"split shares differ from --split-ratios by more than "
+                        f"{SHARE_TOLERANCE * 100:.0f} percentage points: {shares}")  # fmt: skip
+    if warnings and method == "hash":
+        warnings.append(
+            f"the stable hash is uneven on {n} stones: rebuild with --split-method exact to cut them at the "
+            "requested proportions (adding stones can then move a few existing ones)"
+        )
+    elif warnings:
+        warnings.append(f"{n} stones are too few for these ratios: add scans or change --split-ratios")
+    return warnings
 
 
 def parse_ratios(text: str) -> dict[str, float]:

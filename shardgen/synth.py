@@ -33,6 +33,8 @@ CRUST_RANGE = (10, 120)  # crust width per side at the default sizes; smaller sc
 CLASSES_PER_IMAGE = 4  # cycled over the class list, so any 3 consecutive images show all 10 classes
 EXTRA_DEFECTS = (2, 7)  # random additional defects per image, [low, high)
 REFLECT_PROB = 0.2  # besides the one reflection every image gets
+# A reflection is the defect's mirror image, fainter but plainly visible: annotators label what they see.
+REFLECT_STRENGTH = (0.6, 0.8)
 VARIANT_PROB = 0.1  # besides the one spelling variant every image gets
 DUST_PER_MPX = 25
 # Surface and girdle defects have no reflection inside the stone.
@@ -181,7 +183,7 @@ def render(seed: int, index: int, size_range: tuple[int, int] = DEFAULT_SIZE_RAN
         if i == forced or (name not in NOT_REFLECTED and rng.random() < REFLECT_PROB):
             # Mirror across a whole-pixel column so whole-pixel points stay whole.
             mirrored = [Part(p.kind, p.pts * [-1, 1] + [2 * round(sc.cx), 0], p.width) for p in parts]
-            paint(sc, mirrored, rng.uniform(0.35, 0.55))
+            paint(sc, mirrored, rng.uniform(*REFLECT_STRENGTH))
             entries.append((name + "_Reflection", mirrored))
     variant_at = int(rng.integers(len(entries)))
     shapes = []

@@ -113,13 +113,25 @@ def polarity(rng, bright: tuple[float, float], dark: tuple[float, float]) -> flo
     return rng.uniform(*bright) if rng.random() < 0.5 else rng.uniform(*dark)
 
 
+def contrasting(sc: Scene, parts: list[Part], bright: tuple[float, float], dark: tuple[float, float]) -> float:
+    """A grey level from ``dark`` on a bright neighbourhood and from ``bright`` on a dark one, so a line
+    defect never vanishes into the facet it crosses (a coin flip decides near mid-grey)."""
+    x0, y0 = np.floor(np.concatenate([p.pts for p in parts]).min(0)).astype(int).clip(0)
+    x1, y1 = np.ceil(np.concatenate([p.pts for p in parts]).max(0)).astype(int) + 1
+    local = float(sc.gray[y0:y1, x0:x1].mean())
+    coin = sc.rng.random()
+    if local > 150 or (local > 100 and coin < 0.5):
+        return sc.rng.uniform(*dark)
+    return sc.rng.uniform(*bright)
+
+
 # Defect painters: each returns its parts and a painter(scene, parts, strength) used for the original and,
 # with strength < 1, for a mirrored reflection.
 def _pinpoint(sc: Scene):
     rng = sc.rng
     c = np.floor(sc.point(3))  # a whole-pixel point: the pixel holding it is the same under any rounding
     part = Part("points", c[None], 1) if rng.random() < 0.6 else Part("polygon", _blob(rng, c, 1.8, 6, 0.2))
-    value = polarity(rng, (190, 250), (15, 60))
+    value = contrasting(sc, [Part("points", np.array([c - 2, c + 3]))], (190, 250), (15, 60))
     return [part], lambda sc, parts, k: blend(sc, *paint_mask(sc, parts), value)
 
 
@@ -143,7 +155,7 @@ def _needle(sc: Scene):
     length = max(6.0, rng.uniform(20, 110) * sc.s)
     start = sc.point(length)
     parts = [Part("polyline", _curve(rng, start, length, rng.uniform(-0.05, 0.05) * length, 3), 1 + (sc.s > 0.6))]
-    value, alpha = polarity(rng, (170, 250), (20, 70)), rng.uniform(0.7, 0.95)
+    value, alpha = contrasting(sc, parts, (170, 250), (20, 70)), rng.uniform(0.7, 0.95)
     return parts, lambda sc, parts, k: blend(sc, *_scaled(paint_mask(sc, parts), k * alpha), value)
 
 
@@ -156,7 +168,7 @@ def _feather(sc: Scene):
     for _ in range(int(rng.integers(1, 4))):
         root = main[int(rng.integers(2, 7))]
         parts.append(Part("polyline", _curve(rng, root, 0.45 * length, rng.uniform(-0.2, 0.2) * length, 5), width))
-    value, alpha = rng.uniform(200, 245), rng.uniform(0.55, 0.85)
+    value, alpha = contrasting(sc, parts, (200, 245), (15, 50)), rng.uniform(0.65, 0.9)
     return parts, lambda sc, parts, k: blend(sc, *_scaled(paint_mask(sc, parts), k * alpha), value)
 
 
@@ -179,7 +191,7 @@ def _graining(sc: Scene):
         )
         for i in range(n)
     ]
-    delta = polarity(rng, (12, 22), (-22, -12))
+    delta = polarity(rng, (25, 40), (-40, -25))
 
     def paint(sc, parts, k):
         box, m = paint_mask(sc, parts)
@@ -193,13 +205,14 @@ def _cloud(sc: Scene):
     rng = sc.rng
     size = max(4.0, rng.uniform(20, 70) * sc.s)
     parts = [Part("polygon", _blob(rng, sc.point(size), size, int(rng.integers(12, 19)), 0.35, rng.uniform(0.5, 1)))]
-    delta, alpha = polarity(rng, (50, 90), (-70, -40)), rng.uniform(0.5, 0.85)
+    delta, alpha = polarity(rng, (60, 95), (-75, -50)), rng.uniform(0.7, 0.9)
 
     def paint(sc, parts, k):
-        box, m = paint_mask(sc, parts, blur=size / 2.5)
+        # The haze reaches the outline an annotator draws around it: a soft edge, not a faint core.
+        box, m = paint_mask(sc, parts, blur=size / 5)
         x0, y0, x1, y1 = box
         grain = rng.random(m.shape, dtype=np.float32)  # a cloud is a haze of sub-pixel pinpoints
-        blend(sc, box, m**2 * k * alpha * (0.4 + 0.6 * grain**2), sc.gray[y0:y1, x0:x1] + delta)
+        blend(sc, box, np.sqrt(m) * k * alpha * (0.4 + 0.6 * grain**2), sc.gray[y0:y1, x0:x1] + delta)
 
     return parts, paint
 
@@ -215,7 +228,7 @@ def _wisp(sc: Scene):
     ribbon = np.concatenate([centre + width * [0, 1], (centre - width * [0, 1])[::-1]])
     rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
     parts = [Part("polygon", sc.point(0.5 * length + amp) + ribbon @ rot.T)]
-    delta = polarity(rng, (18, 35), (-35, -18))
+    delta = polarity(rng, (25, 45), (-45, -25))
 
     def paint(sc, parts, k):
         box, m = paint_mask(sc, parts, blur=half / 2)
@@ -257,12 +270,14 @@ def _burn(sc: Scene):
     rng = sc.rng
     size = max(5.0, rng.uniform(25, 90) * sc.s)
     parts = [Part("polygon", _blob(rng, sc.point(size), size, int(rng.integers(10, 16)), 0.4, rng.uniform(0.4, 1)))]
-    strength = rng.uniform(0.4, 0.7)
+    strength = rng.uniform(0.55, 0.8)
 
     def paint(sc, parts, k):
         box, m = paint_mask(sc, parts, blur=size / 4)
         x0, y0, x1, y1 = box
-        blend(sc, box, m * strength, 0.72 * sc.gray[y0:y1, x0:x1] + 10)
+        region = sc.gray[y0:y1, x0:x1]
+        # Scorched: at least 35 grey levels darker, so a burn on a dark facet still shows.
+        blend(sc, box, m * strength, np.maximum(region - np.maximum(0.45 * region, 35), 5))
         sc.tints.append((box, m * strength))
 
     return parts, paint

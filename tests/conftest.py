@@ -6,13 +6,11 @@ import itertools
 import uuid
 
 import pytest
-from s3server import S3Server
+from s3server import SHADOWING_AWS_VARS, S3Server
 
 from shardgen import storage
 
 _bucket_numbers = itertools.count()
-# Variables that would override the fixture's endpoint or credentials if inherited from the caller.
-_SHADOWING_AWS_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
 
 def pytest_configure(config):
@@ -41,7 +39,7 @@ def s3_env(s3_server, monkeypatch):
     digest of that environment, so a test that changes a variable gets a fresh client; tests that
     restart the server reuse pooled clients, which botocore reconnects like after a real outage.
     """
-    for name in _SHADOWING_AWS_VARS:
+    for name in SHADOWING_AWS_VARS:
         monkeypatch.delenv(name, raising=False)
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)

@@ -5,18 +5,28 @@
 It is started in its own process group and stopped with SIGKILL: weed ignores SIGTERM for a long
 time, and a hard kill is also what the outage tests want to simulate. `restart()` reuses the same
 data directory and ports, so objects written before a kill are readable after it.
+
+As a script it gives any command a local S3 (``make s3-demo`` uses it; see README, "Try it on a local S3"):
+
+    python tests/s3server.py [--dir DIR] [--bucket NAME] -- COMMAND [ARG ...]
+
+starts the server, creates the buckets, runs COMMAND with the AWS_* variables pointing at the server, then
+SIGKILLs the server (also on Ctrl-C or a failure) and exits with COMMAND's status.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -31,6 +41,8 @@ VOLUME_SIZE_LIMIT_MB = 16
 MAX_VOLUMES = 200
 REGION = "us-east-1"
 LOG_TAIL_CHARS = 4000
+# Variables that would override the server's endpoint or credentials if inherited from the caller.
+SHADOWING_AWS_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
 
 def find_weed() -> str:
@@ -239,3 +251,53 @@ class S3Server:
         self.kill()
         self.start(timeout)
 
+    def create_bucket(self, name: str) -> None:
+        client = self._s3_client()
+        try:
+            client.create_bucket(Bucket=name)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python tests/s3server.py",
+                                description="Run COMMAND against a throw-away local SeaweedFS S3 server.")  # fmt: skip
+    p.add_argument("--dir", help="server data and log folder, kept (default: a temporary folder, deleted after)")
+    p.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...], run with AWS_* set")
+    args = p.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        p.error("give the command to run after --, e.g. -- bash")
+    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="s3server-"))
+    base.mkdir(parents=True, exist_ok=True)
+    # SIGTERM unwinds like Ctrl-C does, through the finally that kills the server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    server = None
+    try:
+        server = S3Server(base)
+        server.start()
+        for bucket in args.bucket:
+            server.create_bucket(bucket)
+        buckets = ", ".join(f"s3://{b}" for b in args.bucket) or "none"
+        print(f"s3server: SeaweedFS S3 at {server.endpoint} (ready in {server.startup_s:.1f} s), buckets: {buckets}; "
+              f"running with AWS_* set: {shlex.join(command)}", file=sys.stderr, flush=True)  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k not in SHADOWING_AWS_VARS} | server.env()
+        # Ctrl-C reaches the command itself (same process group): it decides, and an interactive shell lives
+        # on. A handler, not SIG_IGN, because an ignored signal would stay ignored in the command.
+        signal.signal(signal.SIGINT, lambda *_: None)
+        return subprocess.call(command, env=env)
+    except RuntimeError as e:  # weed missing or not starting: its log tail says why
+        print(f"s3server: error: {e}", file=sys.stderr)
+        return 2
+    finally:  # the message last: printing can fail (a closed pipe), killing and cleaning up must not be skipped
+        if server is not None:
+            server.kill()
+        if not args.dir:
+            shutil.rmtree(base, ignore_errors=True)
+        if server is not None:
+            print(f"s3server: server at {server.endpoint} stopped (SIGKILL)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

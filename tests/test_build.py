@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
+from scanwriters import huge_png
 
 from shardgen import schema
 from shardgen.__main__ import main
@@ -207,6 +208,33 @@ def test_round_trip_with_webdataset_and_exact_masks(synth, built):
     assert all_values <= set(range(11)) | {255} and len(all_values) >= 6
     # 3 images per shard (75 samples), so the splits with more images span several shards.
     assert max(len(manifest["splits"][s]["shards"]) for s in ("train", "val", "test")) >= 2
+
+
+def test_small_dataset_exact_split_fills_every_split_and_the_summary_warns_about_hash(tmp_path, capsys):
+    data = tmp_path / "raw"
+    write_synthetic(data, 10, seed=3, size_range=(180, 230))
+    grid = SMALL[:6]  # the default ratios 0.6/0.1/0.3
+    rc, out, err = cli(capsys, *build_args(data, tmp_path / "hash", *grid, "--quiet"))
+    assert rc == 0
+    # The stable hash puts all 10 stones in train; the summary says so and names the fix.
+    assert ("stones per split (hash): train 10 = 100.0% (asked 60.0%), val 0 = 0.0% (asked 10.0%), "
+            "test 0 = 0.0% (asked 30.0%)") in out  # fmt: skip
+    assert "warning: split 'val' is empty (0 of 10 stones, asked 10.0%): the trainer validates on it" in err
+    assert "warning: split 'test' is empty (0 of 10 stones, asked 30.0%): evaluate scores it" in err
+    assert "more than 5 percentage points: train 100.0% (asked 60.0%)" in err and "--split-method exact" in err
+    hashed = schema.read_manifest(str(tmp_path / "hash"))
+    assert hashed["options"]["split_method"] == "hash"
+    assert hashed["splits"]["train"]["images"] == sum(assign_split(f"stone_{i:05d}") == "train" for i in range(10))
+
+    rc, out, err = cli(capsys, *build_args(data, tmp_path / "exact", *grid, "--split-method", "exact", "--quiet"))
+    assert rc == 0 and "warning" not in err
+    assert ("stones per split (exact): train 6 = 60.0% (asked 60.0%), val 1 = 10.0% (asked 10.0%), "
+            "test 3 = 30.0% (asked 30.0%)") in out  # fmt: skip
+    exact = schema.read_manifest(str(tmp_path / "exact"))
+    assert exact["options"]["split_method"] == "exact"
+    assert {s: exact["splits"][s]["images"] for s in ("train", "val", "test")} == {"train": 6, "val": 1, "test": 3}
+    for split in ("train", "val", "test"):  # the tiles say the same as the manifest
+        assert {json.loads(x["json"])["split"] for x in read_split(tmp_path / "exact", split)} == {split}
 
 
 def test_workers_do_not_change_a_single_byte(synth, built, tmp_path, capsys):
@@ -507,3 +535,85 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
     rc, _, err = cli(capsys, *build_args(data, tmp_path / "out", *HAND, "--stone-id-regex", "(a"))
     assert rc == 2 and "--stone-id-regex '(a' is not a valid regular expression" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_scan_over_the_pixel_limit_is_refused_from_its_header(tmp_path):
+    """A 20000x20000 PNG (400 M pixels, over Pillow's bomb limit) named in a valid XML: one line naming the file
+    and its size, nothing written, and the scan never decoded: the build's peak memory stays far below the
+    400 MB that Pillow's decoding of it would take."""
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    huge = data / "images" / "huge.png"
+    huge.write_bytes(huge_png(20000, 20000))
+    write_xml(data / "annotations" / "ann.xml", [("huge.png", [])], size=(20000, 20000))
+    code = ("import resource, sys; from shardgen.__main__ import main; "
+            "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; before = peak(); "
+            "rc = main(sys.argv[1:]); print(peak() - before); sys.exit(rc)")  # fmt: skip
+    argv = [sys.executable, "-c", code, *map(str, build_args(data, tmp_path / "out", *HAND))]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        f"shardgen: error: {huge}: scan is 20000x20000 = 400,000,000 pixels, more than the limit of 178,956,970 "
+        "(raise it with --max-pixels if the scan is genuine)"
+    )
+    assert int(proc.stdout.split()[-1]) < 100_000  # growth of the peak RSS during the build, KiB
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_pixels_refuses_or_deliberately_admits_a_scan(tmp_path, capsys):
+    data, _ = hand_case(tmp_path, [])
+    image = data / "images" / "a.png"
+    pixels = SCAN_W * SCAN_H
+    rc, _, err = cli(capsys, *build_args(data, tmp_path / "out", *HAND, "--max-pixels", pixels - 1))
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"shardgen: error: {image}: scan is {SCAN_W}x{SCAN_H} = {pixels:,} pixels, more than")
+    assert not (tmp_path / "out").exists()
+    assert cli(capsys, *build_args(data, tmp_path / "out", *HAND, "--max-pixels", pixels))[0] == 0
+    with pytest.raises(SystemExit):
+        main([str(a) for a in build_args(data, tmp_path / "o2", *HAND, "--max-pixels", "0")])
+    assert "--max-pixels '0' is not a positive integer" in capsys.readouterr().err
+
+
+def test_xml_files_naming_no_images_are_refused(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_scan(data / "images" / "a.png")
+    for k in range(2):
+        (data / "annotations").mkdir(parents=True, exist_ok=True)
+        (data / "annotations" / f"ann{k}.xml").write_text("<annotations><version>1.1</version></annotations>\n")
+    rc, _, err = cli(capsys, *build_args(data, tmp_path / "out", *HAND))
+    assert rc == 2
+    assert err.strip() == f"shardgen: error: {data / 'annotations'}: no images in 2 XML files"
+    assert not (tmp_path / "out").exists()
+    # Images named but all missing, skipped with --skip-missing, would be the same empty dataset.
+    write_xml(data / "annotations" / "ann0.xml", [("gone.png", [])])
+    rc, _, err = cli(capsys, *build_args(data, tmp_path / "out", *HAND, "--skip-missing"))
+    assert rc == 2 and "all 1 images named in the XML are missing" in err
+    assert not (tmp_path / "out").exists()
+
+
+def tiny_scan_case(tmp_path: Path) -> tuple[Path, Path]:
+    """A normal scan and a 20x20 one whose crust crop is upscaled 3.2x to 64x64: (data dir, tiny scan)."""
+    data = tmp_path / "data"
+    write_scan(data / "images" / "big.png")
+    small = np.random.default_rng(5).integers(1, 256, (20, 20, 3), dtype=np.uint8)
+    Image.fromarray(np.pad(small, ((4, 4), (2, 2), (0, 0)))).save(data / "images" / "tiny.png")
+    write_xml(data / "annotations" / "a.xml", [("big.png", [])])
+    write_xml(data / "annotations" / "b.xml", [("tiny.png", [rect("Pit", 5, 6, 8, 9)])], size=(24, 28))
+    return data, data / "images" / "tiny.png"
+
+
+UPSCALED_LINE = "upscaled: 1 scans whose crust crop is enlarged more than 2x: tiny.png (3.2x)"
+
+
+def test_upscaled_tiny_scans_are_named_and_counted_in_the_summary(tmp_path, capsys):
+    data, tiny = tiny_scan_case(tmp_path)
+    rc, out, err = cli(capsys, *build_args(data, tmp_path / "out", *HAND))
+    assert rc == 0
+    assert f"warning: {tiny}: crust crop 20x20 is upscaled 3.2x to 64x64 (more than 2x)" in err
+    assert UPSCALED_LINE in out
+    assert "big.png" not in out + err
+    assert schema.read_manifest(str(tmp_path / "out"))["splits"]["train"]["images"] == 2  # still built
+    # A resumed build reuses the shard and reports the same warning and summary line from its record.
+    rc, out2, err2 = cli(capsys, *build_args(data, tmp_path / "out", *HAND))
+    assert rc == 0 and "(1 reused)" in out2
+    assert err2 == err and UPSCALED_LINE in out2

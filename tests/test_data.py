@@ -66,7 +66,9 @@ def write_dataset(root: Path, shards: dict[str, list[int]], tiles: int = 4, side
                         bad = (n, k) in corrupt
                         _tar_member(tar, f"{key}.image.png", schema.encode_png(image))
                         _tar_member(tar, f"{key}.mask.png", b"not a png" if bad else schema.encode_png(mask))
-                        _tar_member(tar, f"{key}.json", json.dumps({"image_id": f"img{n:03d}"}).encode())
+                        pixels = np.bincount(mask[mask != 255], minlength=len(CLASSES)).tolist()
+                        meta = {"image_id": f"img{n:03d}", "class_pixels": pixels}
+                        _tar_member(tar, f"{key}.json", json.dumps(meta).encode())
                     n += 1
             data = (root / name).read_bytes()
             records.append({"url": name, "samples": count * tiles, "images": count, "bytes": len(data),

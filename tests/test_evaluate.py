@@ -82,7 +82,8 @@ def evaluated(tiny, tmp_path_factory):
     """One CLI run: batches of 16 tiles span images; one DataLoader worker decodes the shards."""
     out = tmp_path_factory.mktemp("eval")
     argv = ["--checkpoint", str(tiny.ckpt), "--data", str(tiny.shards), "--split", "test", "--out", str(out),
-            "--device", "cpu", "--batch-size", "16", "--worst", "2", "--workers", "1"]  # fmt: skip
+            "--device", "cpu", "--batch-size", "16", "--worst", "2", "--workers", "1",
+            "--decision", "argmax", "--tta", "flips"]  # fmt: skip  (checked against argmax and flips here)
     assert main(argv) == 0
     return out
 
@@ -175,11 +176,14 @@ def test_metrics_equal_direct_computation(evaluated, tiny):
 
 
 def test_predictions_match_monai_sliding_window(evaluated, tiny):
-    """Blended tile probabilities are MONAI's sliding_window_inference (overlap 0.5, gaussian) on the scan."""
+    """Blended tile probabilities are MONAI's sliding_window_inference (overlap 0.5, gaussian) on the scan,
+    each window's probabilities averaged over its four flips (--tta flips)."""
     model = load_model(str(tiny.ckpt), torch.device("cpu"))
 
     def probs(x):
-        return torch.softmax(model.net(model.normalize.normalize(x)), dim=1)
+        x = model.normalize.normalize(x)
+        views = [(), (3,), (2,), (2, 3)]  # identity, horizontal, vertical, both
+        return sum(torch.softmax(model.net(x.flip(v)), dim=1).flip(v) for v in views) / 4
 
     for image_id, (scan, _) in _truth_from_tars(tiny.shards).items():
         x = torch.from_numpy(scan)[None, None] / 255.0  # normalize takes a float image as [0, 1]
@@ -234,7 +238,7 @@ def test_torchrun_two_ranks_equal_one(evaluated, tiny, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "evaluate", "--checkpoint", str(tiny.ckpt), "--data", str(tiny.shards),
            "--out", str(tmp_path), "--device", "cpu", "--batch-size", "16", "--worst", "2",
-           "--workers", "0"]  # fmt: skip
+           "--workers", "0", "--decision", "argmax", "--tta", "flips"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=230)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("mIoU:") == 1  # only rank 0 reports

@@ -7,7 +7,17 @@ import pytest
 from PIL import Image
 
 from shardgen.crust import CrustError, crop_resize, crop_resize_mask, crust_box, geometry_from_meta, geometry_of, uncrop
-from shardgen.splits import DEFAULT_RATIOS, SPLITS, assign_split, parse_ratios, stone_id_of
+from shardgen.splits import (
+    DEFAULT_RATIOS,
+    SPLITS,
+    assign_split,
+    assign_splits,
+    exact_counts,
+    parse_ratios,
+    share_warnings,
+    stone_id_of,
+    unit_hash,
+)
 from shardgen.tiling import TileGrid
 
 # Uneven crust: a different width on every side.
@@ -161,6 +171,46 @@ def test_adding_stones_never_moves_existing_ones_and_ratios_hold():
     for split in SPLITS:
         assert abs(counts[split] / 2000 - custom[split]) < 0.04, counts
     assert {assign_split(s, {"train": 0.0, "val": 0.0, "test": 1.0}) for s in old} == {"test"}
+
+
+def test_hash_method_is_the_per_stone_hash():
+    stones = [f"stone_{i:05d}" for i in range(300)]
+    assert assign_splits(stones, DEFAULT_RATIOS, "hash") == {s: assign_split(s) for s in stones}
+    with pytest.raises(ValueError, match="--split-method must be one of hash, exact"):
+        assign_splits(stones, DEFAULT_RATIOS, "random")
+
+
+@pytest.mark.parametrize("ratios", [DEFAULT_RATIOS, {"train": 0.5, "val": 0.25, "test": 0.25},
+                                    {"train": 0.8, "val": 0.0, "test": 0.2},
+                                    {"train": 0.98, "val": 0.01, "test": 0.01}])  # fmt: skip
+def test_exact_counts_are_the_requested_proportions(ratios):
+    positive = [s for s in SPLITS if ratios[s] > 0]
+    for n in range(60):
+        counts = exact_counts(n, ratios)
+        assert sum(counts.values()) == n
+        assert all(counts[s] == 0 for s in SPLITS if ratios[s] == 0)
+        if n >= len(positive):
+            assert all(counts[s] >= 1 for s in positive), (n, counts)
+        # Within one stone of n * ratio once every quota reaches one stone (before that, small splits are
+        # topped up to one stone each, taken from the largest).
+        tolerance = 1 if all(n * ratios[s] >= 1 for s in positive) else len(positive)
+        assert all(abs(counts[s] - n * ratios[s]) < tolerance for s in SPLITS), (n, counts)
+    assert exact_counts(10, DEFAULT_RATIOS) == {"train": 6, "val": 1, "test": 3}
+    assert exact_counts(40, DEFAULT_RATIOS) == {"train": 24, "val": 4, "test": 12}
+
+
+def test_exact_method_cuts_the_hash_order():
+    stones = [f"stone_{i:05d}" for i in range(40)]
+    split_of = assign_splits(reversed(stones), DEFAULT_RATIOS, "exact")  # the input order does not matter
+    in_hash_order = [split_of[s] for s in sorted(stones, key=unit_hash)]
+    assert in_hash_order == ["train"] * 24 + ["val"] * 4 + ["test"] * 12
+    # The hash alone leaves 40 stones 29/5/6, which the build summary warns about.
+    counts = Counter(assign_splits(stones, DEFAULT_RATIOS, "hash").values())
+    assert [counts[s] for s in SPLITS] == [29, 5, 6]
+    warned = share_warnings({s: counts[s] for s in SPLITS}, DEFAULT_RATIOS, "hash")
+    assert "train 72.5% (asked 60.0%), test 15.0% (asked 30.0%)" in warned[0] and "--split-method exact" in warned[1]
+    assert share_warnings({"train": 24, "val": 4, "test": 12}, DEFAULT_RATIOS, "exact") == []
+    assert share_warnings({"train": 10, "val": 0, "test": 0}, {"train": 1.0, "val": 0.0, "test": 0.0}, "hash") == []
 
 
 def test_parse_ratios():

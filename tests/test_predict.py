@@ -13,6 +13,7 @@ import torch
 from datumaro_render import datumaro_render
 from lxml import etree
 from PIL import Image
+from scanwriters import png16
 from scipy import ndimage
 from test_contours import CLASS_OF, EIGHT_CONNECTED, EXACT, NAMES, handmade_mask, image_iou, shardgen_render
 from test_evaluate import GRID, tiny_dataset
@@ -20,7 +21,7 @@ from test_evaluate import GRID, tiny_dataset
 from evaluate.__main__ import main
 from evaluate.blend import reassemble_mask
 from evaluate.contours import mask_shapes
-from evaluate.inference import Predictor, load_model
+from evaluate.inference import Predictor, decision_for, load_model
 from evaluate.predict import load_scan, tiles_of
 from evaluate.tiles import iter_images
 from shardgen import schema, storage
@@ -230,7 +231,7 @@ def test_predict_preprocesses_like_shardgen(predicted, tiny):
     """Scan tiles equal the shards' tiles bit for bit, so predict's masks are evaluate's, uncropped."""
     manifest = schema.read_manifest(str(tiny.shards))
     model = load_model(str(tiny.ckpt), torch.device("cpu"))
-    predictor = Predictor(model, GRID, batch_size=GRID.count)
+    predictor = Predictor(model, GRID, batch_size=GRID.count, decision=decision_for(model, "tuned")[0])
     items = list(iter_images(manifest, "test"))
     assert len(items) == 3
     images = str(tiny.raw / "images")
@@ -262,7 +263,7 @@ def test_predict_errors(tiny, tmp_path, capsys):
     argv = ["predict", "--checkpoint", str(tiny.ckpt), "--images", str(empty), "--out", str(tmp_path / "o"),
             "--device", "cpu"]  # fmt: skip
     assert main(argv) == 2
-    assert "no *.png scans found" in capsys.readouterr().err
+    assert "no scans found (*.png, *.jpg, *.jpeg, *.tif, *.tiff, *.bmp)" in capsys.readouterr().err
     Image.fromarray(np.zeros((50, 60), np.uint8)).save(empty / "black.png")
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -271,3 +272,54 @@ def test_predict_errors(tiny, tmp_path, capsys):
                                 ("--min-score", "1.5", "--min-score must be within 0..1")]:  # fmt: skip
         assert main([*argv, flag, value]) == 2
         assert reason in capsys.readouterr().err
+
+
+def predict_argv(tiny, images, out, *extra) -> list[str]:
+    return ["predict", "--checkpoint", str(tiny.ckpt), "--images", str(images), "--out", str(out), "--device", "cpu",
+            "--image-size", "192", "--tile", "64", "--stride", "32", *extra]  # fmt: skip
+
+
+def test_predict_reads_every_scan_format(predicted, tiny, tmp_path, capsys):
+    """A folder of mixed formats: one mask per scan; lossless copies of a PNG scan predict its very mask."""
+    scans = sorted((tiny.raw / "images").glob("*.png"))[:6]
+    rgb = {p.stem: np.asarray(Image.open(p).convert("RGB")) for p in scans}
+    stems = list(rgb)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.fromarray(rgb[stems[0]]).save(folder / f"{stems[0]}.png")
+    (folder / f"{stems[1]}.PNG").write_bytes(png16(rgb[stems[1]].astype(np.uint16) * 257))  # 48-bit, upper case
+    Image.fromarray(rgb[stems[2]]).save(folder / f"{stems[2]}.tif", compression="tiff_lzw")
+    Image.fromarray(rgb[stems[3]]).save(folder / f"{stems[3]}.bmp")
+    grey = np.asarray(Image.fromarray(rgb[stems[4]]).convert("L"))
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / f"{stems[4]}.tiff")  # 16-bit grey
+    Image.fromarray(rgb[stems[5]]).save(folder / f"{stems[5]}.jpg", quality=95)
+    (folder / "notes.txt").write_text("not a scan")
+    out = tmp_path / "out"
+    assert main(predict_argv(tiny, folder, out)) == 0
+    summary = json.loads(capsys.readouterr().out)
+    names = sorted(p.name for p in folder.iterdir() if p.suffix != ".txt")
+    assert summary["images"] == 6 and sorted(a.name for a in parse_cvat(out / "predictions.xml")) == names
+    assert sorted(p.name for p in (out / "masks").iterdir()) == [f"{s}.png" for s in sorted(stems)]
+    for stem in stems:
+        with Image.open(out / "masks" / f"{stem}.png") as m:
+            mask = np.asarray(m)
+        assert mask.shape == rgb[stem].shape[:2]
+        if stem != stems[5]:  # lossless: exactly the mask predicted from the PNG
+            np.testing.assert_array_equal(mask, np.asarray(Image.open(predicted / "masks" / f"{stem}.png")), stem)
+
+
+def test_predict_refuses_ambiguous_names_and_oversized_scans(tiny, tmp_path, capsys):
+    scan = sorted((tiny.raw / "images").glob("*.png"))[0]
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / scan.name).write_bytes(scan.read_bytes())
+    Image.open(scan).save(folder / f"{scan.stem}.tif")
+    assert main(predict_argv(tiny, folder, tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert f"{scan.name} and {scan.stem}.tif would both write masks/{scan.stem}.png" in err
+    (folder / f"{scan.stem}.tif").unlink()
+    w, h = Image.open(scan).size
+    assert main(predict_argv(tiny, folder, tmp_path / "o", "--max-pixels", str(w * h - 1))) == 2
+    err = capsys.readouterr().err
+    assert f"{scan.name}: scan is {w}x{h} = {w * h:,} pixels, more than the limit of {w * h - 1:,}" in err
+    assert len(err.strip().splitlines()) == 1 and not list((tmp_path / "o").glob("masks/*"))

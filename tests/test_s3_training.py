@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import tb_scalars
 
 from shardgen import schema, storage
 from shardgen.synth import write_synthetic
@@ -98,6 +99,13 @@ def test_build_train_on_two_ranks_and_evaluate_all_on_s3(s3_env, s3_server, tmp_
     metrics_csv = storage.read_text(f"{run_url}/metrics.csv")
     rows = list(csv.DictReader(io.StringIO(metrics_csv)))
     assert [int(r["step"]) for r in rows if r["phase"] == "val"] == [3, 6] and rows[-1]["phase"] == "end"
+
+    # TensorBoard events land in the run folder on S3 too, and the log says where.
+    assert f"TensorBoard events: {run_url}/tb (" in trained.stderr
+    tb = tmp_path / "tb"
+    fs.get(f"{root}/tb/", str(tb), recursive=True)
+    scalars = tb_scalars(tb)
+    assert scalars["train/loss"] == list(range(1, STEPS + 1)) and scalars["val/miou"] == [3, 6]
 
     out = tmp_path / "eval"
     evaluated = run([sys.executable, "-m", "evaluate", "--checkpoint", f"{run_url}/last.pt", "--data", data,

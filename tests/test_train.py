@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import NARROW, build_tiny, scored_pixels, write_config
+from tiny import NARROW, build_tiny, scored_pixels, tb_scalars, write_config
 
 from shardgen import schema
 from trainer import __main__ as cli
-from trainer import checkpoint
+from trainer import checkpoint, runlog
 from trainer import train as train_mod
 from trainer.augment import AugmentConfig, GpuAugment, NormalizeConfig
 from trainer.config import DataConfig, LossConfig, load_config
@@ -115,8 +115,12 @@ def test_run_writes_checkpoints_metrics_config_and_a_summary(shards, unet_run):
     assert [(r["step"], r["phase"]) for r in rows] == [("2", "train"), ("2", "val"), ("4", "train"),
                                                       ("4", "val"), ("", "end")]  # fmt: skip
     assert summary["val_miou"] == pytest.approx(float(rows[3]["miou"]))
-    assert summary["best_miou"] == pytest.approx(max(float(rows[1]["miou"]), float(rows[3]["miou"])))
+    # best.pt is chosen by the mIoU at the thresholds tuned on each validation.
+    assert summary["best_miou"] == pytest.approx(max(float(rows[1]["tuned_miou"]), float(rows[3]["tuned_miou"])))
+    # Storing the final decision in best.pt does not move the resume pointer off last.pt.
     assert json.loads((out / "latest.json").read_text()) == {"checkpoint": "last.pt", "step": 4}
+    decision = checkpoint.load(str(out / "best.pt"))["meta"]["decision"]
+    assert decision["kind"] == "tuned" and len(decision["thresholds"]) == len(decision["min_area"]) == 10
     state = checkpoint.load(str(out / "last.pt"))
     assert state["step"] == 4 and state["meta"]["model"] == "unet" and state["meta"]["n_classes"] == 11
     assert all(s["step"] == 4 for s in state["optimizer"]["state"].values())
@@ -135,6 +139,48 @@ def test_finished_run_resumes_to_a_later_step(unet_run, tmp_path, capsys, caplog
     state = checkpoint.load(str(out / "last.pt"))
     assert all(s["step"] == 6 for s in state["optimizer"]["state"].values())
     assert [r["step"] for r in read_csv(out / "metrics.csv") if r["phase"] == "train"] == ["2", "4", "6"]
+
+
+def test_tensorboard_events_go_to_tb_dir_and_the_log_says_where(unet_run, tmp_path, capsys, caplog):
+    cfg_path, finished, _ = unet_run
+    assert tb_scalars(finished / "tb")["val/miou"] == [2, 4]  # the default: {out_dir}/tb
+    caplog.set_level(logging.INFO, logger="trainer")
+    tb = tmp_path / "tb"
+    rc, _, _ = run_main(capsys, "--config", cfg_path, f"train.out_dir={tmp_path / 'out'}", f"train.tb_dir={tb}")
+    assert rc == 0
+    assert f"TensorBoard events: {tb} (tensorboard --logdir {tb})" in caplog.text
+    scalars = tb_scalars(tb)
+    assert scalars["train/loss"] == [2, 4] and scalars["val/miou"] == [2, 4]
+    assert not (tmp_path / "out" / "tb").exists()
+
+
+def test_remote_tensorboard_upload_failure_is_a_warning_and_the_next_upload_catches_up(
+    unet_run, tmp_path, monkeypatch, caplog
+):
+    cfg = load_config(unet_run[0], [f"train.out_dir={tmp_path / 'out'}", "train.tb_dir=memory://tb-retry/tb"])
+    logger = runlog.RunLog(cfg, total_steps=2, enabled=True)
+    real_write, failures = runlog.storage.write_bytes_atomic, []
+
+    def write(url, data):
+        if url.startswith("memory://") and not failures:
+            failures.append(url)
+            raise OSError("storage down")
+        real_write(url, data)
+
+    monkeypatch.setattr(runlog.storage, "write_bytes_atomic", write)
+    logger.train_step(1, torch.tensor(0.5), 1e-3, 4, 0.1, 0.0, 0, False)  # not a log step: nothing uploaded
+    logger.train_step(2, torch.tensor(0.5), 1e-3, 4, 0.1, 0.0, 0, False)  # a log line: the first upload fails
+    assert "TensorBoard events not uploaded to memory://tb-retry/tb (sent again at the next upload): storage down" in (
+        caplog.text
+    )
+    stage = logger._tb_stage
+    logger.close(skipped=0)  # uploads again, whole
+    fs, root = runlog.storage.fs_for("memory://tb-retry/tb")
+    (name,) = [p.rsplit("/", 1)[1] for p in fs.ls(root, detail=False)]
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / name).write_bytes(fs.cat_file(f"{root}/{name}"))
+    assert tb_scalars(tmp_path / "tb")["train/loss"] == [2]
+    assert not os.path.exists(stage)  # the local staging folder is removed at the end
 
 
 # ---------------------------------------------------------------------------------------- kill and resume

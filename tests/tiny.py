@@ -54,3 +54,12 @@ def scored_pixels(shards: str, split: str) -> int:
                 if m.name.endswith(".mask.png"):
                     total += int((np.asarray(Image.open(tar.extractfile(m))) != 255).sum())
     return total
+
+
+def tb_scalars(folder: Path) -> dict[str, list[int]]:
+    """The steps of every scalar tag in the TensorBoard event files of ``folder``, read by TensorBoard itself."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

@@ -54,8 +54,9 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save(out_dir: str, name: str, state: dict, *, retries: int = 1, backoff: float = 0.0) -> str:
-    """Store ``state`` as ``{out_dir}/{name}.pt`` atomically, then point ``latest.json`` at it.
+def save(out_dir: str, name: str, state: dict, *, retries: int = 1, backoff: float = 0.0, pointer: bool = True) -> str:
+    """Store ``state`` as ``{out_dir}/{name}.pt`` atomically, then point ``latest.json`` at it (unless
+    ``pointer`` is false: a checkpoint rewritten with new meta must not become the one a resume starts from).
 
     Each write is attempted up to ``retries`` times, waits doubling from ``backoff`` seconds; then
     ``StorageUnavailable`` is raised (and ``latest.json`` was not touched if the checkpoint was not stored).
@@ -64,8 +65,9 @@ def save(out_dir: str, name: str, state: dict, *, retries: int = 1, backoff: flo
     torch.save(state, buf)
     url = storage.join(out_dir, f"{name}.pt")
     _write(url, buf.getvalue(), retries, backoff)
-    pointer = {"checkpoint": f"{name}.pt", "step": int(state.get("step", 0))}
-    _write(storage.join(out_dir, LATEST), json.dumps(pointer).encode(), retries, backoff)
+    if pointer:
+        newest = {"checkpoint": f"{name}.pt", "step": int(state.get("step", 0))}
+        _write(storage.join(out_dir, LATEST), json.dumps(newest).encode(), retries, backoff)
     return url
 
 

@@ -51,7 +51,9 @@ class DataConfig:
     val_split: str = "val"  # split of `val` to validate on
     batch_size: int = 8  # samples per rank per step (global batch = batch_size * world_size * accum)
     workers: int = 2  # DataLoader worker processes per rank
-    shuffle_buffer: int = 200  # samples held for shuffling in each worker
+    shuffle_buffer: int = 200  # samples held for shuffling in each worker (and per class in the defect pool)
+    defect_share: float = 0.5  # share of each batch drawn from recent tiles holding a defect, class-balanced
+    crop: int = 0  # train on random crops of this side (0 = whole tiles); forced samples centre a defect
     pin_memory: bool = True  # pinned host batches, copied with non_blocking (ignored on CPU)
     prefetch_factor: int = 2  # batches prefetched per worker
     io_retries: int = 6  # attempts to open/read a shard before giving up (exponential backoff)
@@ -59,7 +61,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "batch_size", "shuffle_buffer", "prefetch_factor", "io_retries")
-        _at_least(self, 0, "workers", "io_backoff")
+        _at_least(self, 0, "workers", "io_backoff", "crop")
+        if not 0.0 <= self.defect_share <= 1.0:
+            raise ValueError(f"defect_share must lie in [0, 1], got {self.defect_share}")
 
 
 @dataclass
@@ -97,6 +101,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/default"  # checkpoints, config.yaml, metrics.csv, TensorBoard events (local or s3://)
+    tb_dir: str = ""  # TensorBoard event folder (local or s3://); "" = {out_dir}/tb
     steps: int = 0  # optimizer steps; 0 = epochs * steps_per_epoch
     epochs: float = 20.0  # used when steps = 0; an epoch = train samples / global batch
     seed: int = 0  # same seed, same samples and same initial weights
@@ -109,6 +114,7 @@ class TrainConfig:
     ckpt_every: int = 500  # steps between checkpoints (also at the end)
     resume: str = "auto"  # auto: continue from out_dir's latest checkpoint if any | none | a checkpoint path
     max_bad_steps: int = 5  # abort after this many NaN/inf losses in a row
+    tune_decision: bool = True  # pick per-class thresholds (and, at the end, minimum areas) on validation
 
     def __post_init__(self) -> None:
         _one_of(self, "device", DEVICES)

@@ -18,6 +18,7 @@ values are exact. Batches are (images uint8 (B, C, H, W), masks uint8 (B, H, W),
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shardgen import schema, storage
 from shardgen.reader import CorruptSample, StorageUnavailable, iter_shard
 
+from . import sampling
 from .config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -71,21 +73,35 @@ class TrainTiles(IterableDataset):
                 yield rng.choice(self.urls)
             epoch += 1
 
-    def samples(self, worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Decoded tiles; a corrupt sample is logged with its shard and key, counted, and skipped."""
+    def samples(self, worker: int) -> Iterator[tuple[str, str, dict]]:
+        """Raw samples (url, key, members with the json parsed), undecoded; a sample or shard that cannot be
+        read is logged with its shard and key, counted, and skipped."""
         for url in self.shards(worker):
             try:
                 for key, parts in _read(self, url):
                     try:
-                        yield decode(url, key, parts)
-                    except CorruptSample as e:
-                        self._skip(e)
+                        meta = json.loads(parts[schema.META_KEY])
+                        if self.cfg.defect_share:  # the sampler reads class_pixels before anything is decoded
+                            sampling.defect_classes(meta)
+                    except Exception as e:  # missing member, bad bytes, bad json: many ways
+                        self._skip(CorruptSample(url, key, f"cannot decode: {type(e).__name__}: {e}"))
+                        continue
+                    yield url, key, {**parts, schema.META_KEY: meta}
             except CorruptSample as e:  # the rest of a broken shard is unreadable
                 self._skip(e)
 
     def _skip(self, e: CorruptSample) -> None:
         log.warning("skipping corrupt sample: %s", e)
         self.skipped += 1
+
+    def _tile(self, raw, rng: random.Random, focus: int | None = None):
+        """A raw sample decoded and cropped (``data.crop``); None, counted, if it cannot be decoded."""
+        try:
+            image, mask = decode(*raw)
+        except CorruptSample as e:
+            self._skip(e)
+            return None
+        return sampling.crop(image, mask, self.cfg.crop, rng, focus)
 
     def __iter__(self):
         return _carry_errors(self._batches())
@@ -94,15 +110,30 @@ class TrainTiles(IterableDataset):
         worker, _ = _worker()
         storage.register_gopen()
         rng = random.Random(f"shuffle/{self.seed}/{self.rank}/{worker}/{self.start_step}")
+        size = self.cfg.batch_size
+        forced = sampling.forced_count(self.cfg.defect_share, size)
+        pool = sampling.DefectPool(self.cfg.shuffle_buffer)
         buffer, batch = [], []
-        for tile in self.samples(worker):  # yields decoded tiles
+        for raw in self.samples(worker):  # yields undecoded samples in shard order
+            if forced:
+                pool.add(raw, sampling.defect_classes(raw[2][schema.META_KEY]))
             if len(buffer) < self.cfg.shuffle_buffer:
-                buffer.append(tile)
+                buffer.append(raw)
                 continue
             k = rng.randrange(len(buffer))  # reservoir-style shuffle: emit a random element, keep the new one
-            buffer[k], tile = tile, buffer[k]
-            batch.append(tile)
-            if len(batch) == self.cfg.batch_size:
+            buffer[k], raw = raw, buffer[k]
+            tile = self._tile(raw, rng)
+            if tile is not None:
+                batch.append(tile)
+            # The forced share comes last, from the pool; while the pool is empty the stream fills the batch.
+            while size - forced <= len(batch) < size and (drawn := pool.draw(rng)):
+                focus, pooled = drawn
+                tile = self._tile(pooled, rng, focus)
+                if tile is None:
+                    pool.discard(pooled)
+                else:
+                    batch.append(tile)
+            if len(batch) == size:
                 yield from _retries(self)
                 yield collate(batch, self.skipped)  # yields (images, masks, skipped)
                 batch, self.skipped = [], 0

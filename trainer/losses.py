@@ -1,13 +1,15 @@
 """Segmentation losses: (B)CE + soft Dice, 255 ignored everywhere, summed over deep-supervision outputs.
 
 - one output channel (binary): ``ce_weight * BCEWithLogits(pos_weight) + dice_weight * Dice(sigmoid)``;
-  the research recipe is 0.5 / 0.5 with pos_weight 50.
+  the research recipe is 0.5 / 0.5 with pos_weight 50 (configs/research.yaml), the default pos_weight 1:
+  defect-aware sampling balances the classes, and a large pos_weight paints a halo around every defect.
 - two or more channels (multiclass): ``ce_weight * CrossEntropy(class weights) + dice_weight *
-  Dice(softmax)``, the Dice averaged over defect classes 1..N-1 (background is left to the cross-entropy).
+  Dice(softmax)``, the Dice averaged over the defect classes present in the batch (background is left to
+  the cross-entropy); class weights are the gentle inverse square root of the frequency by default.
 - a list/tuple of outputs (U2-Net: fused map + 6 side maps) gets the loss of each, summed, as the official
   U2-Net ``muti_bce_loss_fusion`` does.
 Dice is computed over the whole batch (not per tile), so tiles without defects do not each count as a
-perfect or a failed Dice on their own.
+perfect or a failed Dice on their own, and only over classes the batch holds (nnU-Net's batch Dice).
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ CLASS_WEIGHTINGS = ("median_freq", "inv_sqrt", "none")
 class LossConfig:
     ce_weight: float = 0.5  # weight of the BCE (binary) / cross-entropy (multiclass) term; research: 0.5
     dice_weight: float = 0.5  # weight of the soft Dice term; research: 0.5
-    pos_weight: float = 50.0  # binary only: BCE weight of defect pixels (research default, defects are rare)
-    class_weighting: str = "median_freq"  # multiclass CE weights: median_freq | inv_sqrt | none
+    # Binary only: BCE weight of defect pixels. The research code's 50 buys recall with a halo of false
+    # positives around every defect; defect-aware sampling (data.defect_share) balances the classes instead.
+    pos_weight: float = 1.0
+    class_weighting: str = "inv_sqrt"  # multiclass CE weights: median_freq (research) | inv_sqrt | none
     class_weight_min: float = 0.1  # clip of the CE class weights (median-frequency class = 1.0) ...
-    class_weight_max: float = 10.0  # ... so a near-empty class cannot dominate the loss
+    class_weight_max: float = 5.0  # ... so a near-empty class cannot dominate the loss
     dice_smooth: float = 1.0  # added to Dice numerator and denominator: absent class, no prediction -> 0
 
     def __post_init__(self) -> None:
@@ -86,15 +90,20 @@ def class_weights_from_histogram(counts: Sequence[int], method: str = "median_fr
 def _soft_dice_loss(
     probs: torch.Tensor, onehot: torch.Tensor, valid: torch.Tensor, smooth: float
 ) -> torch.Tensor:
-    """Mean over channels of ``1 - (2|P*T| + s) / (|P| + |T| + s)``; sums run over valid pixels of the batch.
+    """Mean of ``1 - (2|P*T| + s) / (|P| + |T| + s)`` over the channels present in the batch's truth (0 when
+    none is); sums run over valid pixels of the whole batch (batch Dice).
 
-    probs/onehot: (B, K, H, W); valid: (B, 1, H, W) float.
+    A class absent from the batch has no overlap to reward, only predictions to punish, which the (B)CE term
+    already does: counting it would pull every rare class towards "never predict". probs/onehot: (B, K, H, W);
+    valid: (B, 1, H, W) float.
     """
     p = probs * valid
     t = onehot * valid
     inter = (p * t).sum(dim=(0, 2, 3))
-    denom = p.sum(dim=(0, 2, 3)) + t.sum(dim=(0, 2, 3))
-    return (1.0 - (2.0 * inter + smooth) / (denom + smooth)).mean()
+    truth = t.sum(dim=(0, 2, 3))
+    loss = 1.0 - (2.0 * inter + smooth) / (p.sum(dim=(0, 2, 3)) + truth + smooth)
+    present = (truth > 0).to(loss.dtype)
+    return (loss * present).sum() / present.sum().clamp_min(1.0)
 
 
 class _DeepSupervisedLoss(nn.Module):

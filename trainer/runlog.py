@@ -1,10 +1,20 @@
-"""What a run reports, on rank 0: log lines, TensorBoard events, metrics.csv and the resolved config."""
+"""What a run reports, on rank 0: log lines, TensorBoard events, metrics.csv and the resolved config.
+
+TensorBoard events go to ``train.tb_dir``, by default ``{out_dir}/tb``. TensorBoard's writer only writes
+local files, so for an ``s3://`` (or other remote) folder they are written to a local temporary folder and
+uploaded whole: at most every TB_UPLOAD_EVERY_S at a log line, at each validation and checkpoint, and at
+the end. A failed upload is a warning, never the end of a run: the next one sends the whole files again.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import logging
+import os
+import shutil
+import tempfile
+import time
 
 import torch
 
@@ -13,6 +23,7 @@ from shardgen import storage
 from .config import Config, dump_yaml
 
 log = logging.getLogger("trainer")
+TB_UPLOAD_EVERY_S = 60.0  # remote TensorBoard folders: seconds between uploads at log lines
 
 
 class RunLog:
@@ -22,6 +33,8 @@ class RunLog:
         self.last_val: dict | None = None
         self._loss, self._n, self._time, self._wait, self._samples = 0.0, 0, 0.0, 0.0, 0
         self.tb = None
+        self._tb_stage: str | None = None  # local folder of events bound for a remote tb folder
+        self._tb_uploaded = 0.0  # time.monotonic() of the last upload
         if not enabled:
             return
         out = cfg.train.out_dir
@@ -34,11 +47,37 @@ class RunLog:
             self.rows = [r for r in rows if r.get("step") and int(r["step"]) <= start_step]
         # The resolved config sits next to the checkpoints, so a run can always be reproduced.
         storage.write_bytes_atomic(storage.join(out, "config.yaml"), dump_yaml(cfg).encode())
-        if storage.is_local(out) and "://" not in out:
-            from torch.utils.tensorboard import SummaryWriter
+        self._open_tb(start_step)
 
-            # purge_step hides the events a killed attempt wrote after the checkpoint it resumes from.
-            self.tb = SummaryWriter(storage.join(out, "tb"), purge_step=start_step + 1 if start_step else None)
+    def _open_tb(self, start_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb_url = self.cfg.train.tb_dir or storage.join(self.cfg.train.out_dir, "tb")
+        if storage.is_local(self.tb_url):
+            folder = storage.to_local_path(self.tb_url)
+        else:
+            folder = self._tb_stage = tempfile.mkdtemp(prefix="trainer-tb-")
+        # purge_step hides the events a killed attempt wrote after the checkpoint it resumes from (on S3 too:
+        # each attempt writes its own event file into the same folder).
+        self.tb = SummaryWriter(folder, purge_step=start_step + 1 if start_step else None)
+        if self._tb_stage:
+            log.info("TensorBoard events: %s (written to %s, uploaded every %.0f s, at validations and at the "
+                     "end; tensorboard --logdir %s)", self.tb_url, folder, TB_UPLOAD_EVERY_S, self.tb_url)  # fmt: skip
+        else:
+            log.info("TensorBoard events: %s (tensorboard --logdir %s)", folder, folder)
+
+    def _upload_tb(self) -> None:
+        """Copy the staged event files whole to the remote tb folder."""
+        if not (self.tb and self._tb_stage):
+            return
+        self.tb.flush()
+        self._tb_uploaded = time.monotonic()
+        try:
+            for name in sorted(os.listdir(self._tb_stage)):
+                with open(os.path.join(self._tb_stage, name), "rb") as f:
+                    storage.write_bytes_atomic(storage.join(self.tb_url, name), f.read())
+        except OSError as e:
+            log.warning("TensorBoard events not uploaded to %s (sent again at the next upload): %s", self.tb_url, e)
 
     @staticmethod
     def class_names(classes: list[str], binary: bool) -> list[str]:
@@ -67,6 +106,8 @@ class RunLog:
             self.tb.add_scalar("train/lr", lr, step)
             self.tb.add_scalar("train/samples_per_s", rate, step)
             self.tb.add_scalar("train/data_wait", wait_frac, step)
+            if time.monotonic() - self._tb_uploaded >= TB_UPLOAD_EVERY_S:
+                self._upload_tb()
         self._loss, self._n, self._time, self._wait, self._samples = 0.0, 0, 0.0, 0.0, 0
 
     def val(self, step: int, metrics: dict) -> None:
@@ -77,10 +118,15 @@ class RunLog:
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         log.info("val step %d: mIoU %s | %s", step, fmt(metrics["miou"]),
                  " ".join(f"{k[4:]} {fmt(v)}" for k, v in ious.items()))  # fmt: skip
-        self._row(step=step, phase="val", miou=metrics["miou"], **ious)
+        tuned = metrics.get("tuned_miou")  # mIoU at the thresholds tuned on this validation
+        if tuned is not None:
+            log.info("val step %d: tuned mIoU %.3f at thresholds %s", step, tuned, metrics["thresholds"])
+        self._row(step=step, phase="val", miou=metrics["miou"], tuned_miou=tuned, **ious)
         if self.tb:
             if metrics["miou"] is not None:
                 self.tb.add_scalar("val/miou", metrics["miou"], step)
+            if tuned is not None:
+                self.tb.add_scalar("val/tuned_miou", tuned, step)
             for k, v in ious.items():
                 if v is not None:
                     self.tb.add_scalar(f"val/{k}", v, step)
@@ -98,6 +144,7 @@ class RunLog:
         writer.writeheader()
         writer.writerows(self.rows)
         storage.write_bytes_atomic(storage.join(self.cfg.train.out_dir, "metrics.csv"), buf.getvalue().encode())
+        self._upload_tb()
 
     def close(self, skipped: int, io_retries: int = 0) -> None:
         if not self.enabled:
@@ -105,6 +152,8 @@ class RunLog:
         self._row(phase="end", skipped_samples=skipped, io_retries=io_retries)
         if skipped:
             log.warning("skipped %d corrupt training samples in total (see the warnings above)", skipped)
-        self.flush()
         if self.tb:
-            self.tb.close()
+            self.tb.close()  # before the last upload (in flush), so the uploaded files are complete
+        self.flush()
+        if self._tb_stage:
+            shutil.rmtree(self._tb_stage, ignore_errors=True)

@@ -28,6 +28,7 @@ from . import checkpoint, dist, runlog
 from .augment import GpuAugment
 from .config import Config, to_dict
 from .data import class_histogram, rank_share, reraise, train_loader, val_loader
+from .decision import AreaTuner, Decision, ThresholdTuner
 from .losses import build_loss
 from .metrics import ConfusionMatrix
 from .models import build_model
@@ -81,10 +82,17 @@ def predict(logits: torch.Tensor) -> torch.Tensor:
     return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
 
 
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over classes, or the sigmoid of a single (binary) logit."""
+    logits = logits.float()
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(1)
+
+
 @torch.no_grad()
-def evaluate(model, batches, augment, n_classes, class_names, device, amp) -> dict:
+def evaluate(model, batches, augment, n_classes, class_names, device, amp, tuner=None) -> dict:
     """Validation metrics from a confusion matrix summed over every rank, plus ``samples`` (tiles seen by all
-    ranks together) and ``pixels`` (scored, i.e. not ignored, pixels). ``batches``: ``reraise(val loader)``."""
+    ranks together) and ``pixels`` (scored, i.e. not ignored, pixels). ``batches``: ``reraise(val loader)``.
+    ``tuner`` (a decision.ThresholdTuner or AreaTuner) also sees every batch's probabilities and is reduced."""
     model.eval()
     augment.eval()
     cm = ConfusionMatrix(max(n_classes, 2), class_names=class_names, device=device)
@@ -94,12 +102,55 @@ def evaluate(model, batches, augment, n_classes, class_names, device, amp) -> di
         with amp:
             logits = model(x)
         cm.update(y, predict(logits.float()))
+        if tuner is not None:
+            tuner.update(probabilities(logits), y)
         samples += images.shape[0]
     cm.reduce_from_all_processes()  # every rank reaches this once, whatever its share
     dist.all_reduce(samples)
+    if tuner is not None:
+        tuner.reduce(dist.all_reduce)
     model.train()
     augment.train()
     return {**cm.compute(), "samples": int(samples), "pixels": int(cm.mat.sum())}
+
+
+def tuned_metrics(metrics: dict, tuner: ThresholdTuner, class_names: list[str]) -> dict:
+    """``metrics`` plus the tuned thresholds, the IoU each reaches and their mean over scored classes."""
+    thresholds, ious = tuner.best()
+    scored = [v for v in ious if v is not None]
+    return {**metrics, "thresholds": thresholds, "tuned_iou": dict(zip(class_names[1:], ious, strict=True)),
+            "tuned_miou": sum(scored) / len(scored) if scored else None}  # fmt: skip
+
+
+def finish_decision(cfg, raw_model, val_batches, augment, n_classes, names, device, amp, step) -> Decision | None:
+    """Minimum component areas tuned on validation with the best model at its tuned thresholds; the whole
+    decision is stored in ``best.pt`` (and ``last.pt`` when it holds the same step). Loads the best weights
+    into ``raw_model``. None when there is no best checkpoint with tuned thresholds."""
+    url = storage.join(cfg.train.out_dir, "best.pt")
+    try:
+        state = checkpoint.load(url)  # every rank reads it: out_dir is shared by design
+    except checkpoint.CheckpointError:
+        return None
+    found = Decision.from_meta(state["meta"])
+    if found is None:
+        return None
+    raw_model.load_state_dict(state["model"])
+    tuner = AreaTuner(found, len(found.thresholds))
+    evaluate(raw_model, reraise(val_batches), augment, n_classes, names, device, amp, tuner)
+    decision = Decision("tuned", found.thresholds, tuner.best()[0])
+    io = dict(retries=cfg.data.io_retries, backoff=cfg.data.io_backoff, pointer=False)
+    if dist.is_main():
+        state["meta"]["decision"] = decision.to_json()
+        checkpoint.save(cfg.train.out_dir, "best", state, **io)
+        if state["step"] == step:
+            last = checkpoint.load(storage.join(cfg.train.out_dir, "last.pt"))
+            last["meta"]["decision"] = decision.to_json()
+            checkpoint.save(cfg.train.out_dir, "last", last, **io)
+        log.info("decision tuned on %s: thresholds %s, minimum areas %s px", cfg.data.val_split,
+                 dict(zip(names[1:], decision.thresholds, strict=True)),
+                 dict(zip(names[1:], decision.min_area, strict=True)))  # fmt: skip
+    dist.barrier()
+    return decision
 
 
 def train(cfg: Config) -> dict:
@@ -186,6 +237,9 @@ def train(cfg: Config) -> dict:
     val_batches = val_loader(val_manifest, cfg.data.val_split, cfg.data, rank, world, pin)
     logger = runlog.RunLog(cfg, total, enabled=dist.is_main(), start_step=step)
     last_metrics = None
+    names = logger.class_names(classes, binary)
+    n_defect = max(1, n_classes - 1)
+    decision = None  # the thresholds tuned with the current best model, saved in its checkpoint's meta
 
     skipped_here = 0  # corrupt samples this rank's loader skipped in this attempt
     val_retries = 0  # storage retries of this rank's validation reads (training reads: batches.io_retries)
@@ -195,13 +249,15 @@ def train(cfg: Config) -> dict:
 
     def save(name: str) -> str:
         skipped = skipped_total()
+        saved_meta = {**meta, "decision": decision.to_json()} if decision is not None else meta
         rngs = dist.all_gather_object(checkpoint.rng_state())
         url = storage.join(cfg.train.out_dir, f"{name}.pt")
         if dist.is_main():  # uploads get the shard readers' retry policy: the same storage, the same outages
             checkpoint.save(cfg.train.out_dir, name, {
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                "best_miou": best, "skipped_samples": skipped, "bad_steps": bad_total, "rng": rngs, "meta": meta,
+                "best_miou": best, "skipped_samples": skipped, "bad_steps": bad_total, "rng": rngs,
+                "meta": saved_meta,
             }, retries=cfg.data.io_retries, backoff=cfg.data.io_backoff)  # fmt: skip
             logger.flush()  # metrics.csv holds every row up to the checkpoint a resume starts from
         dist.barrier()  # no rank runs ahead of a checkpoint it might need to resume from
@@ -264,22 +320,27 @@ def train(cfg: Config) -> dict:
 
             if step % cfg.train.val_every == 0 or step == total:
                 val_stream = reraise(val_batches)
+                tuner = ThresholdTuner(n_defect, device) if cfg.train.tune_decision else None
                 try:
-                    metrics = evaluate(raw_model, val_stream, augment, n_classes,
-                                       logger.class_names(classes, binary), device, amp)  # fmt: skip
+                    metrics = evaluate(raw_model, val_stream, augment, n_classes, names, device, amp, tuner)
                 except StorageUnavailable as e:
                     raise outage(e) from None
                 val_retries += val_stream.io_retries
                 if metrics["samples"] != n_val:  # the dealing to ranks and workers lost or repeated tiles
                     raise TrainError(f"{val_manifest['_url']}: validation saw {metrics['samples']} samples of split "
                                      f"{cfg.data.val_split!r}, the manifest lists {n_val}")
+                if tuner is not None:
+                    metrics = tuned_metrics(metrics, tuner, names)
                 last_metrics = metrics
-                miou = metrics["miou"] if metrics["miou"] is not None else 0.0
+                # The model is judged by the decision it will be used with: tuned thresholds when tuning.
+                score = metrics["tuned_miou" if tuner is not None else "miou"] or 0.0
                 if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    scheduler.step(miou)
+                    scheduler.step(score)
                 logger.val(step, metrics)
-                if miou > best:
-                    best = miou
+                if score > best:
+                    best = score
+                    if tuner is not None:
+                        decision = Decision("tuned", metrics["thresholds"], [0] * n_defect)
                     save("best")
             if step % cfg.train.ckpt_every == 0 or step == total:
                 save("last")
@@ -295,6 +356,9 @@ def train(cfg: Config) -> dict:
         log.warning("ranks disagree: steps %s, parameter digests %s", [s for s, _ in ranks], [d for _, d in ranks])
     elif world > 1:
         log.info("%d ranks took %d steps each and hold identical parameters", world, step)
-    return {"steps": step, "best_miou": best, "last_val": last_metrics, "skipped_samples": skipped,
+    if cfg.train.tune_decision:
+        decision = finish_decision(cfg, raw_model, val_batches, augment, n_classes, names, device, amp, step)
+    return {"steps": step, "best_miou": best, "decision": decision and decision.to_json(),
+            "last_val": last_metrics, "skipped_samples": skipped,
             "bad_steps": bad_total, "rank_steps": [s for s, _ in ranks], "params_in_sync": in_sync,
             "io_retries": io_retries, "out_dir": cfg.train.out_dir}  # fmt: skip

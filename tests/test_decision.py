@@ -1,0 +1,196 @@
+"""Decisions tuned on validation (trainer.decision): the tuners recover the best threshold and minimum area of
+constructed cases, and a trained checkpoint's decision reaches evaluate's predictions and metrics.json."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_evaluate import GRID, tiny_dataset
+
+from evaluate.__main__ import main as evaluate_main
+from evaluate.inference import Predictor, load_model
+from evaluate.tiles import iter_images
+from shardgen import schema
+from trainer import checkpoint
+from trainer.decision import AREAS, BINS, AreaTuner, Decision, ThresholdTuner
+
+
+def brute_force_iou(p: np.ndarray, truth: np.ndarray, t: float) -> float:
+    pred = p >= t
+    return (pred & truth).sum() / (pred | truth).sum()
+
+
+def test_threshold_tuner_finds_the_best_binary_threshold():
+    """Defects score U(0.55, 1), background U(0, 0.75) with 20x more pixels: the best cut is not 0.5."""
+    g = np.random.default_rng(0)
+    truth = g.random((8, 64, 64)) < 0.05
+    p = np.where(truth, g.uniform(0.55, 1.0, truth.shape), g.uniform(0.0, 0.75, truth.shape))
+    p = np.floor(p * BINS) / BINS + 0.005  # bin centres: the tuner's 0.01 grid is then exact
+    target = torch.from_numpy(truth.astype(np.int64))
+    target[0, :4] = 255  # ignored pixels count for nothing
+    tuner = ThresholdTuner(1, "cpu")
+    tuner.update(torch.from_numpy(p)[:, None].float(), target)
+    (t,), (iou,) = tuner.best()
+    keep = target.numpy() != 255
+    grid = [b / BINS for b in range(1, BINS)]
+    scores = [brute_force_iou(p[keep], truth[keep], c) for c in grid]
+    assert t == pytest.approx(grid[int(np.argmax(scores))])
+    assert iou == pytest.approx(max(scores))
+    assert 0.7 < t < 0.76 and iou > brute_force_iou(p[keep], truth[keep], 0.5) + 0.2
+
+
+def test_threshold_tuner_per_class_and_absent_classes():
+    """Three classes: class 1 wants a high threshold, class 2 a low one, class 3 never occurs."""
+    g = np.random.default_rng(1)
+    target = torch.from_numpy(g.integers(0, 3, (4, 32, 32)))
+    probs = torch.zeros((4, 4, 32, 32))
+    probs[:, 0] = 0.2
+    # Class 1 truth pixels score 0.8, its false alarms 0.6; class 2 truth scores 0.3, never falsely alarms.
+    probs[:, 1] = torch.where(target == 1, 0.8, torch.where(target == 0, 0.6, 0.0))
+    probs[:, 2] = torch.where(target == 2, 0.3, 0.0)
+    tuner = ThresholdTuner(3, "cpu")
+    tuner.update(probs, target)
+    thresholds, ious = tuner.best()
+    assert 0.6 < thresholds[0] <= 0.8 and ious[0] == pytest.approx(1.0)
+    assert thresholds[1] <= 0.3 and ious[1] == pytest.approx(1.0)
+    assert thresholds[2] == 0.5 and ious[2] is None
+    decision = Decision("tuned", thresholds, [0, 0, 0])
+    assert torch.equal(decision.classes(probs), target)
+
+
+def test_area_tuner_drops_specks_and_keeps_defects():
+    """Each tile: one true 6x6 defect and three false 2x2 specks; the best minimum area lies in (4, 36]."""
+    target = torch.zeros((3, 40, 40), dtype=torch.long)
+    probs = torch.zeros((3, 1, 40, 40))
+    target[:, 5:11, 5:11] = 1
+    probs[:, 0, 5:11, 5:11] = 0.9
+    for y, x in ((20, 20), (30, 5), (2, 30)):
+        probs[:, 0, y : y + 2, x : x + 2] = 0.9
+    tuner = AreaTuner(Decision("tuned", [0.5], [0]), 1)
+    tuner.update(probs, target)
+    (area,), (iou,) = tuner.best()
+    assert area == min(a for a in AREAS if a > 4) and iou == pytest.approx(1.0)
+    pred = Decision("tuned", [0.5], [area])(probs[0])
+    assert np.array_equal(pred, target[0].numpy().astype(np.uint8))
+
+
+def test_argmax_decision_is_the_plain_rule():
+    probs = torch.softmax(torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), 1)
+    assert torch.equal(Decision.argmax(3).classes(probs), probs.argmax(1))
+    binary = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(Decision.argmax(1).classes(binary), (binary[:, 0] >= 0.5).long())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory)
+
+
+def test_tuned_decision_round_trips_checkpoint_evaluate_metrics(tiny, tmp_path, capsys):
+    """Training stores the decision in the checkpoint; evaluate applies it by default and says so."""
+    state = checkpoint.load(str(tiny.ckpt))
+    saved = state["meta"]["decision"]
+    assert saved["kind"] == "tuned" and len(saved["thresholds"]) == len(saved["min_area"]) == 10
+    best = checkpoint.load(str(tiny.ckpt.parent / "best.pt"))
+    assert best["meta"]["decision"] == saved  # the last step was the best: both carry the final decision
+
+    out = tmp_path / "tuned"
+    argv = ["--checkpoint", str(tiny.ckpt), "--data", str(tiny.shards), "--split", "test", "--out", str(out),
+            "--device", "cpu", "--workers", "0"]  # fmt: skip
+    assert evaluate_main(argv) == 0
+    assert "decision: tuned" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["decision"] == {"requested": "tuned", **saved}
+    assert "tuned on validation" in (out / "report.html").read_text()
+
+    # The predictions are the stored decision applied to the blended probabilities.
+    model = load_model(str(tiny.ckpt), torch.device("cpu"))
+    predictor = Predictor(model, GRID, decision=Decision.from_meta(model.meta))
+    items = iter_images(schema.read_manifest(str(tiny.shards)), "test")
+    for pred, item in predictor.predict((i.images, i) for i in items):
+        written = np.asarray(Image.open(out / "predictions" / f"{item.image_id}.png"))
+        assert np.array_equal(pred, written)
+
+
+def test_checkpoint_without_decision_falls_back_to_argmax_with_a_warning(tiny, tmp_path, capsys):
+    state = checkpoint.load(str(tiny.ckpt))
+    del state["meta"]["decision"]
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    out = tmp_path / "eval"
+    argv = ["--checkpoint", str(old), "--data", str(tiny.shards), "--split", "test", "--out", str(out),
+            "--device", "cpu", "--workers", "0"]  # fmt: skip
+    assert evaluate_main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"evaluate: warning: {old}: checkpoint has no tuned decision" in err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["decision"]["kind"] == "argmax" and metrics["decision"]["requested"] == "tuned"
+
+
+# ---------------------------------------------------------------------------------- test-time augmentation
+
+
+def _model(net: torch.nn.Module, classes: list[str]):
+    from evaluate.inference import Model
+    from trainer.augment import AugmentConfig, GpuAugment, NormalizeConfig
+
+    norm = GpuAugment(AugmentConfig(enabled=False), NormalizeConfig()).eval()
+    return Model(net.eval(), norm, {"classes": classes}, "x.pt", torch.device("cpu"))
+
+
+def test_tta_of_a_symmetric_model_equals_no_tta():
+    """A pointwise (1x1) network commutes with every flip and rotation: all views agree exactly."""
+    torch.manual_seed(0)
+    model = _model(torch.nn.Conv2d(1, 3, 1), ["background", "a", "b"])
+    tiles = torch.randint(0, 256, (5, 1, 16, 16), dtype=torch.uint8)
+    none = Predictor(model, GRID, tta="none").tile_probabilities(tiles)
+    for mode in ("flips", "d4"):
+        assert torch.allclose(Predictor(model, GRID, tta=mode).tile_probabilities(tiles), none, atol=1e-6)
+
+
+def test_tta_averages_the_views_turned_back():
+    """A 3x3 network with a lopsided kernel: flips TTA is the mean of the four flipped, unflipped outputs."""
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(1, 2, 3, padding=1)
+    model = _model(net, ["background", "defect"])
+    tiles = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
+    x = model.normalize.normalize(tiles)
+    with torch.no_grad():
+        expect = sum(torch.softmax(net(x.flip(v)), 1).flip(v) for v in [(), (3,), (2,), (2, 3)]) / 4
+        d4 = sum(torch.softmax(net(torch.rot90(x, k, (2, 3)).flip(f)), 1).flip(f).rot90(-k, (2, 3))
+                 for k in range(4) for f in [(), (3,)]) / 8  # fmt: skip
+    assert torch.allclose(Predictor(model, GRID, tta="flips").tile_probabilities(tiles), expect, atol=1e-6)
+    assert torch.allclose(Predictor(model, GRID, tta="d4").tile_probabilities(tiles), d4, atol=1e-6)
+    assert not torch.allclose(Predictor(model, GRID, tta="none").tile_probabilities(tiles), expect, atol=1e-3)
+
+
+def test_scored_predictions_decide_like_predict_and_score_the_tta_probabilities():
+    """predict's shape scores: ``predict_scored`` decides as ``predict`` does (tuned thresholds, area filter,
+    TTA) and gives each pixel the blended, view-averaged probability of the class it was decided to be."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    cases = [(["background", "a", "b"], 3, Decision("tuned", [0.4, 0.6], [0, 8])),
+             (["background", "defect"], 1, Decision("tuned", [0.45], [4]))]  # fmt: skip
+    for classes, outputs, decision in cases:
+        model = _model(torch.nn.Conv2d(1, outputs, 3, padding=1), classes)
+        items = [(torch.randint(0, 256, (GRID.count, 1, GRID.tile, GRID.tile), dtype=torch.uint8, generator=g), k)
+                 for k in range(2)]  # fmt: skip
+        predictor = Predictor(model, GRID, batch_size=7, decision=decision, tta="flips")
+        probs = [p for p, _ in predictor.probabilities(items)]
+        plain = [c for c, _ in predictor.predict(items)]
+        scored = list(predictor.predict_scored(items))
+        assert [k for *_, k in scored] == [0, 1]
+        for p, c, (decided, confidence, _) in zip(probs, plain, scored, strict=True):
+            np.testing.assert_array_equal(decided, c)
+            np.testing.assert_array_equal(decided, decision(p))
+            assert 0 < (decided > 0).mean() < 1
+            p = p.numpy()
+            if outputs == 1:
+                expect = np.where(decided > 0, p[0], 1 - p[0])
+            else:
+                expect = np.take_along_axis(p, decided[None].astype(np.int64), 0)[0]
+            np.testing.assert_allclose(confidence, expect, atol=1e-6)

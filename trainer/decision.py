@@ -1,0 +1,177 @@
+"""Turning probabilities into class maps: the decision rule, and tuning its values on validation.
+
+A model's probabilities are calibrated by its loss, not by what an inspector scores, so the rule that turns
+them into defects is chosen on the validation split, as the Severstal steel-defect winners did:
+
+- binary: a pixel is a defect when its probability reaches ``thresholds[0]``;
+- multiclass: a pixel takes the defect class with the highest probability, if that probability reaches
+  the class's threshold, else background;
+- then connected components (8-connected, per class) smaller than the class's ``min_area`` pixels, in the
+  1200x1200 model space, become background.
+
+``ThresholdTuner`` accumulates, per defect class, a histogram of the deciding probability split by whether
+the truth agrees, so every threshold's IoU follows from one pass and sums across ranks. ``AreaTuner`` then
+scores minimum component areas at the chosen thresholds. Without tuned values ``Decision.argmax`` is the
+plain rule (argmax, or 0.5 for binary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+IGNORE_INDEX = 255
+BINS = 100  # threshold resolution: 0.01
+AREAS = (0, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # candidate minimum component areas, px
+EIGHT = np.ones((3, 3), bool)  # 8-connectivity, as the object metrics use
+
+
+@dataclass
+class Decision:
+    kind: str  # "tuned" or "argmax"
+    thresholds: list[float]  # per defect class (one for binary); argmax: unused
+    min_area: list[int]  # per defect class; 0 keeps every component
+
+    @classmethod
+    def argmax(cls, n_defect: int) -> Decision:
+        return cls("argmax", [0.5] * n_defect, [0] * n_defect)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> Decision | None:
+        d = meta.get("decision")
+        return cls(d["kind"], list(d["thresholds"]), list(d["min_area"])) if d else None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def classes(self, probs: torch.Tensor) -> torch.Tensor:
+        """Probabilities (B, K, H, W) -> class ids (B, H, W) int64, before the area filter."""
+        if probs.shape[1] == 1:
+            return (probs[:, 0] >= (self.thresholds[0] if self.kind == "tuned" else 0.5)).long()
+        if self.kind != "tuned":
+            return probs.argmax(1)
+        top_p, top = probs[:, 1:].max(1)
+        t = torch.as_tensor(self.thresholds, device=probs.device, dtype=probs.dtype)[top]
+        return torch.where(top_p >= t, top + 1, 0)
+
+    def filter_areas(self, pred: np.ndarray) -> np.ndarray:
+        """(H, W) class ids with components below their class's ``min_area`` set to background."""
+        if not any(self.min_area):
+            return pred
+        out = pred.copy()
+        for c, area in enumerate(self.min_area, start=1):
+            if area <= 1:
+                continue
+            labels, n = ndimage.label(pred == c, EIGHT)
+            if n:
+                small = np.bincount(labels.ravel()) < area
+                small[0] = False
+                out[small[labels]] = 0
+        return out
+
+    def __call__(self, probs: torch.Tensor) -> np.ndarray:
+        """(K, H, W) probabilities of one image -> (H, W) uint8 class ids, area filter included."""
+        return self.filter_areas(self.classes(probs[None])[0].to(torch.uint8).cpu().numpy())
+
+
+def _deciding(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class index 0.. among defect classes, its probability) per pixel, the values a threshold compares."""
+    if probs.shape[1] == 1:
+        return torch.zeros_like(probs[:, 0], dtype=torch.long), probs[:, 0]
+    top_p, top = probs[:, 1:].max(1)
+    return top, top_p
+
+
+class ThresholdTuner:
+    """Per defect class: how many pixels decided for that class at each probability bin are right or wrong,
+    and how many truth pixels it has. Threshold ``b / BINS`` keeps bins ``b..``."""
+
+    def __init__(self, n_defect: int, device):
+        self.n = n_defect
+        self.hist = torch.zeros((n_defect, 2, BINS), dtype=torch.int64, device=device)  # [class, wrong/right]
+        self.truth = torch.zeros(n_defect, dtype=torch.int64, device=device)
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        """probs (B, K, H, W) in [0, 1]; target (B, H, W) class ids with 255 ignored."""
+        valid = target != IGNORE_INDEX
+        cls, p = _deciding(probs)
+        right = (target == cls + 1) & valid
+        b = (p * BINS).long().clamp_(0, BINS - 1)
+        index = (cls * 2 + right.long()) * BINS + b
+        self.hist += torch.bincount(index[valid], minlength=self.n * 2 * BINS).view(self.n, 2, BINS)
+        t = target[valid]
+        self.truth += torch.bincount(t[(t > 0)] - 1, minlength=self.n)[: self.n]
+
+    def reduce(self, all_reduce) -> None:
+        all_reduce(self.hist)
+        all_reduce(self.truth)
+
+    def best(self) -> tuple[list[float], list[float | None]]:
+        """(threshold, its IoU) per class; a class with no truth pixels keeps 0.5 and IoU None."""
+        wrong, right = self.hist[:, 0].cpu().double(), self.hist[:, 1].cpu().double()
+        # tp[b] / fp[b]: pixels kept at threshold b / BINS (bins b and above).
+        tp = right.flip(1).cumsum(1).flip(1)
+        fp = wrong.flip(1).cumsum(1).flip(1)
+        truth = self.truth.cpu().double()[:, None]
+        iou = tp / (truth + fp).clamp_min(1)  # tp + fp + fn = fp + truth
+        thresholds, ious = [], []
+        for c in range(self.n):
+            if truth[c, 0] == 0:
+                thresholds.append(0.5)
+                ious.append(None)
+                continue
+            # Among equal IoUs prefer the threshold closest to 0.5: ties are flat stretches of the curve.
+            b = max(range(1, BINS), key=lambda k: (round(float(iou[c, k]), 6), -abs(k - BINS // 2)))
+            thresholds.append(b / BINS)
+            ious.append(float(iou[c, b]))
+        return thresholds, ious
+
+
+class AreaTuner:
+    """At fixed thresholds, per defect class and candidate minimum area (``AREAS``): the right and wrong
+    pixels of the components that survive, and the truth pixels. Components are counted per tile."""
+
+    def __init__(self, decision: Decision, n_defect: int):
+        self.decision, self.n = decision, n_defect
+        self.kept = np.zeros((n_defect, len(AREAS), 2), np.int64)  # [class, area, wrong/right]
+        self.truth = np.zeros(n_defect, np.int64)
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        pred = self.decision.classes(probs).cpu().numpy()
+        target = target.cpu().numpy()
+        areas = np.asarray(AREAS)
+        for p, t in zip(pred, target, strict=True):
+            valid = t != IGNORE_INDEX
+            for c in range(1, self.n + 1):
+                self.truth[c - 1] += int(((t == c) & valid).sum())
+                labels, count = ndimage.label(p == c, EIGHT)
+                if not count:
+                    continue
+                size = np.bincount(labels.ravel())[1:]
+                right = np.bincount(labels[valid].ravel(), weights=(t[valid] == c), minlength=count + 1)[1:]
+                wrong = np.bincount(labels[valid].ravel(), minlength=count + 1)[1:] - right
+                keep = size[None, :] >= areas[:, None]  # (areas, components)
+                self.kept[c - 1, :, 0] += (keep * wrong[None]).sum(1).astype(np.int64)
+                self.kept[c - 1, :, 1] += (keep * right[None]).sum(1).astype(np.int64)
+
+    def reduce(self, all_reduce) -> None:
+        for name in ("kept", "truth"):
+            setattr(self, name, all_reduce(torch.from_numpy(getattr(self, name))).numpy())
+
+    def best(self) -> tuple[list[int], list[float | None]]:
+        """(min area, its IoU) per class: the largest IoU, the smaller area on ties."""
+        out, ious = [], []
+        for c in range(self.n):
+            if self.truth[c] == 0:
+                out.append(0)
+                ious.append(None)
+                continue
+            wrong, right = self.kept[c, :, 0], self.kept[c, :, 1]
+            iou = right / np.maximum(self.truth[c] + wrong, 1)
+            k = int(np.argmax(np.round(iou, 6)))
+            out.append(AREAS[k])
+            ious.append(float(iou[k]))
+        return out, ious

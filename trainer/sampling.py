@@ -1,0 +1,89 @@
+"""Defect-aware batch composition and random crops for the training stream (nnU-Net's foreground
+oversampling, adapted to a streamed, resampled dataset).
+
+Defects cover well under 1% of a scan's pixels, so uniformly drawn tiles teach a network mostly background.
+``DefectPool`` keeps, per defect class, the most recent training samples holding that class (their raw tar
+members: nothing is decoded until a sample is drawn), chosen from the per-tile ``class_pixels`` that every
+sample's json carries. Each batch then takes a fixed number of "forced" samples from the pool -- a class
+drawn uniformly among the classes in the pool, then a tile holding it -- and the rest from the shuffled
+stream as before. With ``data.crop`` set, every sample is cut to a random ``crop x crop`` window; a forced
+sample's window is placed so that a random pixel of its class lies in the window's central half, so the
+defect is seen with context rather than at a border.
+
+All draws come from the worker's seeded ``random.Random``: the same seed gives the same batches.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+import numpy as np
+import torch
+
+
+def defect_classes(meta: dict) -> list[int]:
+    """Class ids 1.. that have pixels in this tile, from the sample json's ``class_pixels``."""
+    return [c for c, n in enumerate(meta["class_pixels"]) if c > 0 and n > 0]
+
+
+def forced_count(share: float, batch_size: int) -> int:
+    """Samples of each batch drawn from the defect pool: ``share`` of the batch, rounded half up."""
+    return int(share * batch_size + 0.5)
+
+
+class DefectPool:
+    """The last ``per_class`` samples seen that hold each defect class (a sample with k classes is in k lists)."""
+
+    def __init__(self, per_class: int):
+        self.per_class = per_class
+        self.by_class: dict[int, deque] = {}
+
+    def add(self, sample, classes: list[int]) -> None:
+        for c in classes:
+            self.by_class.setdefault(c, deque(maxlen=self.per_class)).append(sample)
+
+    def draw(self, rng: random.Random):
+        """(class id, sample): the class uniformly among those held, then one of its samples; None if empty."""
+        if not self.by_class:
+            return None
+        c = rng.choice(sorted(self.by_class))
+        held = self.by_class[c]
+        return c, held[rng.randrange(len(held))]
+
+    def discard(self, sample) -> None:
+        """Forget a sample (it turned out unreadable), so it is not drawn again."""
+        for c in list(self.by_class):
+            kept = deque((s for s in self.by_class[c] if s is not sample), maxlen=self.per_class)
+            if kept:
+                self.by_class[c] = kept
+            else:
+                del self.by_class[c]
+
+
+def crop_window(mask: torch.Tensor, size: int, rng: random.Random, focus: int | None = None) -> tuple[int, int]:
+    """Top-left (y, x) of a ``size`` window in the (H, W) ``mask``: uniform, or, with ``focus``, placed so
+    that a random pixel of class ``focus`` lies in the window's central half."""
+    h, w = mask.shape
+    if focus is not None:
+        ys, xs = np.nonzero(mask.numpy() == focus)
+        if len(ys):
+            k = rng.randrange(len(ys))
+            return _around(int(ys[k]), h, size, rng), _around(int(xs[k]), w, size, rng)
+    return rng.randint(0, h - size), rng.randint(0, w - size)
+
+
+def _around(p: int, extent: int, size: int, rng: random.Random) -> int:
+    low, high = p - (3 * size) // 4 + 1, p - size // 4  # p within [start + size/4, start + 3 size/4)
+    low, high = max(0, low), min(extent - size, high)
+    return rng.randint(low, high) if low <= high else min(max(0, p - size // 2), extent - size)
+
+
+def crop(image: torch.Tensor, mask: torch.Tensor, size: int, rng: random.Random, focus: int | None = None):
+    """(image (C, H, W), mask (H, W)) cut to ``size x size`` (see crop_window); unchanged if size is 0."""
+    if not size:
+        return image, mask
+    if size > mask.shape[0] or size > mask.shape[1]:
+        raise ValueError(f"data.crop={size} is larger than the {tuple(mask.shape)} tiles")
+    y, x = crop_window(mask, size, rng, focus)
+    return image[:, y : y + size, x : x + size], mask[y : y + size, x : x + size]
