@@ -23,6 +23,7 @@ import hashlib
 import os
 import threading
 import uuid
+from pathlib import PurePosixPath, PureWindowsPath
 
 import fsspec
 from webdataset.gopen import gopen_schemes
@@ -110,6 +111,19 @@ def join(url: str, *parts: str) -> str:
     proto, sep, rest = url.partition("://")
     rest = rest.rstrip("/")
     return proto + sep + "/".join((rest, *parts) if rest else parts)
+
+
+def leaves_folder(name: str) -> bool:
+    """True for a relative name that does not stay inside the folder it is resolved in: absolute, climbing out
+    with ``..``, written with / or with \\ (a Windows export, a drive letter), or a URL of its own. Such a name
+    in an input file (an XML's image, a manifest's shard, a run's ``latest.json``) could reach any file the
+    process can read, so it is refused, never resolved."""
+    if not name or "://" in name:
+        return True
+    for path in (PurePosixPath(name), PureWindowsPath(name)):
+        if path.is_absolute() or path.anchor or ".." in path.parts:
+            return True
+    return False
 
 
 def exists(url: str) -> bool:
