@@ -134,6 +134,7 @@ def build(annotations, images, out: str, opts: BuildOptions, workers: int = 1, p
     cmap = ClassMap.load(opts.classes)
     storage.makedirs(out)
     storage.makedirs(storage.join(out, BUILD_DIR))
+    aborted = storage.abort_uploads(out)  # a killed build's half-streamed shard uploads, still stored and billed
     murl = storage.join(out, schema.MANIFEST_NAME)
     if storage.exists(murl):  # the old manifest would describe shards that are about to change
         storage.remove(murl)
@@ -206,6 +207,7 @@ def build(annotations, images, out: str, opts: BuildOptions, workers: int = 1, p
         "skipped": dict(sorted(skipped.items())),
         "warnings": warnings,
         "upscaled": upscaled,  # [source image, factor] of each crop enlarged more than UPSCALE_WARNING
+        "aborted_uploads": aborted,
         "seconds": elapsed,
         "images_per_s": len(jobs) / elapsed if elapsed else 0.0,
     }

@@ -204,6 +204,28 @@ def rename(src: str, dst: str) -> None:
     fs.mv(path, fs_for(dst)[1])
 
 
+def abort_uploads(url: str) -> int:
+    """Abort the unfinished S3 multipart uploads of objects directly in the folder ``url`` (not in its
+    subfolders); returns how many. A process killed while streaming a large object leaves its upload open,
+    and the store keeps (and bills) its parts until someone aborts it. A no-op elsewhere: other filesystems
+    have no such leftovers, and a local build's temporary files are overwritten by the rerun."""
+    if _protocol(url) not in ("s3", "s3a"):
+        return 0
+    fs, path = fs_for(url)
+    bucket, _, folder = path.rstrip("/").partition("/")
+    prefix = folder + "/" if folder else ""
+    ask, uploads = {"Bucket": bucket, "Prefix": prefix}, []
+    while True:
+        page = fs.call_s3("list_multipart_uploads", **ask)
+        uploads += [u for u in page.get("Uploads", []) if "/" not in u["Key"][len(prefix) :]]
+        if not page.get("IsTruncated"):
+            break
+        ask.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
+    for u in uploads:
+        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+    return len(uploads)
+
+
 def sha256_of(url: str) -> tuple[str, int]:
     """(hex sha256, size in bytes) of a file/object, streamed in chunks."""
     h = hashlib.sha256()

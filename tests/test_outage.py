@@ -195,3 +195,30 @@ def test_outage_past_the_retry_budget_stops_with_a_checkpoint(s3_env, s3_server,
     assert step >= 3 and f"saved {tmp_path / 'run' / 'last.pt'} (step {step})" in error
     state = checkpoint.load(checkpoint.latest(str(tmp_path / "run")))
     assert state["step"] == step and len(state["rng"]) == ranks
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "metrics.csv"])
+def test_run_log_writes_retry_like_the_other_writes(tmp_path, monkeypatch, caplog, name):
+    """config.yaml and metrics.csv go to out_dir, the storage of the checkpoints: a fault that a checkpoint
+    upload rides out must not end the run while the metrics are saved."""
+    from trainer.config import Config
+    from trainer.runlog import RunLog
+
+    real, failures = storage.write_bytes_atomic, []
+
+    def flaky(url, data):
+        if url.endswith(name) and len(failures) < 2:
+            failures.append(url)
+            raise ConnectionResetError(errno.ECONNRESET, "connection reset by peer")
+        real(url, data)
+
+    monkeypatch.setattr(storage, "write_bytes_atomic", flaky)
+    cfg = Config()
+    cfg.train.out_dir, cfg.data.io_backoff = str(tmp_path / "run"), 0.01
+    log = RunLog(cfg, total_steps=2, enabled=True)
+    log.val(1, {"miou": 0.5, "per_class": {"defect": {"iou": 0.5}}})
+    log.close(skipped=0)
+    assert len(failures) == 2 and "retry 2/5" in caplog.text
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [r["phase"] for r in rows] == ["val", "end"]
