@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shardgen import schema, storage
+from shardgen import schema
 from shardgen.reader import CorruptSample, iter_shard
 from shardgen.tiling import TileGrid
 
@@ -170,7 +170,6 @@ class _Images(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        storage.register_gopen()
         n = len(schema.split_info(self.manifest, self.split)["shards"])
         try:
             yield from iter_images(

@@ -106,15 +106,13 @@ def _reusable(out: str, name: str, jobs: list[ImageJob], opts: BuildOptions) -> 
 def _write_shard(out: str, split: str, index: int, results: list[dict]) -> tuple[str, int]:
     """Write one shard under a temporary name and move it into place; returns (sha256, bytes)."""
     final = storage.join(out, schema.shard_name(split, index))
-    # ShardWriter opens its stream through webdataset's gopen, so s3:// and other fsspec URLs work. The
-    # pattern is a %-format string: escape the root, number the shard with start_shard.
-    pattern = storage.join(out.replace("%", "%%"), f"{split}-%06d.tar.partial")
-    writer = wds.ShardWriter(pattern, maxcount=10**9, maxsize=1e18, start_shard=index, verbose=0,
-                             mtime=TAR_MTIME, encoder=False)  # fmt: skip
-    for result in results:
-        for sample in result["samples"]:
-            writer.write(sample)
-    writer.close()
+    # One tar on a stream opened here (local or any fsspec URL); closing the stream is what commits an S3 upload.
+    with storage.open_url(final + ".partial", "wb") as stream:
+        writer = wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME)  # samples are encoded bytes already
+        for result in results:
+            for sample in result["samples"]:
+                writer.write(sample)
+        writer.close()  # ends the tar; the stream is ours, closed by the with
     storage.rename(final + ".partial", final)
     return storage.sha256_of(final)
 
@@ -127,7 +125,6 @@ def build(annotations, images, out: str, opts: BuildOptions, workers: int = 1, p
     start = time.perf_counter()
     # Bad options fail before any input is read or any output (an earlier build's manifest) is touched.
     TileGrid(opts.image_size, opts.tile, opts.stride)
-    storage.register_gopen()
     skipped: Counter = Counter()
     plan_warnings: list[str] = []
     jobs = plan(Path(annotations), Path(images), opts, skipped, plan_warnings)

@@ -10,10 +10,8 @@ credential-related environment. fsspec's own instance cache is bypassed because 
 change when only the (deliberately absent) credentials change in the environment, which would keep
 serving a client signed with stale keys. Call `clear_cache()` to force fresh clients.
 
-`register_gopen()` makes webdataset open these URLs too (it has no ``s3://`` opener of its own):
-``wds.WebDataset("s3://b/p/train-000000.tar")`` and ``wds.ShardWriter(pattern="s3://b/p/train-%06d.tar")``.
-The ShardWriter must be given a pattern string, not ``opener=``: only a stream that TarWriter opened
-itself through gopen is closed by it, and an S3 upload is committed only on close.
+Shards are written on streams opened here (``open_url``; an S3 upload is committed when the stream is
+closed) and read by ``shardgen.reader``; nothing goes through webdataset's own URL openers (gopen).
 """
 
 from __future__ import annotations
@@ -26,12 +24,9 @@ import uuid
 from pathlib import PurePosixPath, PureWindowsPath
 
 import fsspec
-from webdataset.gopen import gopen_schemes
 
 # Schemes whose objects appear whole or not at all on close and that have no real directories.
 OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "memory"})
-# webdataset handles "" and "file" natively; these are routed through fsspec instead.
-GOPEN_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "memory")
 HASH_CHUNK = 1 << 20
 # Environment variables that change who we are or where we connect; part of the cache key.
 _IDENTITY_ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_")
@@ -235,21 +230,3 @@ def sha256_of(url: str) -> tuple[str, int]:
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size
-
-
-def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192):
-    """webdataset gopen handler; same positional signature as webdataset's own handlers.
-
-    `bufsize` is part of that calling convention and unused: fsspec files do their own buffering.
-    """
-    return open_url(url, mode)
-
-
-def register_gopen() -> None:
-    """Route webdataset's s3/gs/gcs/az/abfs/memory URLs through fsspec (idempotent).
-
-    Call it in every process that opens shards; a module-level call in the module that builds the
-    dataset also covers DataLoader workers started with "spawn".
-    """
-    for scheme in GOPEN_SCHEMES:
-        gopen_schemes[scheme] = gopen_fsspec

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shardgen import schema, storage
+from shardgen import schema
 from shardgen.reader import CorruptSample, StorageUnavailable, iter_shard
 
 from . import sampling
@@ -108,7 +108,6 @@ class TrainTiles(IterableDataset):
 
     def _batches(self):
         worker, _ = _worker()
-        storage.register_gopen()
         rng = random.Random(f"shuffle/{self.seed}/{self.rank}/{worker}/{self.start_step}")
         size = self.cfg.batch_size
         forced = sampling.forced_count(self.cfg.defect_share, size)
@@ -158,7 +157,6 @@ class ValTiles(IterableDataset):
 
     def _batches(self):
         worker, workers = _worker()
-        storage.register_gopen()
         batch = []
         for url, offset in list(zip(self.urls, self.offsets, strict=True))[worker::workers]:
             index, current = offset - 1, None
