@@ -203,7 +203,8 @@ def abort_uploads(url: str) -> int:
     """Abort the unfinished S3 multipart uploads of objects directly in the folder ``url`` (not in its
     subfolders); returns how many. A process killed while streaming a large object leaves its upload open,
     and the store keeps (and bills) its parts until someone aborts it. A no-op elsewhere: other filesystems
-    have no such leftovers, and a local build's temporary files are overwritten by the rerun."""
+    have no such leftovers (the temporary shards a killed build did finish are deleted by
+    ``shard.remove_partials``)."""
     if _protocol(url) not in ("s3", "s3a"):
         return 0
     fs, path = fs_for(url)

@@ -115,8 +115,12 @@ def test_run_writes_checkpoints_metrics_config_and_a_summary(shards, unet_run):
     assert [(r["step"], r["phase"]) for r in rows] == [("2", "train"), ("2", "val"), ("4", "train"),
                                                       ("4", "val"), ("", "end")]  # fmt: skip
     assert summary["val_miou"] == pytest.approx(float(rows[3]["miou"]))
-    assert summary["best_miou"] == pytest.approx(max(float(rows[1]["miou"]), float(rows[3]["miou"])))
+    # best.pt is chosen by the mIoU at the thresholds tuned on each validation.
+    assert summary["best_miou"] == pytest.approx(max(float(rows[1]["tuned_miou"]), float(rows[3]["tuned_miou"])))
+    # Storing the final decision in best.pt does not move the resume pointer off last.pt.
     assert json.loads((out / "latest.json").read_text()) == {"checkpoint": "last.pt", "step": 4}
+    decision = checkpoint.load(str(out / "best.pt"))["meta"]["decision"]
+    assert decision["kind"] == "tuned" and len(decision["thresholds"]) == len(decision["min_area"]) == 10
     state = checkpoint.load(str(out / "last.pt"))
     assert state["step"] == 4 and state["meta"]["model"] == "unet" and state["meta"]["n_classes"] == 11
     assert all(s["step"] == 4 for s in state["optimizer"]["state"].values())
