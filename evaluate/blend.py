@@ -58,11 +58,8 @@ def blend_tiles(
             f"tile probabilities have shape {tuple(tile_probs.shape)}, expected ({grid.count}, C, {t}, {t})"
         )
     w = importance_map(t, mode, sigma_scale, device=tile_probs.device, dtype=tile_probs.dtype)
-    total = tile_probs.new_zeros((tile_probs.shape[1], s, s))
-    weight = tile_probs.new_zeros((1, s, s))
-    for k, (_, _, y, x) in enumerate(grid.positions()):
-        total[:, y : y + t, x : x + t].addcmul_(tile_probs[k], w)
-        weight[:, y : y + t, x : x + t] += w
+    total = grid.paste(tile_probs, tile_probs.new_zeros((tile_probs.shape[1], s, s)), weight=w)
+    weight = grid.paste(w.new_ones((1, t, t)).expand(grid.count, 1, t, t), w.new_zeros((1, s, s)), weight=w)
     return total / weight
 
 
@@ -77,9 +74,7 @@ def reassemble_mask(tile_masks, grid: TileGrid, image_id: str) -> np.ndarray:
         raise ValueError(
             f"{image_id}: ground-truth tiles have shape {tiles.shape}, expected ({grid.count}, {t}, {t})"
         )
-    full = np.empty((s, s), dtype=tiles.dtype)
-    for k, (_, _, y, x) in enumerate(grid.positions()):
-        full[y : y + t, x : x + t] = tiles[k]
+    full = grid.paste(tiles, np.empty((s, s), dtype=tiles.dtype))
     # Every pixel now holds some tile's value; all tiles agree iff each equals its window of the result.
     windows = np.lib.stride_tricks.sliding_window_view(full, (t, t))[:: grid.stride, :: grid.stride]
     differ = windows.reshape(tiles.shape) != tiles

@@ -121,8 +121,7 @@ def load_scan(
 def tiles_of(image: np.ndarray, grid: TileGrid) -> torch.Tensor:
     """(S, S) or (S, S, C) uint8 -> (count, C, tile, tile) uint8 in grid order."""
     chw = torch.from_numpy(np.ascontiguousarray(image[None] if image.ndim == 2 else image.transpose(2, 0, 1)))
-    t = grid.tile
-    return torch.stack([chw[:, y : y + t, x : x + t] for _, _, y, x in grid.positions()])
+    return torch.stack(grid.cut(chw))
 
 
 def check_options(opts: PredictOptions) -> None:

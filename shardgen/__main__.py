@@ -120,6 +120,8 @@ def _build(args) -> int:
     print(f"stones per split ({opts.split_method}): {shares}", flush=True)
     for w in summary["split_warnings"]:
         print(f"warning: {w}", file=sys.stderr)
+    if summary["aborted_uploads"]:
+        print(f"aborted {summary['aborted_uploads']} unfinished uploads left in {args.out} by an earlier build")
     for reason, n in summary["skipped"].items():
         print(f"skipped: {n} x {reason}")
     if summary["upscaled"]:

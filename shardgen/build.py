@@ -52,13 +52,13 @@ def build(annotations, images, out: str, opts: BuildOptions, workers: int = 1, p
         # Tasks run in other processes, possibly on other machines, with another working directory.
         annotations, images = os.path.abspath(annotations), os.path.abspath(images)
         out = os.path.abspath(out) if storage.is_local(out) and "://" not in out else out
-    storage.register_gopen()
     skipped: Counter = Counter()
     plan_warnings: list[str] = []
     jobs = plan(Path(annotations), Path(images), opts, skipped, plan_warnings)
     cmap = ClassMap.load(opts.classes)
     storage.makedirs(out)
     storage.makedirs(storage.join(out, BUILD_DIR))
+    aborted = storage.abort_uploads(out)  # a killed build's half-streamed shard uploads, still stored and billed
     murl = storage.join(out, schema.MANIFEST_NAME)
     if storage.exists(murl):  # the old manifest would describe shards that are about to change
         storage.remove(murl)
@@ -95,6 +95,7 @@ def build(annotations, images, out: str, opts: BuildOptions, workers: int = 1, p
         "skipped": dict(sorted(skipped.items())),
         "warnings": warnings,
         "upscaled": upscaled,  # [source image, factor] of each crop enlarged more than UPSCALE_WARNING
+        "aborted_uploads": aborted,
         "seconds": elapsed,
         "images_per_s": len(jobs) / elapsed if elapsed else 0.0,
         "distributor": distributor,

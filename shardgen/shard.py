@@ -104,7 +104,6 @@ def build_shard(out: str, shard: ShardPlan, opts: BuildOptions, results: Iterabl
     ``results`` are the scans' ``process_image`` results in order, when a process pool computed them already
     (the local distributor); by default the scans are processed here, one after the other (a cluster task).
     """
-    storage.register_gopen()  # the tar is written through webdataset's gopen, in whatever process runs this
     if results is None:
         results = (process_image(job, opts) for job in shard.jobs)
     results = list(results)
@@ -143,16 +142,15 @@ def _write_tar(out: str, shard: ShardPlan, results: list[dict]) -> tuple[str, in
     """Write the tar under this attempt's temporary name and move it into place; returns (sha256, bytes)."""
     final = storage.join(out, shard.name)
     attempt = uuid.uuid4().hex[:12]
-    # ShardWriter opens its stream through webdataset's gopen, so s3:// and other fsspec URLs work. The
-    # pattern is a %-format string: escape the root, number the shard with start_shard.
-    pattern = storage.join(out.replace("%", "%%"), f"{shard.split}-%06d.tar.{attempt}{PARTIAL_SUFFIX}")
-    writer = wds.ShardWriter(pattern, maxcount=10**9, maxsize=1e18, start_shard=shard.index, verbose=0,
-                             mtime=TAR_MTIME, encoder=False)  # fmt: skip
-    for result in results:
-        for sample in result["samples"]:
-            writer.write(sample)
-    writer.close()
-    storage.rename(f"{final}.{attempt}{PARTIAL_SUFFIX}", final)
+    partial = f"{final}.{attempt}{PARTIAL_SUFFIX}"
+    # One tar on a stream opened here (local or any fsspec URL); closing the stream is what commits an S3 upload.
+    with storage.open_url(partial, "wb") as stream:
+        writer = wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME)  # samples are encoded bytes already
+        for result in results:
+            for sample in result["samples"]:
+                writer.write(sample)
+        writer.close()  # ends the tar; the stream is ours, closed by the with
+    storage.rename(partial, final)
     return storage.sha256_of(final)
 
 

@@ -15,7 +15,7 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 
-IGNORE_INDEX = 255
+from shardgen.classes import IGNORE_INDEX  # the one ignore value, also in the class map and the shards
 
 
 def _check_range(name: str, value: list[float], low: float, high: float | None = None) -> None:

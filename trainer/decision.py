@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-IGNORE_INDEX = 255
+from shardgen.classes import IGNORE_INDEX  # the one ignore value, also in the class map and the shards
+
 BINS = 100  # threshold resolution: 0.01
 AREAS = (0, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # candidate minimum component areas, px
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity, as the object metrics use

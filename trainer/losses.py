@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = 255
+from shardgen.classes import IGNORE_INDEX  # the one ignore value, also in the class map and the shards
+
 CLASS_WEIGHTINGS = ("median_freq", "inv_sqrt", "none")
 
 
