@@ -78,6 +78,19 @@ def test_area_tuner_drops_specks_and_keeps_defects():
     assert np.array_equal(pred, target[0].numpy().astype(np.uint8))
 
 
+def test_area_tuner_keeps_small_true_defects():
+    """A 2x2 pinpoint found exactly and a 6x6 defect: any minimum area above 4 px would lose the pinpoint, so
+    the tuner keeps every component (pixel IoU would hardly tell: the pinpoint is 4 of 40 pixels)."""
+    target = torch.zeros((2, 40, 40), dtype=torch.long)
+    target[:, 5:11, 5:11] = 1
+    target[:, 30:32, 30:32] = 1
+    probs = (target[:, None] == 1).float() * 0.9
+    tuner = AreaTuner(Decision("tuned", [0.5], [0]), 1)
+    tuner.update(probs, target)
+    (area,), (iou,) = tuner.best()
+    assert area <= 4 and iou == pytest.approx(1.0)
+
+
 def test_argmax_decision_is_the_plain_rule():
     probs = torch.softmax(torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), 1)
     assert torch.equal(Decision.argmax(3).classes(probs), probs.argmax(1))
