@@ -1,19 +1,20 @@
 """Quality of the training recipe, arm by arm, at a fixed budget: test defect IoU (binary) or mIoU (multiclass),
 object recall and object precision of full-image predictions, side by side in one run.
 
-    python bench/quality_bench.py                          # CPU: binary, 40 scans, ~3 min of training per arm
+    python bench/quality_bench.py                          # CPU: binary, 40 scans, ~5 min of training per arm
     python bench/quality_bench.py --device cuda --mode multiclass --images 200 --budget-mpx 20000
 
 Arms, each adding one change to the one before:
   previous   the research recipe: whole tiles drawn uniformly, BCE pos_weight 50 (median-frequency CE weights in
              multiclass) + Dice, argmax / 0.5 decision (configs/research.yaml's loss and data settings)
-  +sampling  half of each batch drawn from defect tiles, class-balanced, on crops centred near a defect
+  +sampling  half of each batch drawn from defect tiles, class-balanced, on 192 px crops (forced ones centred
+             near a defect)
   +loss      pos_weight 1 (inv-sqrt CE weights), Dice over the classes present in the batch
   +decision  the same model, with the thresholds and minimum component areas tuned on validation
   +tta       the same model and decision, probabilities averaged over the four flips of every tile
 
 The budget is in training pixels (``--budget-mpx`` million pixels fed to the network), so an arm on 128 px crops
-runs ~10x the steps of one on whole 400 px tiles: on a CPU the cost of a step follows its pixels. Every arm
+runs ~4x the steps of one on whole 400 px tiles: on a CPU the cost of a step follows its pixels. Every arm
 uses the same model, seed, optimizer and LR schedule. Held-out scans from the same generator are the test split.
 """
 
@@ -46,7 +47,7 @@ def build_data(tmp: Path, images: int, mode: str, seed: int) -> Path:
         "--workers", "2")  # fmt: skip
     run("shardgen", "build", "--annotations", str(tmp / "raw" / "annotations"), "--images",
         str(tmp / "raw" / "images"), "--out", str(tmp / "shards"), "--mode", mode, "--workers", "2",
-        "--split-method", "exact", "--quiet")  # fmt: skip
+        "--split-method", "exact", "--split-ratios", "train=0.6,val=0.2,test=0.2", "--quiet")  # fmt: skip
     return tmp / "shards"
 
 
@@ -83,13 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--mode", default="binary", choices=("binary", "multiclass"))
-    p.add_argument("--images", type=int, default=40, help="synthetic scans (split 60/10/30 exactly)")
-    p.add_argument("--budget-mpx", type=float, default=200.0, help="training pixels per arm, millions")
+    p.add_argument("--images", type=int, default=40, help="synthetic scans (split 60/20/20 exactly, as the demo)")
+    p.add_argument("--budget-mpx", type=float, default=200.0, help="training pixels per arm, millions (the demo: 177)")
     p.add_argument("--model", default="unet")
     p.add_argument("--model-kwargs", default='{"channels": [8, 16, 32, 64, 128]}', help="JSON")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--crop", type=int, default=128)
-    p.add_argument("--crop-batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--crop", type=int, default=192)
+    p.add_argument("--crop-batch", type=int, default=4)
     p.add_argument("--tile-batch", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", help="keep the data and runs in this folder")
