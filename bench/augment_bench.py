@@ -26,7 +26,8 @@ import common
 import kornia.augmentation as K
 import torch
 
-from trainer.augment import IGNORE_INDEX, AugmentConfig, GpuAugment, NormalizeConfig, to_unit_float
+from shardgen.classes import IGNORE_INDEX
+from trainer.augment import AugmentConfig, GpuAugment, NormalizeConfig, to_unit_float
 
 GPU_GOAL_MS = 3.0
 DEFAULTS = {"cuda": dict(tile=400, batch_size=16, iters=100, warmup=10),

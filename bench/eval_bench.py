@@ -54,8 +54,7 @@ def sync(device: torch.device) -> None:
 
 def cut_tiles(image: torch.Tensor, grid: TileGrid) -> torch.Tensor:
     """(C, S, S) -> (count, C, t, t) in ``grid.positions()`` order, contiguous like decoded shard tiles."""
-    t = grid.tile
-    return torch.stack([image[:, y : y + t, x : x + t] for _, _, y, x in grid.positions()]).contiguous()
+    return torch.stack(grid.cut(image)).contiguous()
 
 
 class MonaiPath:

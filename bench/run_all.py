@@ -55,6 +55,8 @@ BENCHES = [
     Bench("shardgen", "shardgen_bench.py", "shardgen build vs research tiling script", False, [
         Figures(r"per core", r"shardgen build, 1 worker$", r"baseline", "images/s"),
         Figures(r"scaling: (\d+) workers", r"shardgen build, {0} workers$", r"shardgen build, 1 worker$", "images/s"),
+        Figures(r"dask: (\d+) workers / local", r"shardgen build, dask {0} workers$", r"shardgen build, {0} workers$",
+                "images/s"),
     ]),
     Bench("loader_s3", "loader_s3_bench.py", "shard loader: S3 vs PNG objects, local disk vs decode", False, [
         Figures(r"S3 read \+ decode", r"S3 shards: .* \+ decode", r"S3 PNG objects: .* \+ decode", "samples/s"),

@@ -5,7 +5,8 @@
 
 Modules: ``inference`` (checkpoint -> tile predictions -> blended full-image class maps), ``tiles`` (the
 tiles of each image out of the shards, checked complete), ``run`` (the evaluate command), ``predict``
-(raw scans -> masks and CVAT XML), ``contours`` (class maps -> CVAT polygons), and the pieces they use:
+(raw scans -> masks and CVAT XML), ``contours`` (class maps -> CVAT polygons and masks), ``review``
+(task labels and the summary of the XML), and the pieces they use:
 ``blend``, ``metrics``, ``overlay``, ``report``.
 """
 

@@ -6,6 +6,8 @@
     torchrun --standalone --nproc_per_node=8 -m evaluate --checkpoint CKPT --data URL --out DIR
     python -m evaluate predict --checkpoint CKPT --images DIR_OR_URL --out DIR [--device ...] [--blend ...]
                        [--batch-size 25] [--image-size 1200 --tile 400 --stride 200] [--max-pixels N]
+                       [--decision tuned|argmax] [--tta none|flips|d4] [--simplify 1]
+                       [--masks holes|all] [--min-score 0] [--labels-from TASK_XML]
 
 Bad input (a missing or corrupt checkpoint, a checkpoint for other classes, a broken manifest or shard, an
 incomplete image) is reported in one line and exits with status 2.
@@ -20,6 +22,7 @@ import sys
 from shardgen.scanfile import DEFAULT_MAX_PIXELS, max_pixels_arg
 
 from .blend import BLEND_MODES
+from .contours import DEFAULT_SIMPLIFY, MASK_POLICIES
 
 DECISIONS = ("tuned", "argmax")  # evaluate.inference.DECISIONS, without importing torch for --help
 TTA_MODES = ("none", "flips", "d4")  # evaluate.inference.TTA
@@ -67,6 +70,15 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, help="tile stride")
     p.add_argument("--max-pixels", type=max_pixels_arg, default=DEFAULT_MAX_PIXELS,
                    help="refuse scans with more pixels, from the header (default %(default)s, Pillow's limit)")
+    p.add_argument("--simplify", type=float, default=DEFAULT_SIMPLIFY, metavar="PX",
+                   help="Douglas-Peucker tolerance of polygon outlines in px; 0 writes exact outlines "
+                        "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--masks", choices=MASK_POLICIES, default="holes",
+                   help="RLE masks for components with holes, or for all of them (default: %(default)s)")  # fmt: skip
+    p.add_argument("--min-score", type=float, default=0.0, metavar="P",
+                   help="leave out shapes whose mean probability is below P (default: %(default)s)")  # fmt: skip
+    p.add_argument("--labels-from", metavar="XML",
+                   help="a CVAT export of the task to import into: its label names are used")  # fmt: skip
     return p
 
 
@@ -89,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         if predicting:
             summary = predict_scans(PredictOptions(
                 args.checkpoint, args.images, args.out, args.device, args.blend, args.batch_size,
-                args.image_size, args.tile, args.stride, args.decision, args.tta, args.max_pixels))  # fmt: skip
+                args.image_size, args.tile, args.stride, args.decision, args.tta, args.max_pixels,
+                args.simplify, args.masks, args.min_score, args.labels_from))  # fmt: skip
             print(json.dumps(summary, indent=1))
             return 0
         metrics = evaluate(EvalOptions(

@@ -62,9 +62,7 @@ def blend_tiles(
     w, weight = _weights(grid, mode, sigma_scale, tile_probs.device, tile_probs.dtype)
     if tile_probs.device.type == "cpu" and t % grid.stride == 0:
         return _blend_cells(tile_probs, grid, w, weight)
-    total = tile_probs.new_zeros((tile_probs.shape[1], s, s))
-    for k, (_, _, y, x) in enumerate(grid.positions()):
-        total[:, y : y + t, x : x + t].addcmul_(tile_probs[k], w)
+    total = grid.paste(tile_probs, tile_probs.new_zeros((tile_probs.shape[1], s, s)), weight=w)
     return total.div_(weight)
 
 
@@ -105,9 +103,7 @@ def _weights(grid: TileGrid, mode: str, sigma_scale: float, device: torch.device
     map's floor reads its minimum on the host)."""
     t, s = grid.tile, grid.image_size
     w = importance_map(t, mode, sigma_scale, device=device, dtype=dtype)
-    weight = torch.zeros((1, s, s), device=device, dtype=dtype)
-    for _, _, y, x in grid.positions():
-        weight[:, y : y + t, x : x + t] += w
+    weight = grid.paste(w.new_ones((1, t, t)).expand(grid.count, 1, t, t), w.new_zeros((1, s, s)), weight=w)
     return w, weight
 
 
@@ -122,9 +118,7 @@ def reassemble_mask(tile_masks, grid: TileGrid, image_id: str) -> np.ndarray:
         raise ValueError(
             f"{image_id}: ground-truth tiles have shape {tiles.shape}, expected ({grid.count}, {t}, {t})"
         )
-    full = np.empty((s, s), dtype=tiles.dtype)
-    for k, (_, _, y, x) in enumerate(grid.positions()):
-        full[y : y + t, x : x + t] = tiles[k]
+    full = grid.paste(tiles, np.empty((s, s), dtype=tiles.dtype))
     # Every pixel now holds some tile's value; all tiles agree iff each equals its window of the result.
     windows = np.lib.stride_tricks.sliding_window_view(full, (t, t))[:: grid.stride, :: grid.stride]
     differ = windows.reshape(tiles.shape) != tiles

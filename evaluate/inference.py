@@ -163,8 +163,30 @@ class Predictor:
         """Blended (K, S, S) probabilities -> (S, S) uint8 class ids, by the decision."""
         return self.decision(probs)
 
+    def confidence(self, probs: torch.Tensor, classes: np.ndarray) -> np.ndarray:
+        """(S, S) float32: the blended probability of each pixel's decided class (binary: p or 1 - p)."""
+        decided = torch.from_numpy(classes).to(probs.device).long()
+        if probs.shape[0] == 1:
+            conf = torch.where(decided.bool(), probs[0], 1 - probs[0])
+        else:
+            conf = probs.gather(0, decided[None])[0]
+        return conf.float().cpu().numpy()
+
     def predict(self, items: Iterable[tuple[torch.Tensor, Any]]) -> Iterator[tuple[np.ndarray, Any]]:
-        """(tiles uint8 (count, C, t, t) in grid order, payload) -> (class map (S, S) uint8, payload).
+        """(tiles uint8 (count, C, t, t) in grid order, payload) -> (class map (S, S) uint8, payload)."""
+        for probs, payload in self.probabilities(items):
+            yield self.classes(probs), payload
+
+    def predict_scored(
+        self, items: Iterable[tuple[torch.Tensor, Any]]
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, Any]]:
+        """Like ``predict``, with each pixel's confidence: (class map, confidence (S, S) float32, payload)."""
+        for probs, payload in self.probabilities(items):
+            classes = self.classes(probs)
+            yield classes, self.confidence(probs, classes), payload
+
+    def probabilities(self, items: Iterable[tuple[torch.Tensor, Any]]) -> Iterator[tuple[torch.Tensor, Any]]:
+        """(tiles, payload) -> (blended probabilities (K, S, S), payload), in input order.
 
         Tiles wait until ``batch_size`` of them are queued, so a batch may hold the end of one image and the
         start of the next; an image is blended as soon as its last tile is predicted.
@@ -204,9 +226,8 @@ class Predictor:
                 p.done += take
                 used += take
 
-    def _finished(self, pending: deque[_Pending]) -> Iterator[tuple[np.ndarray, Any]]:
+    def _finished(self, pending: deque[_Pending]) -> Iterator[tuple[torch.Tensor, Any]]:
         while pending and pending[0].done == self.grid.count:
             p = pending.popleft()
             tiles = p.outputs[0] if len(p.outputs) == 1 else torch.cat(p.outputs)  # no copy in the common case
-            probs = blend_tiles(tiles, self.grid, self.blend)
-            yield self.classes(probs), p.payload
+            yield blend_tiles(tiles, self.grid, self.blend), p.payload

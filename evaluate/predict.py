@@ -9,10 +9,11 @@ JPEG, TIFF and BMP file directly under ``--images`` (``shardgen.scanfile``: any 
 full range); the summary lists the scans whose crust crop was enlarged more than ``UPSCALE_WARNING`` times.
 
 Outputs in ``--out``: ``masks/{stem}.png`` (uint8 class ids, the scan's size), ``overlays/{stem}.png`` and
-``predictions.xml``, a CVAT for images 1.1 file with one polygon per predicted component in scan
-coordinates (``contours``: holes are not represented, components of 1-2 pixels are dropped and counted),
-labelled with the checkpoint's class names. It imports into CVAT as pre-annotations and builds into shards
-with ``shardgen build`` like any hand-made export.
+``predictions.xml``, a CVAT for images 1.1 file with one shape per predicted component in scan coordinates
+(``contours``: a polygon, or a CVAT RLE mask for a component with holes; exact unless simplified), each
+with ``source="auto"`` and its mean probability as the attribute ``score``. Labels are the checkpoint's
+class names, or the matching labels of an existing CVAT task (``--labels-from``). It imports into CVAT as
+pre-annotations and builds into shards with ``shardgen build`` like any hand-made export.
 
 The grid (image size, tile, stride) must be the one the model was trained on: ``--image-size``, ``--tile``
 and ``--stride``, else the checkpoint's ``meta["grid"]`` when it records one, else shardgen's defaults.
@@ -36,9 +37,10 @@ from shardgen.scanfile import DEFAULT_MAX_PIXELS, SCAN_SUFFIXES, scan_size
 from shardgen.tiling import TileGrid
 
 from . import EvaluateError
-from .contours import mask_polygons
+from .contours import DEFAULT_MIN_IOU, DEFAULT_SIMPLIFY, MASK_POLICIES, SCORE, ShapeOptions, mask_shapes
 from .inference import Predictor, load_model
 from .overlay import overlay
+from .review import score_of, summarize, task_labels
 from .run import decide, select_device
 
 XML_NAME = "predictions.xml"
@@ -58,6 +60,10 @@ class PredictOptions:
     decision: str = "tuned"  # tuned (the checkpoint's validation-tuned thresholds and areas) | argmax
     tta: str = "none"  # test-time augmentation: none | flips | d4
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger scans are refused from their header
+    simplify: float = DEFAULT_SIMPLIFY  # px of Douglas-Peucker on polygon outlines; 0: exact outlines
+    masks: str = "holes"  # holes: RLE masks for components with holes; all: for every component
+    min_score: float = 0.0  # shapes whose mean probability is lower are left out of the XML
+    labels_from: str | None = None  # a CVAT export whose label names the XML uses
 
 
 def resolve_grid(meta: dict, image_size: int | None, tile: int | None, stride: int | None) -> TileGrid:
@@ -115,14 +121,28 @@ def load_scan(
 def tiles_of(image: np.ndarray, grid: TileGrid) -> torch.Tensor:
     """(S, S) or (S, S, C) uint8 -> (count, C, tile, tile) uint8 in grid order."""
     chw = torch.from_numpy(np.ascontiguousarray(image[None] if image.ndim == 2 else image.transpose(2, 0, 1)))
-    t = grid.tile
-    return torch.stack([chw[:, y : y + t, x : x + t] for _, _, y, x in grid.positions()])
+    return torch.stack(grid.cut(chw))
+
+
+def check_options(opts: PredictOptions) -> None:
+    if opts.simplify < 0:
+        raise EvaluateError(f"--simplify must be >= 0 px, got {opts.simplify}")
+    if not 0 <= opts.min_score <= 1:
+        raise EvaluateError(f"--min-score must be within 0..1, got {opts.min_score}")
+    if opts.masks not in MASK_POLICIES:
+        raise EvaluateError(f"--masks must be one of {', '.join(MASK_POLICIES)}, got {opts.masks!r}")
 
 
 def predict_scans(opts: PredictOptions) -> dict:
-    """Predict every scan under ``opts.images``; returns a summary (images, polygons, dropped per class)."""
+    """Predict every scan under ``opts.images``; returns the summary (see ``summarize``)."""
+    check_options(opts)
     device = select_device(opts.device)
     model = load_model(opts.checkpoint, device)
+    names = model.class_names
+    labels, label_of = names[1:], [None, *names[1:]]
+    if opts.labels_from:
+        labels, label_of = task_labels(names, opts.labels_from)
+    shape_options = ShapeOptions(opts.simplify, opts.masks, DEFAULT_MIN_IOU)
     grid = resolve_grid(model.meta, opts.image_size, opts.tile, opts.stride)
     predictor = Predictor(model, grid, opts.blend, opts.batch_size, decide(model, opts.decision), opts.tta)
     scans = list_scans(opts.images)
@@ -138,22 +158,20 @@ def predict_scans(opts: PredictOptions) -> dict:
             )
             yield tiles_of(resized, grid), (name, original, geom)
 
-    names = model.class_names
-    annotations, polygons, dropped, upscaled = [], Counter(), Counter(), []
-    bar = tqdm(predictor.predict(inputs()), total=len(scans), desc="predict", unit="scan")
-    for pred, (name, original, geom) in bar:
+    annotations, below, upscaled = [], Counter(), []
+    bar = tqdm(predictor.predict_scored(inputs()), total=len(scans), desc="predict", unit="scan")
+    for pred, confidence, (name, original, geom) in bar:
         mask = uncrop(pred, geom)
         if geom.upscale > UPSCALE_WARNING:  # the model saw interpolated detail: say so
             upscaled.append([name, round(geom.upscale, 2)])
         stem = PurePosixPath(name).stem
         Image.fromarray(mask).save(out / "masks" / f"{stem}.png")
         Image.fromarray(overlay(original, mask)).save(out / "overlays" / f"{stem}.png")
-        shapes, lost = mask_polygons(mask, names)
-        polygons.update(s.label for s in shapes)
-        dropped.update(lost)
-        annotations.append(ImageAnnotation(name, geom.width, geom.height, tuple(shapes), XML_NAME, 0))
+        shapes = mask_shapes(mask, label_of, uncrop(confidence, geom), shape_options)
+        kept = [s for s in shapes if score_of(s) >= opts.min_score]
+        below.update(s.label for s in shapes if score_of(s) < opts.min_score)
+        annotations.append(ImageAnnotation(name, geom.width, geom.height, tuple(kept), XML_NAME, 0))
     xml = out / XML_NAME
-    write_cvat(xml, annotations, names[1:], source="auto")
-    return {"images": len(annotations), "polygons": dict(polygons), "dropped_components": dict(dropped),
-            "xml": str(xml), "grid": [grid.image_size, grid.tile, grid.stride],
-            "upscaled": upscaled}  # fmt: skip
+    write_cvat(xml, annotations, labels, source="auto", attributes=[SCORE])
+    summary = {"images": len(annotations), "grid": [grid.image_size, grid.tile, grid.stride]}
+    return {**summary, **summarize(annotations, below, xml), "upscaled": upscaled}

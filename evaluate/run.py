@@ -79,10 +79,7 @@ def decide(model, requested: str):
 
 def scan_of(images: torch.Tensor, grid: TileGrid) -> np.ndarray:
     """The full input image from its tiles, for the overlay: (S, S) for one channel, (S, S, 3) for RGB."""
-    tiles, t = images.numpy(), grid.tile
-    scan = np.empty((tiles.shape[1], grid.image_size, grid.image_size), np.uint8)
-    for k, (_, _, y, x) in enumerate(grid.positions()):
-        scan[:, y : y + t, x : x + t] = tiles[k]
+    scan = grid.paste(images.numpy(), np.empty((images.shape[1], grid.image_size, grid.image_size), np.uint8))
     return scan[0] if len(scan) == 1 else scan.transpose(1, 2, 0)
 
 

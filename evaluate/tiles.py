@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shardgen import schema, storage
+from shardgen import schema
 from shardgen.reader import CorruptSample, iter_shard
 from shardgen.tiling import TileGrid
+from trainer.carry import carry, uncarry
 
 from . import EvaluateError
 
@@ -161,8 +162,8 @@ def iter_images(
 
 
 class _Images(IterableDataset):
-    """``iter_images`` for one rank, shards dealt to DataLoader workers. An error travels as an item
-    ``{"error": message}`` so the main process can report it in one line instead of a worker traceback."""
+    """``iter_images`` for one rank, shards dealt to DataLoader workers. An EvaluateError travels as an item
+    (trainer.carry) so the main process reports it in one line instead of a worker traceback."""
 
     def __init__(self, manifest: dict, split: str, rank: int, world: int):
         self.manifest, self.split, self.rank, self.world = manifest, split, rank, world
@@ -170,14 +171,9 @@ class _Images(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        storage.register_gopen()
         n = len(schema.split_info(self.manifest, self.split)["shards"])
-        try:
-            yield from iter_images(
-                self.manifest, self.split, self.rank, self.world, list(range(worker, n, workers))
-            )
-        except EvaluateError as e:
-            yield {"error": str(e)}
+        shards = list(range(worker, n, workers))
+        return carry(iter_images(self.manifest, self.split, self.rank, self.world, shards), EvaluateError)
 
 
 def image_loader(manifest: dict, split: str, rank: int, world: int, workers: int) -> Iterator[ImageTiles]:
@@ -190,9 +186,7 @@ def image_loader(manifest: dict, split: str, rank: int, world: int, workers: int
         collate_fn=_identity,
     )
     for item in loader:
-        if isinstance(item, dict):
-            raise EvaluateError(item["error"])
-        yield item
+        yield uncarry(item)
 
 
 def _identity(item):

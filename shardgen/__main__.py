@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .build import BuildOptions, ShardgenError, build
 from .classes import MODES, REFLECTION_POLICIES
 from .crust import UPSCALE_WARNING
+from .distribute import DISTRIBUTORS, SCHEDULER_ENV, quiet_dask_logs
 from .scanfile import max_pixels_arg
 from .splits import SPLIT_METHODS, parse_ratios
 
@@ -69,7 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--classes", default=d.classes, help="class map YAML (default configs/classes.yaml)")
     b.add_argument("--max-pixels", type=max_pixels_arg, default=d.max_pixels,
                    help="refuse scans with more pixels, from the header (default %(default)s, Pillow's limit)")
-    b.add_argument("--workers", type=int, default=1, help="processes; output bytes do not depend on it")
+    b.add_argument("--workers", type=int, default=None,
+                   help="processes (local), or LocalCluster workers (dask without a scheduler); default 1. "
+                        "The output bytes do not depend on it")
+    b.add_argument("--distributor", choices=DISTRIBUTORS, default="local",
+                   help="local: a process pool on this machine; dask: one task per shard on a Dask cluster")
+    b.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help=f"Dask scheduler, e.g. tcp://HOST:8786 (default ${SCHEDULER_ENV}; if neither is set, "
+                        "--distributor dask starts a LocalCluster of --workers processes)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
 
     v = sub.add_parser("verify", help="check every shard against the manifest's sha256 and counts")
@@ -78,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build(args) -> int:
+    if args.scheduler and args.distributor != "dask":
+        raise ValueError("--scheduler needs --distributor dask")
+    if args.distributor == "dask" and args.workers is not None and (args.scheduler or os.environ.get(SCHEDULER_ENV)):
+        raise ValueError("--workers sizes the local pool or a LocalCluster; a Dask scheduler's cluster brings its "
+                         "own workers (start more with `dask worker ADDRESS`)")
     opts = BuildOptions(
         mode=args.mode, reflections=args.reflections, unknown_labels=args.unknown_labels,
         skip_missing=args.skip_missing, channels=args.channels, image_size=args.image_size, tile=args.tile,
@@ -87,18 +101,27 @@ def _build(args) -> int:
         point_radius=args.point_radius, png_level=args.png_level, classes=args.classes,
         max_pixels=args.max_pixels,
     )  # fmt: skip
-    summary = build(args.annotations, args.images, args.out, opts, workers=args.workers, progress=not args.quiet)
+    if args.distributor == "dask":
+        quiet_dask_logs()  # shardgen reports lost workers and failed tasks itself, in one line
+    summary = build(args.annotations, args.images, args.out, opts, workers=args.workers or 1,
+                    progress=not args.quiet, distributor=args.distributor, scheduler=args.scheduler)
     for w in summary["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     tiles = ", ".join(f"{k} {v}" for k, v in summary["tiles"].items())
     print(f"images: {summary['images']}  tiles: {tiles}  shards: {summary['shards']} "
           f"({summary['reused_shards']} reused)")  # fmt: skip
+    if "dask" in summary:
+        d = summary["dask"]
+        print(f"dask: {d['tasks']} tasks on {d['workers']} worker{'s' * (d['workers'] != 1)}, {d['retried']} "
+              f"retried ({d['scheduler']})")
     n_stones = sum(summary["stones"].values()) or 1
     shares = ", ".join(f"{s} {n} = {n / n_stones:.1%} (asked {opts.split_ratios[s]:.1%})"
                        for s, n in summary["stones"].items())  # fmt: skip
     print(f"stones per split ({opts.split_method}): {shares}", flush=True)
     for w in summary["split_warnings"]:
         print(f"warning: {w}", file=sys.stderr)
+    if summary["aborted_uploads"]:
+        print(f"aborted {summary['aborted_uploads']} unfinished uploads left in {args.out} by an earlier build")
     for reason, n in summary["skipped"].items():
         print(f"skipped: {n} x {reason}")
     if summary["upscaled"]:

@@ -1,221 +1,116 @@
 """``shardgen build``: CVAT XML + scans (PNG, JPEG, TIFF, BMP) -> WebDataset tile shards per split, plus a manifest.
 
 The build is planned in full before anything is written (parse every XML, resolve every label, find every
-image and check its size), so bad input fails fast with ``FILE:LINE: reason`` and no manifest. Each shard is
-then a unit of work with a fingerprint of its inputs: images are processed in a process pool in a fixed
-order and written by the main process, so the bytes do not depend on ``--workers``. A finished shard is
-written under a temporary name, renamed into place, and recorded in ``_build/{shard}.json``; a rerun after a
-crash reuses every shard whose record, fingerprint and sha256 still match. ``manifest.json`` is written
-last, atomically, and lists only finished shards.
+image and check its size), so bad input fails fast with ``FILE:LINE: reason`` and no manifest. The plan fixes
+which images go into which shard, so each shard is an independent job (``shard.py``) with a fingerprint of its
+inputs, run by a distributor (``distribute.py``: a local process pool, or one task per shard on a Dask cluster);
+the bytes depend neither on the distributor nor on the number of workers. A finished shard is written under a
+temporary name, renamed into place, and recorded in ``_build/{shard}.json``; a rerun after a crash reuses every
+shard whose record, fingerprint and sha256 still match. ``manifest.json`` is written last, atomically, by this
+process, and lists only finished shards.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import multiprocessing as mp
+import os
 import time
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
 from . import schema, storage
 from .classes import ClassMap
-from .plan import NON_OUTPUT_OPTIONS, BuildOptions, ImageJob, ShardgenError, plan
-from .scan import process_image
+from .distribute import DISTRIBUTORS, run_dask, run_local
+from .plan import BuildOptions, ShardgenError, plan
+from .shard import BUILD_DIR, manifest_options, remove_partials, shard_plans
 from .splits import SPLITS, share_warnings
 from .tiling import TileGrid
 
 __all__ = ["BuildOptions", "ShardgenError", "build"]
 
-BUILD_DIR = "_build"  # per-shard completion records used to resume
-TAR_MTIME = 0  # fixed tar member mtime: shards are byte-identical across runs
-
-
-def _process(args):
-    return process_image(*args)
-
-
-def _die_with_parent() -> None:
-    """Pool initializer: a worker gets SIGKILL when the build process dies (Linux), so killing a build
-    never leaves orphans that keep burning CPU."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-# ------------------------------------------------------------------------------------------- shards
-
-
-def _shard_plans(jobs: list[ImageJob], opts: BuildOptions) -> list[tuple[str, int, list[ImageJob]]]:
-    per_shard = max(1, opts.shard_size // TileGrid(opts.image_size, opts.tile, opts.stride).count)
-    plans = []
-    for split in SPLITS:
-        js = [j for j in jobs if j.split == split]
-        for k in range(0, len(js), per_shard):
-            plans.append((split, k // per_shard, js[k : k + per_shard]))
-    return plans
-
-
-def _fingerprint(name: str, jobs: list[ImageJob], image_hashes: list[str], opts: BuildOptions) -> str:
-    options = _manifest_options(opts)
-    # The split method only decides which images a shard holds, and those are hashed below: leaving it out
-    # keeps the shards of builds made before the option existed reusable.
-    del options["split_method"]
-    h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
-    h.update(name.encode())
-    for job, digest in zip(jobs, image_hashes, strict=True):
-        h.update(repr((job.image_id, job.stone_id, job.ann.width, job.ann.height, job.ann.shapes)).encode())
-        h.update(repr(job.values).encode())
-        h.update(digest.encode())
-    return h.hexdigest()
-
-
-def _manifest_options(opts: BuildOptions) -> dict:
-    out = {k: v for k, v in asdict(opts).items() if k not in NON_OUTPUT_OPTIONS}
-    out["classes"] = Path(opts.classes).name
-    return out
-
-
-def _reusable(out: str, name: str, jobs: list[ImageJob], opts: BuildOptions) -> dict | None:
-    """The completion record of an already written shard whose inputs and bytes are unchanged."""
-    rec_url = storage.join(storage.join(out, BUILD_DIR), name + ".json")
-    if not storage.exists(rec_url):
-        return None
-    try:
-        rec = json.loads(storage.read_text(rec_url))
-    except (OSError, json.JSONDecodeError):
-        return None
-    hashes = [hashlib.sha256(Path(j.path).read_bytes()).hexdigest() for j in jobs]
-    if rec.get("fingerprint") != _fingerprint(name, jobs, hashes, opts):
-        return None
-    url = storage.join(out, name)
-    if not storage.exists(url) or storage.sha256_of(url) != (rec["sha256"], rec["bytes"]):
-        return None
-    return rec
-
-
-def _write_shard(out: str, split: str, index: int, results: list[dict]) -> tuple[str, int]:
-    """Write one shard under a temporary name and move it into place; returns (sha256, bytes)."""
-    final = storage.join(out, schema.shard_name(split, index))
-    # ShardWriter opens its stream through webdataset's gopen, so s3:// and other fsspec URLs work. The
-    # pattern is a %-format string: escape the root, number the shard with start_shard.
-    pattern = storage.join(out.replace("%", "%%"), f"{split}-%06d.tar.partial")
-    writer = wds.ShardWriter(pattern, maxcount=10**9, maxsize=1e18, start_shard=index, verbose=0,
-                             mtime=TAR_MTIME, encoder=False)  # fmt: skip
-    for result in results:
-        for sample in result["samples"]:
-            writer.write(sample)
-    writer.close()
-    storage.rename(final + ".partial", final)
-    return storage.sha256_of(final)
-
 
 # --------------------------------------------------------------------------------------------- build
 
 
-def build(annotations, images, out: str, opts: BuildOptions, workers: int = 1, progress: bool = True) -> dict:
-    """Build the dataset at ``out``; returns the summary (also printed by the CLI)."""
+def build(annotations, images, out: str, opts: BuildOptions, workers: int = 1, progress: bool = True,
+          distributor: str = "local", scheduler: str | None = None) -> dict:  # fmt: skip
+    """Build the dataset at ``out``; returns the summary (also printed by the CLI).
+
+    ``distributor`` "local" processes scans with ``workers`` processes; "dask" runs one task per shard on the
+    Dask cluster at ``scheduler`` (default ``$DASK_SCHEDULER_ADDRESS``) or, without one, on a ``LocalCluster`` of
+    ``workers`` processes.
+    """
     start = time.perf_counter()
+    if distributor not in DISTRIBUTORS:
+        raise ValueError(f"unknown distributor {distributor!r} (choose from {', '.join(DISTRIBUTORS)})")
     # Bad options fail before any input is read or any output (an earlier build's manifest) is touched.
     TileGrid(opts.image_size, opts.tile, opts.stride)
-    storage.register_gopen()
+    if distributor == "dask":
+        # Tasks run in other processes, possibly on other machines, with another working directory.
+        annotations, images = os.path.abspath(annotations), os.path.abspath(images)
+        out = os.path.abspath(out) if storage.is_local(out) and "://" not in out else out
     skipped: Counter = Counter()
     plan_warnings: list[str] = []
     jobs = plan(Path(annotations), Path(images), opts, skipped, plan_warnings)
     cmap = ClassMap.load(opts.classes)
     storage.makedirs(out)
     storage.makedirs(storage.join(out, BUILD_DIR))
+    aborted = storage.abort_uploads(out)  # a killed build's half-streamed shard uploads, still stored and billed
     murl = storage.join(out, schema.MANIFEST_NAME)
     if storage.exists(murl):  # the old manifest would describe shards that are about to change
         storage.remove(murl)
 
-    plans = _shard_plans(jobs, opts)
-    records, pending = {}, []
-    for split, index, shard_jobs in plans:
-        name = schema.shard_name(split, index)
-        rec = _reusable(out, name, shard_jobs, opts)
-        if rec is not None:
-            records[name] = rec
-        else:
-            pending.append((split, index, shard_jobs))
-
-    todo = [(job, opts) for _, _, shard_jobs in pending for job in shard_jobs]
-    ctx = mp.get_context("fork")
-    pool = ctx.Pool(workers, initializer=_die_with_parent) if workers > 1 and todo else None
+    plans = shard_plans(jobs, opts)
     bar = tqdm(total=len(jobs), desc="shardgen", unit="img", disable=not progress)
     try:
-        results = pool.imap(_process, todo) if pool else map(_process, todo)
-        bar.update(sum(r["images"] for r in records.values()))
-        for split, index, shard_jobs in pending:
-            name = schema.shard_name(split, index)
-            shard_results = []
-            for _ in shard_jobs:
-                shard_results.append(next(results))
-                bar.update(1)
-            raster_skipped = Counter()
-            for r in shard_results:
-                raster_skipped.update(r["skipped"])
-            sha, size = _write_shard(out, split, index, shard_results)
-            hist = np.sum([r["hist"] for r in shard_results], axis=0)
-            fp = _fingerprint(name, shard_jobs, [r["sha256"] for r in shard_results], opts)
-            records[name] = {
-                "url": name,
-                "samples": sum(len(r["samples"]) for r in shard_results),
-                "images": len(shard_jobs),
-                "bytes": size,
-                "sha256": sha,
-                "class_pixels": hist.tolist(),
-                "warnings": [w for r in shard_results for w in r["warnings"]],
-                "skipped": dict(raster_skipped),
-                "upscaled": [u for r in shard_results for u in r["upscaled"]],
-                "fingerprint": fp,
-            }
-            rec_url = storage.join(storage.join(out, BUILD_DIR), name + ".json")
-            storage.write_bytes_atomic(rec_url, json.dumps(records[name], sort_keys=True).encode())
+        if distributor == "dask":
+            outcome = run_dask(out, plans, opts, workers, scheduler, bar)
+        else:
+            outcome = run_local(out, plans, opts, workers, bar)
     finally:
         bar.close()  # also on error, so the error message starts on a line of its own
-        if pool:
-            pool.terminate()
+    records = outcome.records
+    remove_partials(out)
     # Reused shards report their warnings again, so a resumed build prints what a fresh one would.
-    warnings = plan_warnings + [w for s, i, _ in plans for w in records[schema.shard_name(s, i)]["warnings"]]
+    warnings = plan_warnings + [w for p in plans for w in records[p.name]["warnings"]]
     for rec in records.values():
         skipped.update(rec["skipped"])
-    upscaled = [u for s, i, _ in plans for u in records[schema.shard_name(s, i)].get("upscaled", [])]
+    upscaled = [u for p in plans for u in records[p.name].get("upscaled", [])]
 
     manifest = _manifest(plans, records, opts, cmap, skipped)
     storage.write_bytes_atomic(murl, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     elapsed = time.perf_counter() - start
     stones = {s: len({j.stone_id for j in jobs if j.split == s}) for s in SPLITS}
-    return {
+    summary = {
         "manifest": murl,
         "images": len(jobs),
         "tiles": {s: manifest["splits"][s]["samples"] for s in SPLITS},
         "stones": stones,
         "split_warnings": share_warnings(stones, opts.split_ratios, opts.split_method),
         "shards": len(plans),
-        "reused_shards": len(plans) - len(pending),
+        "reused_shards": outcome.reused,
         "skipped": dict(sorted(skipped.items())),
         "warnings": warnings,
         "upscaled": upscaled,  # [source image, factor] of each crop enlarged more than UPSCALE_WARNING
+        "aborted_uploads": aborted,
         "seconds": elapsed,
         "images_per_s": len(jobs) / elapsed if elapsed else 0.0,
+        "distributor": distributor,
     }
+    if distributor == "dask":
+        summary["dask"] = {"scheduler": outcome.scheduler, "tasks": outcome.tasks, "workers": outcome.workers,
+                           "retried": outcome.retried}  # fmt: skip
+    return summary
 
 
 def _manifest(plans, records, opts: BuildOptions, cmap: ClassMap, skipped: Counter) -> dict:
     n_classes = cmap.num_classes(opts.mode)
     splits = {}
     for split in SPLITS:
-        shards = [records[schema.shard_name(s, i)] for s, i, _ in plans if s == split]
+        shards = [records[p.name] for p in plans if p.split == split]
         hist = np.zeros(n_classes, dtype=np.int64)
         for rec in shards:
             hist += np.asarray(rec["class_pixels"], dtype=np.int64)
@@ -237,7 +132,7 @@ def _manifest(plans, records, opts: BuildOptions, cmap: ClassMap, skipped: Count
         "tile": opts.tile,
         "stride": opts.stride,
         "tiles_per_image": TileGrid(opts.image_size, opts.tile, opts.stride).count,
-        "options": _manifest_options(opts),
+        "options": manifest_options(opts),
         "skipped": dict(sorted(skipped.items())),
         "splits": splits,
     }

@@ -14,7 +14,10 @@ from pathlib import Path
 import yaml
 
 IGNORE_INDEX = 255
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# configs/: installed next to this module by a wheel (pyproject maps it to shardgen/configs), else the
+# top-level folder of a source checkout or an editable install.
+_INSTALLED_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = _INSTALLED_CONFIGS if _INSTALLED_CONFIGS.is_dir() else Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CLASSES_YAML = CONFIG_DIR / "classes.yaml"
 MODES = ("multiclass", "binary")
 REFLECTION_POLICIES = ("merge", "ignore", "background")

@@ -47,6 +47,18 @@ class Shape:
     rotation: float = 0.0  # box/ellipse rotation in degrees, clockwise on screen
     rle: tuple[int, ...] = ()  # mask only: CVAT RLE run lengths, background run first
     mask_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # mask only: left, top, width, height
+    attributes: tuple[tuple[str, str], ...] = ()  # <attribute name="...">value</attribute> children, in order
+
+
+@dataclass(frozen=True)
+class AttributeSpec:
+    """A label attribute declared in the export's meta, as CVAT writes it (``write_cvat(attributes=...)``)."""
+
+    name: str
+    input_type: str  # number | text | checkbox | select | radio
+    values: tuple[str, ...] = ()  # number: (min, max, step); select/radio: the choices
+    default: str = ""
+    mutable: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,30 @@ def parse_cvat(path: str | os.PathLike, *, skipped: dict[str, int] | None = None
     return images
 
 
+def parse_labels(path: str | os.PathLike) -> list[str]:
+    """The label names an export's ``<meta>`` declares (task, project or job), in order, spelled as written.
+
+    Skeleton parts (labels with a ``<parent>``) are not labels a shape can carry and are left out.
+    """
+    where = os.fspath(path)
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, remove_comments=True, remove_pis=True)
+    try:
+        with open(path, "rb") as f:
+            root = etree.parse(f, parser).getroot()
+    except OSError as e:
+        raise CvatError(f"{where}:0: cannot read: {e.strerror or e}") from None
+    except etree.XMLSyntaxError as e:
+        raise CvatError(f"{where}:{e.lineno or 1}: malformed XML: {e.msg}") from None
+    names: list[str] = []
+    for label in root.iterfind("meta/*/labels/label"):
+        name = (label.findtext("name") or "").strip()
+        if name and label.find("parent") is None and name not in names:
+            names.append(name)
+    if not names:
+        raise CvatError(f"{where}:{root.sourceline}: no <meta> labels found (is this a CVAT for images 1.1 export?)")
+    return names
+
+
 def _parse_image(el, where: str, skipped: dict[str, int]) -> ImageAnnotation:
     name = el.get("name")
     if not name:
@@ -121,15 +157,16 @@ def _parse_shape(el, order: int, where: str) -> Shape:
         raise CvatError(f"{where}:{el.sourceline}: <{kind}> has no label attribute")
     z_order = _int_attr(el, "z_order", where, default=0)
     rotation = _float_attr(el, "rotation", where, default=0.0)
+    attrs = tuple((a.get("name") or "", a.text or "") for a in el if a.tag == "attribute")
     if kind in ("polygon", "polyline", "points"):
         points = _parse_points(el, where)
-        return Shape(kind, label, points, z_order, order, el.sourceline)
+        return Shape(kind, label, points, z_order, order, el.sourceline, attributes=attrs)
     if kind == "box":
         xtl, ytl, xbr, ybr = (_float_attr(el, a, where) for a in ("xtl", "ytl", "xbr", "ybr"))
-        return Shape(kind, label, ((xtl, ytl), (xbr, ybr)), z_order, order, el.sourceline, rotation)
+        return Shape(kind, label, ((xtl, ytl), (xbr, ybr)), z_order, order, el.sourceline, rotation, attributes=attrs)
     if kind == "ellipse":
         cx, cy, rx, ry = (_float_attr(el, a, where) for a in ("cx", "cy", "rx", "ry"))
-        return Shape(kind, label, ((cx, cy), (rx, ry)), z_order, order, el.sourceline, rotation)
+        return Shape(kind, label, ((cx, cy), (rx, ry)), z_order, order, el.sourceline, rotation, attributes=attrs)
     # mask
     box = tuple(_int_attr(el, a, where) for a in ("left", "top", "width", "height"))
     if box[2] <= 0 or box[3] <= 0:
@@ -140,7 +177,7 @@ def _parse_shape(el, order: int, where: str) -> Shape:
             f"{where}:{el.sourceline}: mask RLE covers {sum(rle)} pixels, its box {box[2]}x{box[3]} has "
             f"{box[2] * box[3]}"
         )
-    return Shape(kind, label, (), z_order, order, el.sourceline, rle=rle, mask_box=box)
+    return Shape(kind, label, (), z_order, order, el.sourceline, rle=rle, mask_box=box, attributes=attrs)
 
 
 def _parse_points(el, where: str) -> tuple[tuple[float, float], ...]:
@@ -215,11 +252,13 @@ def write_cvat(
     labels: Sequence[str],
     *,
     source: str = "manual",
+    attributes: Sequence[AttributeSpec] = (),
 ) -> None:
     """Write ``images`` as a CVAT for images 1.1 task export that ``parse_cvat`` and CVAT itself read back.
 
     Coordinates are written with 2 decimals, as CVAT does. ``source`` is CVAT's provenance attribute
-    ("manual" for hand-made annotations, "auto" for model predictions).
+    ("manual" for hand-made annotations, "auto" for model predictions). ``attributes`` are declared on every
+    label in the meta; a shape's own ``attributes`` are written as its ``<attribute>`` children.
     """
     root = etree.Element("annotations")
     etree.SubElement(root, "version").text = "1.1"
@@ -229,7 +268,14 @@ def write_cvat(
     for name in labels:
         label = etree.SubElement(label_list, "label")
         etree.SubElement(label, "name").text = name
-        etree.SubElement(label, "attributes")
+        specs = etree.SubElement(label, "attributes")
+        for spec in attributes:
+            attr = etree.SubElement(specs, "attribute")
+            etree.SubElement(attr, "name").text = spec.name
+            etree.SubElement(attr, "mutable").text = str(spec.mutable)
+            etree.SubElement(attr, "input_type").text = spec.input_type
+            etree.SubElement(attr, "default_value").text = spec.default
+            etree.SubElement(attr, "values").text = "\n".join(spec.values)
     for image_id, image in enumerate(images):
         attrs = {
             "id": str(image_id),
@@ -242,7 +288,9 @@ def write_cvat(
             attrs["subset"] = subset
         el = etree.SubElement(root, "image", attrs)
         for shape in image.shapes:
-            etree.SubElement(el, shape.kind, _shape_attrs(shape, source))
+            shape_el = etree.SubElement(el, shape.kind, _shape_attrs(shape, source))
+            for name, value in getattr(shape, "attributes", ()):
+                etree.SubElement(shape_el, "attribute", {"name": name}).text = value
     etree.ElementTree(root).write(os.fspath(path), xml_declaration=True, encoding="utf-8", pretty_print=True)
 
 

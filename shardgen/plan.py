@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import schema
+from . import schema, storage
 from .classes import DEFAULT_CLASSES_YAML, ClassMap
 from .cvat import CvatError, ImageAnnotation, parse_cvat
 from .scanfile import DEFAULT_MAX_PIXELS, ScanError, scan_size
@@ -98,6 +98,8 @@ def plan(
                     values.append(None)
                 else:
                     values.append(cmap.paint_value(info, opts.mode, opts.reflections))
+            if storage.leaves_folder(ann.name):  # checked before any lookup: the file is never touched
+                raise ShardgenError(f"{xml}:{ann.line}: image name {ann.name!r} leaves the images folder")
             path = _find_image(images, ann.name)
             if path is None:
                 if not opts.skip_missing:

@@ -57,6 +57,17 @@ def decode_rle(counts: Sequence[int], width: int, height: int) -> np.ndarray:
     return np.repeat(values, runs).reshape(height, width)
 
 
+def encode_rle(mask: np.ndarray) -> tuple[int, ...]:
+    """bool (height, width) -> CVAT mask RLE, the inverse of ``decode_rle``: run lengths, background first."""
+    flat = np.asarray(mask, dtype=bool).ravel()
+    if flat.size == 0:
+        raise ValueError("cannot encode an empty mask")
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate(([0], change, [flat.size])))
+    # CVAT's runs alternate starting with background: a mask whose first pixel is set opens with a 0 run.
+    return tuple(int(r) for r in (np.concatenate(([0], runs)) if flat[0] else runs))
+
+
 def rasterize(
     ann: ImageAnnotation,
     value_of: Callable[[Shape], int | None],

@@ -91,17 +91,36 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _backoff(what: str, e: BaseException, attempt: int, retries: int, backoff: float, on_retry) -> None:
-    """Give up with StorageUnavailable after ``retries`` attempts, else log, report and wait before the next."""
-    if attempt >= retries:
-        raise StorageUnavailable(
-            f"{what}: storage failed {attempt} times in a row, giving up: {type(e).__name__}: {_first_line(e)}"
-        ) from e
-    if on_retry is not None:
-        on_retry(what, attempt, e)
-    log.warning("%s: storage failed (%s: %s); retry %d/%d", what, type(e).__name__, _first_line(e), attempt,
-                retries - 1)  # fmt: skip
-    time.sleep(min(backoff * 2 ** (attempt - 1), MAX_WAIT_S))
+class Retry:
+    """The retry policy of every storage access, for one operation or one stream (``what`` names it).
+
+    Call ``failed(e)`` from the ``except`` block of an attempt: an error that is not transient is re-raised
+    at once; a transient one is logged, reported to ``on_retry(what, attempt, e)`` and waited out (waits
+    doubling from ``backoff`` seconds, capped at 30 s), until ``retries`` attempts in a row have failed and
+    ``StorageUnavailable`` is raised. ``succeeded()`` after progress starts a new fault episode.
+    """
+
+    def __init__(self, what: str, retries: int, backoff: float, on_retry=None):
+        self.what, self.retries, self.backoff, self.on_retry = what, retries, backoff, on_retry
+        self.attempt = 0  # failed attempts in a row
+
+    def failed(self, e: Exception) -> None:
+        if not is_transient(e):
+            raise e
+        self.attempt += 1
+        if self.attempt >= self.retries:
+            raise StorageUnavailable(
+                f"{self.what}: storage failed {self.attempt} times in a row, giving up: "
+                f"{type(e).__name__}: {_first_line(e)}"
+            ) from e
+        if self.on_retry is not None:
+            self.on_retry(self.what, self.attempt, e)
+        log.warning("%s: storage failed (%s: %s); retry %d/%d", self.what, type(e).__name__, _first_line(e),
+                    self.attempt, self.retries - 1)  # fmt: skip
+        time.sleep(min(self.backoff * 2 ** (self.attempt - 1), MAX_WAIT_S))
+
+    def succeeded(self) -> None:
+        self.attempt = 0
 
 
 def retry_call(
@@ -114,15 +133,12 @@ def retry_call(
 ) -> T:
     """``fn()``, retried like `iter_shard` reads: transient faults up to ``retries`` attempts in all, waits
     doubling from ``backoff`` seconds; then ``StorageUnavailable`` naming ``what``. Other errors pass at once."""
-    attempt = 0
+    retry = Retry(what, retries, backoff, on_retry)
     while True:
         try:
             return fn()
         except Exception as e:
-            if not is_transient(e):
-                raise
-            attempt += 1
-            _backoff(what, e, attempt, retries, backoff, on_retry)
+            retry.failed(e)
 
 
 def _check_end(tar: tarfile.TarFile) -> None:
@@ -136,10 +152,11 @@ def _check_end(tar: tarfile.TarFile) -> None:
         raise tarfile.ReadError("unexpected end of archive")
 
 
-def _members(url: str, skip: int) -> Iterator[tuple[str, dict]]:
-    """(key, {ext: bytes}) of the tar at ``url`` in order, after the first ``skip`` samples."""
+def members(stream, url: str, skip: int = 0) -> Iterator[tuple[str, dict]]:
+    """(key, {ext: bytes}) of the tar read from ``stream`` in order, after the first ``skip`` samples; a tar
+    that is broken or cut short raises CorruptSample naming ``url``. Member names only give key and ext."""
     key, parts, index = None, {}, 0
-    with storage.open_url(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
         try:
             for member in tar:
                 if not member.isreg():
@@ -163,6 +180,11 @@ def _members(url: str, skip: int) -> Iterator[tuple[str, dict]]:
         yield key, parts
 
 
+def _members(url: str, skip: int) -> Iterator[tuple[str, dict]]:
+    with storage.open_url(url, "rb") as f:
+        yield from members(f, url, skip)
+
+
 def iter_shard(
     url: str,
     *,
@@ -176,16 +198,13 @@ def iter_shard(
     (capped at 30 s); ``on_retry(url, attempt, error)`` is called before each wait. After the budget,
     ``StorageUnavailable`` is raised; a missing shard or a permanent error (`is_transient`) raises at once.
     """
-    done, attempt = 0, 0
+    retry, done = Retry(url, retries, backoff, on_retry), 0
     while True:
         try:
             for item in _members(url, done):
                 yield item
                 done += 1
-                attempt = 0  # progress resets the budget: it is per outage, not per shard
+                retry.succeeded()  # progress resets the budget: it is per outage, not per shard
             return
         except Exception as e:
-            if not is_transient(e):
-                raise
-            attempt += 1
-            _backoff(url, e, attempt, retries, backoff, on_retry)
+            retry.failed(e)

@@ -47,8 +47,8 @@ def process_image(job: ImageJob, opts: BuildOptions) -> dict:
     n_classes = ClassMap.load(opts.classes).num_classes(opts.mode)
     samples, hist = [], np.zeros(n_classes, dtype=np.int64)
     t = opts.tile
-    for i, j, y, x in grid.positions():
-        tile_mask = mask[y : y + t, x : x + t]
+    tiles = zip(grid.positions(), grid.cut(image, channels_last=True), grid.cut(mask), strict=True)
+    for (i, j, y, x), tile_image, tile_mask in tiles:
         counts = np.bincount(tile_mask.ravel(), minlength=256)
         hist += counts[:n_classes]
         meta = {
@@ -73,7 +73,7 @@ def process_image(job: ImageJob, opts: BuildOptions) -> dict:
         samples.append(
             {
                 "__key__": schema.sample_key(job.image_id, i, j),
-                schema.IMAGE_KEY: schema.encode_png(image[y : y + t, x : x + t], opts.png_level),
+                schema.IMAGE_KEY: schema.encode_png(tile_image, opts.png_level),
                 schema.MASK_KEY: schema.encode_png(np.ascontiguousarray(tile_mask), opts.png_level),
                 schema.META_KEY: json.dumps(meta, sort_keys=True).encode(),
             }

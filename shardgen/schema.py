@@ -110,8 +110,22 @@ def read_manifest(url: str) -> dict:
             f"{murl}: manifest format version {manifest.get('format_version')!r}, "
             f"this code reads version {FORMAT_VERSION}; rebuild the shards with this shardgen"
         )
+    _check_shard_names(manifest, murl)
     manifest["_url"] = murl
     return manifest
+
+
+def _check_shard_names(manifest: dict, murl: str) -> None:
+    """Every shard ``url`` is a name relative to the manifest's folder (the format has no absolute URLs): one
+    that is absolute or climbs out with ``..`` would read data from outside the dataset."""
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        raise ManifestError(f"{murl}: no splits")
+    for split, info in splits.items():
+        for shard in info.get("shards", []) if isinstance(info, dict) else []:
+            name = shard.get("url") if isinstance(shard, dict) else None
+            if not isinstance(name, str) or storage.leaves_folder(name):
+                raise ManifestError(f"{murl}: shard URL {name!r} of split {split!r} leaves the dataset folder")
 
 
 def split_info(manifest: dict, split: str) -> dict:

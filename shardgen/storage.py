@@ -10,10 +10,8 @@ credential-related environment. fsspec's own instance cache is bypassed because 
 change when only the (deliberately absent) credentials change in the environment, which would keep
 serving a client signed with stale keys. Call `clear_cache()` to force fresh clients.
 
-`register_gopen()` makes webdataset open these URLs too (it has no ``s3://`` opener of its own):
-``wds.WebDataset("s3://b/p/train-000000.tar")`` and ``wds.ShardWriter(pattern="s3://b/p/train-%06d.tar")``.
-The ShardWriter must be given a pattern string, not ``opener=``: only a stream that TarWriter opened
-itself through gopen is closed by it, and an S3 upload is committed only on close.
+Shards are written on streams opened here (``open_url``; an S3 upload is committed when the stream is
+closed) and read by ``shardgen.reader``; nothing goes through webdataset's own URL openers (gopen).
 """
 
 from __future__ import annotations
@@ -23,14 +21,12 @@ import hashlib
 import os
 import threading
 import uuid
+from pathlib import PurePosixPath, PureWindowsPath
 
 import fsspec
-from webdataset.gopen import gopen_schemes
 
 # Schemes whose objects appear whole or not at all on close and that have no real directories.
 OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "memory"})
-# webdataset handles "" and "file" natively; these are routed through fsspec instead.
-GOPEN_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "memory")
 HASH_CHUNK = 1 << 20
 # Environment variables that change who we are or where we connect; part of the cache key.
 _IDENTITY_ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_")
@@ -112,6 +108,19 @@ def join(url: str, *parts: str) -> str:
     return proto + sep + "/".join((rest, *parts) if rest else parts)
 
 
+def leaves_folder(name: str) -> bool:
+    """True for a relative name that does not stay inside the folder it is resolved in: absolute, climbing out
+    with ``..``, written with / or with \\ (a Windows export, a drive letter), or a URL of its own. Such a name
+    in an input file (an XML's image, a manifest's shard, a run's ``latest.json``) could reach any file the
+    process can read, so it is refused, never resolved."""
+    if not name or "://" in name:
+        return True
+    for path in (PurePosixPath(name), PureWindowsPath(name)):
+        if path.is_absolute() or path.anchor or ".." in path.parts:
+            return True
+    return False
+
+
 def exists(url: str) -> bool:
     fs, path = fs_for(url)
     return fs.exists(path)
@@ -190,6 +199,29 @@ def rename(src: str, dst: str) -> None:
     fs.mv(path, fs_for(dst)[1])
 
 
+def abort_uploads(url: str) -> int:
+    """Abort the unfinished S3 multipart uploads of objects directly in the folder ``url`` (not in its
+    subfolders); returns how many. A process killed while streaming a large object leaves its upload open,
+    and the store keeps (and bills) its parts until someone aborts it. A no-op elsewhere: other filesystems
+    have no such leftovers (the temporary shards a killed build did finish are deleted by
+    ``shard.remove_partials``)."""
+    if _protocol(url) not in ("s3", "s3a"):
+        return 0
+    fs, path = fs_for(url)
+    bucket, _, folder = path.rstrip("/").partition("/")
+    prefix = folder + "/" if folder else ""
+    ask, uploads = {"Bucket": bucket, "Prefix": prefix}, []
+    while True:
+        page = fs.call_s3("list_multipart_uploads", **ask)
+        uploads += [u for u in page.get("Uploads", []) if "/" not in u["Key"][len(prefix) :]]
+        if not page.get("IsTruncated"):
+            break
+        ask.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
+    for u in uploads:
+        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+    return len(uploads)
+
+
 def sha256_of(url: str) -> tuple[str, int]:
     """(hex sha256, size in bytes) of a file/object, streamed in chunks."""
     h = hashlib.sha256()
@@ -199,21 +231,3 @@ def sha256_of(url: str) -> tuple[str, int]:
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size
-
-
-def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192):
-    """webdataset gopen handler; same positional signature as webdataset's own handlers.
-
-    `bufsize` is part of that calling convention and unused: fsspec files do their own buffering.
-    """
-    return open_url(url, mode)
-
-
-def register_gopen() -> None:
-    """Route webdataset's s3/gs/gcs/az/abfs/memory URLs through fsspec (idempotent).
-
-    Call it in every process that opens shards; a module-level call in the module that builds the
-    dataset also covers DataLoader workers started with "spawn".
-    """
-    for scheme in GOPEN_SCHEMES:
-        gopen_schemes[scheme] = gopen_fsspec

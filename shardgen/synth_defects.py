@@ -131,7 +131,7 @@ def _pinpoint(sc: Scene):
     rng = sc.rng
     c = np.floor(sc.point(3))  # a whole-pixel point: the pixel holding it is the same under any rounding
     part = Part("points", c[None], 1) if rng.random() < 0.6 else Part("polygon", _blob(rng, c, 1.8, 6, 0.2))
-    value = polarity(rng, (190, 250), (15, 60))
+    value = contrasting(sc, [Part("points", np.array([c - 2, c + 3]))], (190, 250), (15, 60))
     return [part], lambda sc, parts, k: blend(sc, *paint_mask(sc, parts), value)
 
 
@@ -208,10 +208,11 @@ def _cloud(sc: Scene):
     delta, alpha = polarity(rng, (60, 95), (-75, -50)), rng.uniform(0.7, 0.9)
 
     def paint(sc, parts, k):
-        box, m = paint_mask(sc, parts, blur=size / 2.5)
+        # The haze reaches the outline an annotator draws around it: a soft edge, not a faint core.
+        box, m = paint_mask(sc, parts, blur=size / 5)
         x0, y0, x1, y1 = box
         grain = rng.random(m.shape, dtype=np.float32)  # a cloud is a haze of sub-pixel pinpoints
-        blend(sc, box, m**2 * k * alpha * (0.4 + 0.6 * grain**2), sc.gray[y0:y1, x0:x1] + delta)
+        blend(sc, box, np.sqrt(m) * k * alpha * (0.4 + 0.6 * grain**2), sc.gray[y0:y1, x0:x1] + delta)
 
     return parts, paint
 

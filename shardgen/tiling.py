@@ -41,3 +41,31 @@ class TileGrid:
     def positions(self) -> list[tuple[int, int, int, int]]:
         """(i, j, y, x) for every tile, row-major."""
         return [(i, j, i * self.stride, j * self.stride) for i in range(self.n) for j in range(self.n)]
+
+    def cut(self, image, channels_last: bool = False) -> list:
+        """The tiles of ``image`` as views, in ``positions()`` order: an (S, S) or (C, S, S) numpy array or
+        torch tensor gives (t, t) or (C, t, t) tiles; with ``channels_last``, (S, S, C) gives (t, t, C)."""
+        t = self.tile
+        if channels_last:
+            return [image[y : y + t, x : x + t] for _, _, y, x in self.positions()]
+        return [image[..., y : y + t, x : x + t] for _, _, y, x in self.positions()]
+
+    def paste(self, tiles, out, weight=None):
+        """Put ``tiles`` ((count, ..., t, t), ``positions()`` order) into ``out`` (..., S, S) and return it.
+
+        Without ``weight`` each tile is assigned to its window, so where tiles overlap the later one stays
+        (tiles cut from one image agree there). With ``weight`` (t, t), each tile is multiplied by it and
+        added in place: the weighted sum that blending divides by the summed weights.
+        """
+        if len(tiles) != self.count:
+            raise ValueError(f"{len(tiles)} tiles for a grid of {self.count}")
+        t = self.tile
+        for k, (_, _, y, x) in enumerate(self.positions()):
+            window = out[..., y : y + t, x : x + t]
+            if weight is None:
+                window[...] = tiles[k]
+            elif hasattr(window, "addcmul_"):  # torch: no temporary for the product
+                window.addcmul_(tiles[k], weight)
+            else:
+                window += tiles[k] * weight
+        return out

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import tarfile
 
 from . import schema, storage
+from .reader import CorruptSample, members
 
 
 class _HashingReader:
@@ -23,27 +23,27 @@ class _HashingReader:
 
 
 def check_shard(url: str, expected: dict) -> list[str]:
-    """Problems with one shard (empty when it matches the manifest)."""
+    """Problems with one shard (empty when it matches the manifest). Its samples are counted by the readers'
+    own member iteration (``shardgen.reader.members``), so verify accepts exactly what training reads."""
     try:
         with storage.open_url(url, "rb") as f:
             reader = _HashingReader(f)
-            keys = set()
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                for member in tar:  # member names are only counted, never used as paths
-                    keys.add(member.name.split(".", 1)[0])
-            while reader.read(1 << 20):  # hash the tar padding after the last member too
+            samples = sum(1 for _ in members(reader, url))
+            while reader.read(1 << 20):  # hash anything after the end-of-archive blocks too
                 pass
     except FileNotFoundError:
         return ["missing"]
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except CorruptSample as e:
+        return [f"unreadable: {e.reason}"]  # "broken tar: ..."
+    except (OSError, EOFError) as e:
         return [f"unreadable tar: {e}"]
     problems = []
     if reader.size != expected["bytes"]:
         problems.append(f"{reader.size} bytes, manifest says {expected['bytes']}")
     if reader.sha.hexdigest() != expected["sha256"]:
         problems.append("sha256 differs from the manifest")
-    if len(keys) != expected["samples"]:
-        problems.append(f"{len(keys)} samples, manifest says {expected['samples']}")
+    if samples != expected["samples"]:
+        problems.append(f"{samples} samples, manifest says {expected['samples']}")
     return problems
 
 

@@ -118,3 +118,29 @@ def test_cpu_cell_blend_is_identical_to_the_tile_loop(grid):
         total[:, y : y + t, x : x + t].addcmul_(probs[k], w)
         weight[:, y : y + t, x : x + t] += w
     assert torch.equal(blend_tiles(probs, grid, "gaussian"), total / weight)
+
+
+def test_tile_grid_cut_and_paste_round_trip_numpy_and_torch():
+    """TileGrid.cut and paste are the one place tiles are cut and put back (shardgen, predict, evaluate)."""
+    grid = TileGrid(12, 6, 3)
+    rng = np.random.default_rng(0)
+    hwc = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    tiles = grid.cut(hwc, channels_last=True)
+    assert len(tiles) == grid.count and all(t.shape == (6, 6, 3) for t in tiles)
+    assert all(np.shares_memory(t, hwc) for t in tiles)  # views, no copies
+    chw = torch.from_numpy(hwc.transpose(2, 0, 1).copy())
+    stacked = torch.stack(grid.cut(chw))
+    for (_, _, y, x), tile in zip(grid.positions(), stacked, strict=True):
+        assert torch.equal(tile, chw[:, y : y + 6, x : x + 6])
+    np.testing.assert_array_equal(grid.paste(stacked.numpy(), np.zeros((3, 12, 12), np.uint8)), chw.numpy())
+    assert torch.equal(grid.paste(stacked, torch.zeros(3, 12, 12, dtype=torch.uint8)), chw)
+    # Weighted: each tile times the weight, added; numpy and torch agree with a hand-written sum.
+    probs, w = torch.rand(grid.count, 2, 6, 6, dtype=torch.float64), torch.rand(6, 6, dtype=torch.float64)
+    expected = torch.zeros(2, 12, 12, dtype=torch.float64)
+    for k, (_, _, y, x) in enumerate(grid.positions()):
+        expected[:, y : y + 6, x : x + 6] += probs[k] * w
+    assert torch.allclose(grid.paste(probs, torch.zeros(2, 12, 12, dtype=torch.float64), weight=w), expected)
+    summed = grid.paste(probs.numpy(), np.zeros((2, 12, 12)), weight=w.numpy())
+    np.testing.assert_allclose(summed, expected.numpy())
+    with pytest.raises(ValueError, match="8 tiles for a grid of 9"):
+        grid.paste(probs[:8], torch.zeros(2, 12, 12, dtype=torch.float64))

@@ -591,17 +591,29 @@ def test_xml_files_naming_no_images_are_refused(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_upscaled_tiny_scans_are_named_and_counted_in_the_summary(tmp_path, capsys):
+def tiny_scan_case(tmp_path: Path) -> tuple[Path, Path]:
+    """A normal scan and a 20x20 one whose crust crop is upscaled 3.2x to 64x64: (data dir, tiny scan)."""
     data = tmp_path / "data"
     write_scan(data / "images" / "big.png")
     small = np.random.default_rng(5).integers(1, 256, (20, 20, 3), dtype=np.uint8)
     Image.fromarray(np.pad(small, ((4, 4), (2, 2), (0, 0)))).save(data / "images" / "tiny.png")
     write_xml(data / "annotations" / "a.xml", [("big.png", [])])
     write_xml(data / "annotations" / "b.xml", [("tiny.png", [rect("Pit", 5, 6, 8, 9)])], size=(24, 28))
+    return data, data / "images" / "tiny.png"
+
+
+UPSCALED_LINE = "upscaled: 1 scans whose crust crop is enlarged more than 2x: tiny.png (3.2x)"
+
+
+def test_upscaled_tiny_scans_are_named_and_counted_in_the_summary(tmp_path, capsys):
+    data, tiny = tiny_scan_case(tmp_path)
     rc, out, err = cli(capsys, *build_args(data, tmp_path / "out", *HAND))
     assert rc == 0
-    tiny = data / "images" / "tiny.png"
     assert f"warning: {tiny}: crust crop 20x20 is upscaled 3.2x to 64x64 (more than 2x)" in err
-    assert "upscaled: 1 scans whose crust crop is enlarged more than 2x: tiny.png (3.2x)" in out
+    assert UPSCALED_LINE in out
     assert "big.png" not in out + err
     assert schema.read_manifest(str(tmp_path / "out"))["splits"]["train"]["images"] == 2  # still built
+    # A resumed build reuses the shard and reports the same warning and summary line from its record.
+    rc, out2, err2 = cli(capsys, *build_args(data, tmp_path / "out", *HAND))
+    assert rc == 0 and "(1 reused)" in out2
+    assert err2 == err and UPSCALED_LINE in out2

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import webdataset as wds
 
 from shardgen import schema, storage
 from shardgen.__main__ import main
+from shardgen.reader import iter_shard
 from shardgen.synth import write_synthetic
 
 pytestmark = pytest.mark.s3
@@ -43,11 +43,10 @@ def test_build_to_s3_read_back_verify_and_detect_a_corrupt_shard(s3_env, s3_serv
     listed = sorted(p.rsplit("/", 1)[1] for p in fs.ls(root, detail=False))
     assert listed == sorted([*names, "manifest.json", "_build"])  # no .partial object left behind
 
-    storage.register_gopen()
     for split, info in manifest["splits"].items():
         urls = schema.shard_urls(manifest, split)
         assert all(u.startswith(f"{url}/{split}-") for u in urls)
-        samples = list(wds.WebDataset(urls, shardshuffle=False)) if urls else []
+        samples = [parts for u in urls for _, parts in iter_shard(u)]
         assert len(samples) == info["samples"] == 25 * info["images"]
         for s in samples:
             image, mask, meta = schema.decode_sample(s)
@@ -68,3 +67,22 @@ def test_build_to_s3_read_back_verify_and_detect_a_corrupt_shard(s3_env, s3_serv
     records = [storage.read_text(f"{url}/_build/{n}.json") for n in names]
     for text in [storage.read_text(f"{url}/manifest.json"), *records, *captured]:
         assert secret not in text
+
+
+def test_a_rerun_aborts_the_uploads_a_killed_build_left_open(s3_env, tmp_path, capsys):
+    """A build killed while streaming a large shard leaves a multipart upload whose parts the store keeps (and
+    bills) forever; the rerun aborts those of its own folder and leaves any other folder's alone."""
+    data = tmp_path / "data"
+    write_synthetic(data, 2, seed=1, size_range=(180, 230))
+    fs, root = storage.fs_for(s3_env)
+    bucket = root.strip("/")
+    for key in ("ds/train-000000.tar.partial", "ds/runs/last.pt", "ds-other/train-000000.tar.partial"):
+        upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+        fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 99)
+    args = ["--annotations", str(data / "annotations"), "--images", str(data / "images"), *ARGS]
+    assert main(["build", *args, "--out", f"{s3_env}/ds"]) == 0
+    assert f"aborted 1 unfinished uploads left in {s3_env}/ds by an earlier build" in capsys.readouterr().out
+    left = sorted(u["Key"] for u in fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []))
+    assert left == ["ds-other/train-000000.tar.partial", "ds/runs/last.pt"]
+    assert main(["build", *args, "--out", f"{s3_env}/ds"]) == 0
+    assert "aborted" not in capsys.readouterr().out

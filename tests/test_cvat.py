@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from shardgen.cvat import CvatError, ImageAnnotation, Shape, parse_cvat, write_cvat
+from shardgen.cvat import AttributeSpec, CvatError, ImageAnnotation, Shape, parse_cvat, parse_labels, write_cvat
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "cvat"
+SCORE = AttributeSpec("score", "number", ("0", "1", "0.01"), "0")
 DOCS_RLE = (3, 5, 7, 7, 5, 9, 3, 11, 2, 11, 2, 12, 1, 12, 1, 26, 1, 12, 1, 12, 2, 11, 3, 9, 5, 7, 7, 5, 3)
 
 
@@ -178,20 +179,20 @@ def test_write_cvat_round_trip(tmp_path):
         Shape("points", "Pinpoint", ((7.0, 7.0),), 2, 2, 0),
         Shape("box", "Nick", ((1.0, 2.0), (5.5, 6.0)), 0, 3, 0, rotation=12.5),
         Shape("ellipse", "Pit", ((8.0, 8.0), (3.0, 2.0)), 0, 4, 0),
-        Shape("mask", "Burn mark", (), 3, 5, 0, rle=(1, 2, 3), mask_box=(4, 5, 3, 2)),
+        Shape("mask", "Burn mark", (), 3, 5, 0, rle=(1, 2, 3), mask_box=(4, 5, 3, 2), attributes=(("score", "0.42"),)),
     )
     images = [
         ImageAnnotation("train/scan_001.png", 16, 12, shapes, "", 0, subset="train"),
         ImageAnnotation("scan_002.png", 8, 8, (), "", 0),
     ]
     path = tmp_path / "out.xml"
-    write_cvat(path, images, ["Cloud", "Needle"], source="auto")
+    write_cvat(path, images, ["Cloud", "Needle"], source="auto", attributes=[SCORE])
 
     back = parse_cvat(path)
     assert [(a.name, a.width, a.height, a.subset) for a in back] == [
         (a.name, a.width, a.height, a.subset) for a in images
     ]
-    fields = ("kind", "label", "points", "z_order", "order", "rotation", "rle", "mask_box")
+    fields = ("kind", "label", "points", "z_order", "order", "rotation", "rle", "mask_box", "attributes")
     assert [tuple(getattr(s, f) for f in fields) for s in back[0].shapes] == [
         tuple(getattr(s, f) for f in fields) for s in shapes
     ]
@@ -201,3 +202,26 @@ def test_write_cvat_round_trip(tmp_path):
     polygon = root.find("image/polygon")
     assert polygon.get("points") == "1.25,2.50;10.00,2.75;6.50,9.00"
     assert (polygon.get("source"), polygon.get("occluded")) == ("auto", "0")
+    mask = root.find("image/mask")
+    assert [(a.get("name"), a.text) for a in mask.iterfind("attribute")] == [("score", "0.42")]
+    declared = root.find("meta/task/labels/label/attributes/attribute")
+    assert [declared.findtext(k) for k in ("name", "input_type", "values")] == ["score", "number", "0\n1\n0.01"]
+
+
+def test_shape_attributes_are_read():
+    (img0, _) = parse_cvat(FIXTURES / "datumaro_for_images_train.xml")
+    assert img0.shapes[0].attributes == (("a1", "true"), ("a2", "v3"), ("a3", "0003"), ("a4", "2.4"))
+    assert img0.shapes[1].attributes == ()
+
+
+def test_parse_labels(tmp_path):
+    # skeleton parts (labels with a <parent>) cannot carry a shape of their own
+    assert parse_labels(FIXTURES / "cvat_docs_example.xml") == ["car", "traffic_line", "wheel", "plate", "s1"]
+    assert parse_labels(FIXTURES / "datumaro_for_images_train.xml")[:2] == ["label1", "label2"]
+    project = write(tmp_path, "<meta><project><labels><label><name>Pit</name></label><label><name> Nick </name>"
+                              "</label></labels></project></meta>\n", "project.xml")  # fmt: skip
+    assert parse_labels(project) == ["Pit", "Nick"]
+    with pytest.raises(CvatError, match=r"bare.xml:\d+: no <meta> labels found"):
+        parse_labels(write(tmp_path, "", "bare.xml"))
+    with pytest.raises(CvatError, match=r"missing.xml:0: cannot read"):
+        parse_labels(tmp_path / "missing.xml")

@@ -78,6 +78,19 @@ def test_area_tuner_drops_specks_and_keeps_defects():
     assert np.array_equal(pred, target[0].numpy().astype(np.uint8))
 
 
+def test_area_tuner_keeps_small_true_defects():
+    """A 2x2 pinpoint found exactly and a 6x6 defect: any minimum area above 4 px would lose the pinpoint, so
+    the tuner keeps every component (pixel IoU would hardly tell: the pinpoint is 4 of 40 pixels)."""
+    target = torch.zeros((2, 40, 40), dtype=torch.long)
+    target[:, 5:11, 5:11] = 1
+    target[:, 30:32, 30:32] = 1
+    probs = (target[:, None] == 1).float() * 0.9
+    tuner = AreaTuner(Decision("tuned", [0.5], [0]), 1)
+    tuner.update(probs, target)
+    (area,), (iou,) = tuner.best()
+    assert area <= 4 and iou == pytest.approx(1.0)
+
+
 def test_argmax_decision_is_the_plain_rule():
     probs = torch.softmax(torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), 1)
     assert torch.equal(Decision.argmax(3).classes(probs), probs.argmax(1))
@@ -166,3 +179,31 @@ def test_tta_averages_the_views_turned_back():
     assert torch.allclose(Predictor(model, GRID, tta="flips").tile_probabilities(tiles), expect, atol=1e-6)
     assert torch.allclose(Predictor(model, GRID, tta="d4").tile_probabilities(tiles), d4, atol=1e-6)
     assert not torch.allclose(Predictor(model, GRID, tta="none").tile_probabilities(tiles), expect, atol=1e-3)
+
+
+def test_scored_predictions_decide_like_predict_and_score_the_tta_probabilities():
+    """predict's shape scores: ``predict_scored`` decides as ``predict`` does (tuned thresholds, area filter,
+    TTA) and gives each pixel the blended, view-averaged probability of the class it was decided to be."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    cases = [(["background", "a", "b"], 3, Decision("tuned", [0.4, 0.6], [0, 8])),
+             (["background", "defect"], 1, Decision("tuned", [0.45], [4]))]  # fmt: skip
+    for classes, outputs, decision in cases:
+        model = _model(torch.nn.Conv2d(1, outputs, 3, padding=1), classes)
+        items = [(torch.randint(0, 256, (GRID.count, 1, GRID.tile, GRID.tile), dtype=torch.uint8, generator=g), k)
+                 for k in range(2)]  # fmt: skip
+        predictor = Predictor(model, GRID, batch_size=7, decision=decision, tta="flips")
+        probs = [p for p, _ in predictor.probabilities(items)]
+        plain = [c for c, _ in predictor.predict(items)]
+        scored = list(predictor.predict_scored(items))
+        assert [k for *_, k in scored] == [0, 1]
+        for p, c, (decided, confidence, _) in zip(probs, plain, scored, strict=True):
+            np.testing.assert_array_equal(decided, c)
+            np.testing.assert_array_equal(decided, decision(p))
+            assert 0 < (decided > 0).mean() < 1
+            p = p.numpy()
+            if outputs == 1:
+                expect = np.where(decided > 0, p[0], 1 - p[0])
+            else:
+                expect = np.take_along_axis(p, decided[None].astype(np.int64), 0)[0]
+            np.testing.assert_allclose(confidence, expect, atol=1e-6)

@@ -137,7 +137,8 @@ def corrupt(tiny, tmp_path_factory) -> SimpleNamespace:
 
 def test_training_skips_corrupt_samples_logs_each_and_reports_the_total(tiny, corrupt, tmp_path, capsys, caplog):
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", str(corrupt.root), out, data={"val": str(tiny.shards)},
+    # Uniform draws (no defect pool), so 16 steps read both shards to their broken members.
+    cfg = write_config(tmp_path / "c.yaml", str(corrupt.root), out, data={"val": str(tiny.shards), "defect_share": 0.0},
                        train={"steps": 16, "val_every": 16, "ckpt_every": 16})  # fmt: skip
     caplog.set_level(logging.WARNING, logger="trainer")
     rc, summary, err = run_trainer(capsys, "--config", cfg)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trainer.config import load_config
 from trainer.losses import LossConfig, build_loss, class_weights_from_histogram
 
 N = 4  # multiclass: background + 3 defect classes
@@ -98,24 +99,44 @@ def test_binary_pos_weight_scales_missed_defects():
     assert torch.allclose(build(1, pos_weight=50.0, **bce_only)(-logits, bg), l1)
 
 
-def test_binary_default_is_research_recipe():
-    cfg = LossConfig()
-    assert (cfg.pos_weight, cfg.ce_weight, cfg.dice_weight) == (50.0, 0.5, 0.5)
+@pytest.mark.parametrize("pos_weight", [1.0, 50.0])
+def test_binary_loss_is_bce_plus_batch_dice(pos_weight):
     target = make_target(1)
     logits = torch.randn(2, 1, 16, 16)
     valid = (target != 255)[:, None].float()
     t = (target == 1)[:, None].float()
-    bce = (F.binary_cross_entropy_with_logits(logits, t, pos_weight=torch.tensor([50.0]), reduction="none")
+    bce = (F.binary_cross_entropy_with_logits(logits, t, pos_weight=torch.tensor([pos_weight]), reduction="none")
            * valid).sum() / valid.sum()
     p = torch.sigmoid(logits) * valid
     dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + (t * valid).sum() + 1)
-    assert torch.allclose(build(1)(logits, target), 0.5 * bce + 0.5 * dice)
+    assert torch.allclose(build(1, pos_weight=pos_weight)(logits, target), 0.5 * bce + 0.5 * dice)
+
+
+def test_defaults_are_calibrated_and_the_research_recipe_stays_reachable():
+    cfg = LossConfig()
+    assert (cfg.pos_weight, cfg.ce_weight, cfg.dice_weight, cfg.class_weighting) == (1.0, 0.5, 0.5, "inv_sqrt")
+    research = load_config("research.yaml").loss
+    assert (research.pos_weight, research.class_weighting, research.class_weight_max) == (50.0, "median_freq", 10.0)
+
+
+def test_dice_counts_only_the_classes_present_in_the_batch():
+    """Painting a class the batch does not hold is left to the CE term: the Dice term does not change."""
+    target = make_target(N)
+    target[target == 3] = 0  # class 3 absent from the batch
+    dice_only = build_loss(LossConfig(ce_weight=0.0, dice_weight=1.0, class_weighting="none"), N)
+    logits = perfect_logits(target, N)
+    before = float(dice_only(logits, target))
+    logits[:, 3] = torch.where(target == 0, 20.0, logits[:, 3])  # background pixels now painted as class 3
+    after = float(dice_only(logits, target))
+    assert before < 1e-3 and after == pytest.approx(before, abs=1e-3)
+    # An all-background batch has no Dice term at all (0, not the loss of "predict nothing").
+    assert float(dice_only(perfect_logits(torch.zeros_like(target), N), torch.zeros_like(target))) == 0
 
 
 def test_multiclass_ce_uses_class_weights_and_ignore_index():
     target = make_target(N)
     logits = torch.randn(2, N, 16, 16)
-    weights = class_weights_from_histogram(HIST)
+    weights = class_weights_from_histogram(HIST, "inv_sqrt", 0.1, 5.0)  # the defaults
     expected = F.cross_entropy(logits, target, weight=weights, ignore_index=255)
     got = build_loss(LossConfig(ce_weight=1.0, dice_weight=0.0), N, HIST)(logits, target)
     assert torch.allclose(got, expected)

@@ -4,7 +4,8 @@
 - which errors the readers retry: the S3 client stack's connection errors are not all OSErrors;
 - a checkpoint upload waits out a restart, and one that gives up leaves the previous checkpoint in charge;
 - training reads retry with backoff through a kill and restart, count the retries and finish every step;
-- an outage longer than the retry budget ends the run with a one-line error and a checkpoint to resume from.
+- an outage longer than the retry budget ends the run with a one-line error and a checkpoint to resume from,
+  also under 2-rank DDP, where the ranks agree on the outage and save together.
 
 botocore retries a refused connection itself (AWS_MAX_ATTEMPTS, 5 attempts by default), which would hide a
 short outage from the readers; the tests set it to 1 so that the readers' own backoff is what they measure.
@@ -16,6 +17,7 @@ import csv
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -103,8 +105,9 @@ def build(tmp_path: Path, url: str) -> dict:
     return schema.read_manifest(url)
 
 
-def start_trainer(tmp_path: Path, data: str, steps: int, io_retries: int, io_backoff: float):
-    """``python -m trainer`` in the background, data from S3 and (see the callers) checkpoints on local disk."""
+def start_trainer(tmp_path: Path, data: str, steps: int, io_retries: int, io_backoff: float, ranks: int = 1):
+    """``python -m trainer`` (or 2-rank ``torchrun``) in the background, data from S3 and (see the callers)
+    checkpoints on local disk."""
     config = tmp_path / "outage.yaml"
     config.write_text(yaml.safe_dump({
         "data": {"train": data, "batch_size": 4, "workers": 1, "shuffle_buffer": 4, "pin_memory": False,
@@ -116,19 +119,25 @@ def start_trainer(tmp_path: Path, data: str, steps: int, io_retries: int, io_bac
     }))  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "AWS_MAX_ATTEMPTS": "1"}
     stderr = tmp_path / "stderr.txt"
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
     with open(tmp_path / "stdout.txt", "w") as out, open(stderr, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "trainer", "--config", str(config)], cwd=ROOT, env=env,
-                                stdout=out, stderr=err, stdin=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen([sys.executable, *launch, "-m", "trainer", "--config", str(config)], cwd=ROOT,
+                                env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)  # fmt: skip
     return proc, stderr
 
 
-def wait_for_step(proc, stderr: Path, step: int, timeout: float = 60) -> None:
+def wait_for_step(proc, stderr: Path, step: int, timeout: float = 90, fail: bool = True) -> bool:
+    """Wait for rank 0's log line of ``step``; False (or a test failure with ``fail``) if it never comes."""
     deadline = time.monotonic() + timeout
     while f" step {step}/" not in stderr.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
+            proc.wait()
+            if not fail:
+                return False
             pytest.fail(f"trainer never reached step {step}:\n{stderr.read_text()[-3000:]}")
         time.sleep(0.05)
+    return True
 
 
 @pytest.mark.s3
@@ -157,26 +166,61 @@ def test_training_rides_out_a_server_kill_and_restart(s3_env, s3_server, tmp_pat
 
 
 @pytest.mark.s3
-def test_outage_past_the_retry_budget_stops_with_a_checkpoint(s3_env, s3_server, tmp_path):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_outage_past_the_retry_budget_stops_with_a_checkpoint(s3_env, s3_server, tmp_path, ranks):
     # Checkpoints go to local disk here: with the only S3 server down, no checkpoint could reach S3 either.
     build(tmp_path, f"{s3_env}/ds")
-    proc, stderr = start_trainer(tmp_path, f"{s3_env}/ds", 500, io_retries=3, io_backoff=0.2)
+    for attempt in (1, 2):  # a 2-rank group that fails to form (gloo on a loaded machine) gets one more try
+        proc, stderr = start_trainer(tmp_path, f"{s3_env}/ds", 500, io_retries=3, io_backoff=0.2, ranks=ranks)
+        if wait_for_step(proc, stderr, 3, fail=attempt == 2 or ranks == 1):
+            break
     try:
-        wait_for_step(proc, stderr, 3)
         s3_server.kill()
         t0 = time.monotonic()
-        proc.wait(timeout=60)  # 3 refused attempts, 0.2 + 0.4 s of waits: it must not hang
+        proc.wait(timeout=90)  # 3 refused attempts, 0.2 + 0.4 s of waits: it must not hang
         took = time.monotonic() - t0
     finally:
         proc.kill()
         s3_server.start()  # the session's server, for the tests after this one
     log = stderr.read_text()
-    assert proc.returncode == 2, log[-4000:]
-    assert took < 30
-    error = log.strip().splitlines()[-1]
+    assert proc.returncode == (2 if ranks == 1 else 1), log[-4000:]  # torchrun: 1 when a worker failed
+    assert took < 45
+    # Every rank says the same words; two ranks share stderr, so their lines may run into each other.
+    errors = re.findall(r"trainer: error: .*?(?:to resume|either: .*?$)", log, re.MULTILINE)
+    assert len(errors) == ranks and len(set(errors)) == 1, log[-4000:]
+    error = errors[0]
     assert error.startswith("trainer: error: storage unavailable at step "), log[-4000:]
     assert "storage failed 3 times in a row, giving up: EndpointConnectionError" in error
+    if ranks > 1:
+        assert "at step " in error and ": rank " in error  # which rank met the outage first
     step = int(error.split("storage unavailable at step ")[1].split(":")[0])
     assert step >= 3 and f"saved {tmp_path / 'run' / 'last.pt'} (step {step})" in error
     state = checkpoint.load(checkpoint.latest(str(tmp_path / "run")))
-    assert state["step"] == step
+    assert state["step"] == step and len(state["rng"]) == ranks
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "metrics.csv"])
+def test_run_log_writes_retry_like_the_other_writes(tmp_path, monkeypatch, caplog, name):
+    """config.yaml and metrics.csv go to out_dir, the storage of the checkpoints: a fault that a checkpoint
+    upload rides out must not end the run while the metrics are saved."""
+    from trainer.config import Config
+    from trainer.runlog import RunLog
+
+    real, failures = storage.write_bytes_atomic, []
+
+    def flaky(url, data):
+        if url.endswith(name) and len(failures) < 2:
+            failures.append(url)
+            raise ConnectionResetError(errno.ECONNRESET, "connection reset by peer")
+        real(url, data)
+
+    monkeypatch.setattr(storage, "write_bytes_atomic", flaky)
+    cfg = Config()
+    cfg.train.out_dir, cfg.data.io_backoff = str(tmp_path / "run"), 0.01
+    log = RunLog(cfg, total_steps=2, enabled=True)
+    log.val(1, {"miou": 0.5, "per_class": {"defect": {"iou": 0.5}}})
+    log.close(skipped=0)
+    assert len(failures) == 2 and "retry 2/5" in caplog.text
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [r["phase"] for r in rows] == ["val", "end"]

@@ -1,35 +1,36 @@
-"""Masks -> CVAT polygons -> shardgen's rasterizer gives the masks back (holes filled, 1-2 px specks dropped),
-also through ``shardgen build``; ``python -m evaluate predict`` preprocesses scans exactly like shardgen and
-writes masks at the scans' own size."""
+"""``python -m evaluate predict``: scans preprocessed exactly like shardgen, masks at the scans' own size, and a
+CVAT XML that shardgen build and datumaro (CVAT's reader) both turn back into the predicted masks; scores,
+--min-score and --labels-from."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+from datumaro_render import datumaro_render
+from lxml import etree
 from PIL import Image
 from scanwriters import png16
 from scipy import ndimage
+from test_contours import CLASS_OF, EIGHT_CONNECTED, EXACT, NAMES, handmade_mask, image_iou, shardgen_render
 from test_evaluate import GRID, tiny_dataset
 
 from evaluate.__main__ import main
 from evaluate.blend import reassemble_mask
-from evaluate.contours import component_polygon, mask_polygons, trace_boundary
+from evaluate.contours import mask_shapes
 from evaluate.inference import Predictor, decision_for, load_model
 from evaluate.predict import load_scan, tiles_of
 from evaluate.tiles import iter_images
 from shardgen import schema, storage
 from shardgen.__main__ import main as shardgen_main
-from shardgen.classes import ClassMap
 from shardgen.crust import crop_resize_mask, geometry_from_meta, uncrop
 from shardgen.cvat import ImageAnnotation, parse_cvat, write_cvat
-from shardgen.raster import rasterize
 from shardgen.tiling import TileGrid
 
-CMAP = ClassMap.load()
-NAMES = CMAP.names
+TINY = ["--device", "cpu", "--image-size", "192", "--tile", "64", "--stride", "32"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,106 +41,8 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def representable(mask: np.ndarray) -> np.ndarray:
-    """What polygons carry: each component of 3+ pixels, holes filled, larger boxes painted first."""
-    comps = []
-    for c in range(1, len(NAMES)):
-        labels, _ = ndimage.label(mask == c, structure=np.ones((3, 3)))
-        for k, box in enumerate(ndimage.find_objects(labels), start=1):
-            if (labels[box] == k).sum() >= 3:
-                area = (box[0].stop - box[0].start) * (box[1].stop - box[1].start)
-                # Holes lie inside the box; the padding makes the box's edge count as outside.
-                filled = ndimage.binary_fill_holes(np.pad(labels[box] == k, 1))[1:-1, 1:-1]
-                comps.append((-area, box[0].start, box[1].start, c, box, filled))
-    out = np.zeros_like(mask)
-    for *_, c, box, filled in sorted(comps, key=lambda t: t[:4]):
-        out[box][filled] = c
-    return out
-
-
-def raster_back(ann: ImageAnnotation) -> np.ndarray:
-    return rasterize(ann, lambda s: CMAP.paint_value(CMAP.lookup(s.label)))
-
-
-def xml_round_trip(masks: dict[str, np.ndarray], path) -> dict[str, np.ndarray]:
-    """{name: mask} -> polygons -> write_cvat -> parse_cvat -> rasterize -> {name: mask}."""
-    anns = []
-    for name, mask in masks.items():
-        shapes, _ = mask_polygons(mask, NAMES)
-        anns.append(ImageAnnotation(name, mask.shape[1], mask.shape[0], tuple(shapes), "", 0))
-    write_cvat(path, anns, NAMES[1:], source="auto")
-    return {ann.name: raster_back(ann) for ann in parse_cvat(path)}
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    return (a & b).sum() / (a | b).sum()
-
-
-def handmade_mask(h: int = 170, w: int = 150, top: int = 11, left: int = 7) -> np.ndarray:
-    """Blobs, a hole holding another class, touching classes, 1-px lines, a Y, a staircase, specks."""
-    yy, xx = np.mgrid[:h, :w]
-    m = np.zeros((h, w), np.uint8)
-    r2 = (yy - 60) ** 2 + (xx - 60) ** 2
-    m[r2 <= 25**2] = 2  # Crystal disc ...
-    m[r2 <= 5**2] = 0  # ... with a small hole ...
-    m[r2 <= 2**2] = 1  # ... holding a Pinpoint
-    m[50:70, 86:96] = 8  # Nick touching the crystal
-    for k in range(30):
-        m[100 + k, 10 + k] = 3  # Needle: a 1-px diagonal line
-    m[140, 20:70] = 3  # and a horizontal one
-    m[110:130, 80] = 4  # Feather: a Y of 1-px strokes
-    for k in range(10):
-        m[110 - k, 80 - k] = m[110 - k, 80 + k] = 4
-    m[top : top + 12, left : left + 15] = 6  # Cloud in the content's top-left corner
-    for k in range(12):
-        m[150 - k, 100 + k] = m[150 - k, 101 + k] = 10  # Burn_mark: a 2-px staircase
-    m[150:160, 120:130] = 9  # Pit block, plus a 1-px and a 2-px speck that polygons cannot carry
-    m[145, 135] = 9
-    m[155, 140:142] = 9
-    return m
-
-
-def test_trace_is_clockwise_from_the_first_pixel():
-    square = np.zeros((4, 4), bool)
-    square[1:3, 1:3] = True
-    assert trace_boundary(square) == [(1, 1), (1, 2), (2, 2), (2, 1)]
-    assert trace_boundary(np.eye(1, dtype=bool)) == [(0, 0)]
-    line = np.ones((1, 3), bool)
-    assert trace_boundary(line) == [(0, 0), (0, 1), (0, 2), (0, 1)]
-    assert component_polygon(line) == [(0, 0), (0, 1), (0, 2), (0, 1)]  # kept whole: 2 corners are too few
-    block = np.ones((3, 5), bool)
-    assert component_polygon(block) == [(0, 0), (0, 4), (2, 4), (2, 0)]  # straight runs dropped
-
-
-def test_random_masks_round_trip_exactly(tmp_path):
-    rng = np.random.default_rng(0)
-    masks = {}
-    for k in range(40):
-        noise = ndimage.gaussian_filter(rng.random((48, 40)), rng.uniform(0.5, 3))
-        classes = np.digitize(ndimage.gaussian_filter(rng.random((48, 40)), 4), [0.49, 0.51]) + 1
-        masks[f"r{k}.png"] = np.where(noise > np.quantile(noise, rng.uniform(0.4, 0.9)), classes, 0).astype(
-            np.uint8
-        )
-    back = xml_round_trip(masks, tmp_path / "r.xml")
-    for name, mask in masks.items():
-        np.testing.assert_array_equal(back[name], representable(mask), err_msg=name)
-
-
-def test_handmade_mask_round_trip(tmp_path):
-    mask = handmade_mask()
-    shapes, dropped = mask_polygons(mask, NAMES)
-    assert dropped == {"Pit": 2}
-    assert all(len(s.points) >= 3 and s.kind == "polygon" for s in shapes)
-    back = xml_round_trip({"scan.png": mask}, tmp_path / "h.xml")["scan.png"]
-    np.testing.assert_array_equal(back, representable(mask))
-    present = [c for c in np.unique(mask).tolist() if c]
-    assert present == [1, 2, 3, 4, 6, 8, 9, 10]
-    for c in present:
-        assert iou(back == c, mask == c) >= 0.95, NAMES[c]
-
-
 def test_round_trip_through_shardgen_build_cli(tmp_path):
-    """Polygons written for two scans build into shards whose masks are the crop-resized masks."""
+    """Exact shapes written for two scans build into shards whose masks are exactly the crop-resized masks."""
     images, annotations = tmp_path / "images", tmp_path / "annotations"
     images.mkdir()
     annotations.mkdir()
@@ -152,7 +55,7 @@ def test_round_trip_through_shardgen_build_cli(tmp_path):
         name = f"scan_{k}.png"
         Image.fromarray(scan).save(images / name)
         masks[name] = mask = handmade_mask(top=top, left=left)
-        shapes, _ = mask_polygons(mask, NAMES)
+        shapes = mask_shapes(mask, NAMES, options=EXACT)
         anns.append(ImageAnnotation(name, 150, 170, tuple(shapes), "", 0))
     write_cvat(annotations / "pred.xml", anns, NAMES[1:], source="auto")
     out = tmp_path / "shards"
@@ -166,12 +69,7 @@ def test_round_trip_through_shardgen_build_cli(tmp_path):
     for item in iter_images(manifest, "train"):
         truth = reassemble_mask(item.masks.numpy(), grid, item.image_id)
         geom = geometry_from_meta(item.meta)
-        mask = masks[item.meta["source_image"]]
-        np.testing.assert_array_equal(truth, crop_resize_mask(representable(mask), geom))
-        resized = crop_resize_mask(mask, geom)
-        for c in np.unique(resized).tolist():
-            if c:
-                assert iou(truth == c, resized == c) >= 0.95, NAMES[c]
+        np.testing.assert_array_equal(truth, crop_resize_mask(masks[item.meta["source_image"]], geom))
         seen += 1
     assert seen == 2
 
@@ -184,17 +82,25 @@ def tiny(tmp_path_factory):
     return tiny_dataset(tmp_path_factory)
 
 
+def run_predict(tiny, out, *extra) -> None:
+    argv = ["predict", "--checkpoint", str(tiny.ckpt), "--images", str(tiny.raw / "images"), "--out", str(out),
+            *TINY, *extra]  # fmt: skip
+    assert main(argv) == 0
+
+
 @pytest.fixture(scope="module")
 def predicted(tiny, tmp_path_factory):
+    """Default options: simplified polygons, masks for components with holes, every shape kept."""
     out = tmp_path_factory.mktemp("pred")
-    argv = ["predict", "--checkpoint", str(tiny.ckpt), "--images", str(tiny.raw / "images"),
-            "--out", str(out),
-            "--device", "cpu", "--image-size", "192", "--tile", "64", "--stride", "32"]  # fmt: skip
-    assert main(argv) == 0
+    run_predict(tiny, out)
     return out
 
 
-def test_predict_outputs_at_original_size_and_xml_round_trips(predicted, tiny):
+def predicted_masks(out) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted((out / "masks").glob("*.png"))}
+
+
+def test_predict_outputs_at_original_size(predicted, tiny):
     scans = sorted((tiny.raw / "images").glob("*.png"))
     anns = {a.name: a for a in parse_cvat(predicted / "predictions.xml")}
     assert sorted(anns) == [p.name for p in scans]
@@ -206,11 +112,119 @@ def test_predict_outputs_at_original_size_and_xml_round_trips(predicted, tiny):
             Image.open(predicted / "overlays" / path.name) as o,
         ):
             assert (m.mode, m.size, o.mode, o.size) == ("L", size, "RGB", size)
-            mask = np.asarray(m)
-        ann = anns[path.name]
-        assert (ann.width, ann.height) == size
-        assert {s.label for s in ann.shapes} <= set(NAMES[1:])
-        np.testing.assert_array_equal(raster_back(ann), representable(mask), err_msg=path.name)
+        assert (anns[path.name].width, anns[path.name].height) == size
+
+
+def test_predictions_xml_reads_back_as_the_masks(predicted, tmp_path):
+    """shardgen build's rasterizer and datumaro (as CVAT imports it) both paint the predicted masks back, IoU
+    >= 0.99 per image with default simplification; masks with holes, nested components and thin lines."""
+    masks = predicted_masks(predicted)
+    xml = predicted / "predictions.xml"
+    kinds = Counter(s.kind for a in parse_cvat(xml) for s in a.shapes)
+    assert kinds["polygon"] > 0 and kinds["mask"] > 0  # the 4-step model's masks are ragged and holed
+    by_shardgen = shardgen_render(xml)
+    by_datumaro = datumaro_render(xml, tmp_path, CLASS_OF)
+    assert sorted(by_shardgen) == sorted(by_datumaro) == sorted(masks)
+    for name, mask in masks.items():
+        assert mask.any(), name
+        assert image_iou(by_shardgen[name], mask) >= 0.99, name
+        assert image_iou(by_datumaro[name], mask) >= 0.99, name
+
+
+def test_shapes_carry_score_and_source(predicted):
+    root = etree.parse(str(predicted / "predictions.xml")).getroot()
+    shapes = [el for el in root.iterfind("image/*")]
+    assert shapes and {el.tag for el in shapes} <= {"polygon", "mask"}
+    for el in shapes:
+        assert el.get("source") == "auto"
+        ((name, value),) = [(a.get("name"), a.text) for a in el.iterfind("attribute")]
+        assert name == "score" and 0 <= float(value) <= 1 and len(value) == 4
+    declared = root.find("meta/task/labels/label/attributes/attribute")
+    assert (declared.findtext("name"), declared.findtext("input_type")) == ("score", "number")
+
+
+def test_summary_counts_what_the_xml_holds(tiny, tmp_path, capsys):
+    out = tmp_path / "p"
+    run_predict(tiny, out)
+    summary = json.loads(capsys.readouterr().out)
+    anns = parse_cvat(out / "predictions.xml")
+    shapes = [s for a in anns for s in a.shapes]
+    assert summary["images"] == len(anns) and summary["shapes"] == len(shapes)
+    per_class = Counter((s.label, s.kind) for s in shapes)
+    assert {(label, kind): n for label, kinds in summary["per_class"].items() for kind, n in kinds.items()} == per_class
+    assert sum(summary["score_bands"].values()) == len(shapes)
+    assert list(summary["score_bands"]) == ["0.0-0.5", "0.5-0.6", "0.6-0.7", "0.7-0.8", "0.8-0.9", "0.9-1.0"]
+    points = [len(s.points) for s in shapes if s.kind == "polygon"]
+    assert summary["polygon_points"] == {"total": sum(points), "mean": round(sum(points) / len(points), 1),
+                                         "max": max(points)}  # fmt: skip
+    assert summary["xml_bytes"] == (out / "predictions.xml").stat().st_size
+    least = summary["least_certain"]
+    scores = sorted(float(dict(s.attributes)["score"]) for s in shapes)
+    assert [x["score"] for x in least] == scores[: len(least)] and len(least) == min(10, len(shapes))
+    assert summary["below_min_score"] == {}
+
+
+def test_min_score_exact_shapes_and_task_labels(predicted, tiny, tmp_path, capsys):
+    """--simplify 0 writes exact shapes; --min-score drops whole components; --labels-from uses the task's
+    spelling of every class."""
+    default = {a.name: a for a in parse_cvat(predicted / "predictions.xml")}
+    scores = sorted(float(dict(s.attributes)["score"]) for a in default.values() for s in a.shapes)
+    threshold = scores[len(scores) // 2]
+    spelled = ["pinpoint", "CRYSTAL", "Needle", "feather", "internal graining", "Cloud", "Twinning wisp", "nick",
+               "Pit", "Burn mark"]  # fmt: skip
+    task = tmp_path / "task.xml"
+    write_cvat(task, [], ["Pinpoint_Reflection", *spelled])
+    out = tmp_path / "exact"
+    argv = ["--simplify", "0", "--min-score", f"{threshold}", "--labels-from", str(task)]
+    run_predict(tiny, out, *argv)
+    summary = json.loads(capsys.readouterr().out)
+    xml = out / "predictions.xml"
+    root = etree.parse(str(xml)).getroot()
+    assert [e.text for e in root.iterfind("meta/task/labels/label/name")] == ["Pinpoint_Reflection", *spelled]
+    exact = {a.name: a for a in parse_cvat(xml)}
+    class_name = dict(zip(spelled, NAMES[1:], strict=True))
+    dropped = Counter()
+    for name, ann in exact.items():
+        assert {s.label for s in ann.shapes} <= set(spelled)
+        kept = [s for s in default[name].shapes if float(dict(s.attributes)["score"]) >= threshold]
+        dropped.update(spelled[NAMES.index(s.label) - 1] for s in default[name].shapes if s not in kept)
+        written = sorted((class_name[s.label], s.kind, s.attributes) for s in ann.shapes)
+        assert written == sorted((s.label, s.kind, s.attributes) for s in kept)
+    assert summary["below_min_score"] == dict(dropped) and sum(dropped.values()) > 0
+    # what is kept is exact: whole components, every pixel of the predicted class, under both readers
+    spelled_of = {label: CLASS_OF[name] for label, name in class_name.items()}
+    by_datumaro = datumaro_render(xml, tmp_path, spelled_of)
+    masks = predicted_masks(out)
+    for name, ann in exact.items():
+        back = shardgen_render_with(ann, spelled_of)
+        np.testing.assert_array_equal(by_datumaro[name], back, err_msg=name)
+        mask = masks[name]
+        assert (back[back > 0] == mask[back > 0]).all(), name
+        whole = 0
+        for c in np.unique(mask[mask > 0]):
+            labels, n = ndimage.label(mask == c, EIGHT_CONNECTED)
+            painted = np.bincount(labels[(back == c) & (labels > 0)], minlength=n + 1)[1:]
+            sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+            assert ((painted == 0) | (painted == sizes)).all(), name
+            whole += int((painted == sizes).sum())
+        assert whole == len(ann.shapes), name
+
+
+def shardgen_render_with(ann: ImageAnnotation, class_of: dict[str, int]) -> np.ndarray:
+    from shardgen.raster import rasterize
+
+    return rasterize(ann, lambda s: class_of[s.label])
+
+
+def test_labels_from_a_task_that_lacks_a_class(tiny, tmp_path, capsys):
+    task = tmp_path / "task.xml"
+    write_cvat(task, [], [n for n in NAMES[1:] if n != "Nick"])
+    argv = ["predict", "--checkpoint", str(tiny.ckpt), "--images", str(tiny.raw / "images"),
+            "--out", str(tmp_path / "o"), "--labels-from", str(task), *TINY]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{task}: the task has no label for class 'Nick'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "predictions.xml").exists()
 
 
 def test_predict_preprocesses_like_shardgen(predicted, tiny):
@@ -240,7 +254,7 @@ def test_predict_reads_scans_from_s3(tiny, s3_env, tmp_path, capsys):
     (ann,) = parse_cvat(tmp_path / "predictions.xml")
     assert ann.name == scan.name and (tmp_path / "masks" / scan.name).is_file()
     summary = json.loads(capsys.readouterr().out)
-    assert summary["images"] == 1 and sum(summary["polygons"].values()) == len(ann.shapes)
+    assert summary["images"] == 1 and summary["shapes"] == len(ann.shapes)
 
 
 def test_predict_errors(tiny, tmp_path, capsys):
@@ -254,6 +268,10 @@ def test_predict_errors(tiny, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "black.png" in err and "entirely black" in err
+    for flag, value, reason in [("--simplify", "-1", "--simplify must be >= 0"),
+                                ("--min-score", "1.5", "--min-score must be within 0..1")]:  # fmt: skip
+        assert main([*argv, flag, value]) == 2
+        assert reason in capsys.readouterr().err
 
 
 def predict_argv(tiny, images, out, *extra) -> list[str]:

@@ -8,7 +8,7 @@ import pytest
 
 from shardgen.classes import ClassMap
 from shardgen.cvat import CvatError, ImageAnnotation, Shape, parse_cvat
-from shardgen.raster import RasterStats, decode_rle, rasterize
+from shardgen.raster import RasterStats, decode_rle, encode_rle, rasterize
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "cvat"
 
@@ -207,3 +207,13 @@ def test_real_export_with_foreign_labels():
     _, _, width, height = docs.shapes[-1].mask_box
     assert masks_only.sum() == sum(docs.shapes[-1].rle[1::2])
     assert masks_only[888 : 888 + height, 707 : 707 + width].sum() == masks_only.sum()
+
+
+def test_rle_round_trip():
+    rng = np.random.default_rng(3)
+    for shape in [(1, 1), (1, 5), (7, 3), (20, 31)]:
+        for p in (0.0, 0.3, 1.0):
+            m = rng.random(shape) < p
+            rle = encode_rle(m)
+            assert sum(rle) == m.size and all(r > 0 for r in rle[1:])
+            np.testing.assert_array_equal(decode_rle(rle, shape[1], shape[0]), m)

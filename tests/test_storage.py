@@ -15,6 +15,7 @@ from PIL import Image
 from webdataset.gopen import gopen_schemes
 
 from shardgen import storage
+from shardgen.reader import iter_shard
 
 
 def _png(seed: int) -> bytes:
@@ -93,23 +94,34 @@ def test_memory_round_trip():
     assert not storage.exists(url)
 
 
-def test_memory_webdataset_round_trip():
-    storage.register_gopen()
+def write_tars(base: str, samples: list[dict], per_tar: int) -> list[str]:
+    """Tars written as shardgen writes them: webdataset's TarWriter on a stream that storage opened."""
+    urls = []
+    for k in range(0, len(samples), per_tar):
+        urls.append(storage.join(base, f"s-{k // per_tar:06d}.tar"))
+        with storage.open_url(urls[-1], "wb") as stream:
+            writer = wds.TarWriter(stream, encoder=False, mtime=0)
+            for sample in samples[k : k + per_tar]:
+                writer.write(sample)
+            writer.close()
+    return urls
+
+
+def test_memory_tar_round_trip():
     base = f"memory://wds-{uuid.uuid4().hex}"
-    with wds.ShardWriter(storage.join(base, "s-%06d.tar"), maxcount=2, verbose=0) as sink:
-        for i in range(3):
-            sink.write({"__key__": f"k{i}", "txt": f"v{i}"})
-    urls = [storage.join(base, f"s-{i:06d}.tar") for i in range(2)]
-    got = [(s["__key__"], s["txt"]) for s in wds.WebDataset(urls, shardshuffle=False)]
+    urls = write_tars(base, [{"__key__": f"k{i}", "txt": f"v{i}".encode()} for i in range(3)], per_tar=2)
+    got = [(key, parts["txt"]) for url in urls for key, parts in iter_shard(url)]
     assert got == [("k0", b"v0"), ("k1", b"v1"), ("k2", b"v2")]
 
 
-def test_register_gopen_is_idempotent_and_keeps_local_handling():
-    storage.register_gopen()
-    storage.register_gopen()
-    schemes = gopen_schemes
-    assert schemes["s3"] is storage.gopen_fsspec and schemes["memory"] is storage.gopen_fsspec
-    assert "file" not in schemes and "" not in schemes  # webdataset opens local paths itself
+def test_no_webdataset_opener_is_registered():
+    """Shards are written on streams storage opens and read by shardgen.reader: webdataset's gopen is unused."""
+    import evaluate.tiles  # noqa: F401  (every reader and writer of shards imported)
+    import shardgen.build  # noqa: F401
+    import trainer.data  # noqa: F401
+
+    assert not {"s3", "memory"} & set(gopen_schemes)
+    assert not [f for f in gopen_schemes.values() if getattr(f, "__module__", "").startswith("shardgen")]
 
 
 def test_storage_options_never_contain_credentials(monkeypatch):
@@ -156,27 +168,19 @@ def test_s3_credentials_come_from_the_environment(s3_env, s3_server, monkeypatch
 
 
 @pytest.mark.s3
-def test_s3_webdataset_round_trip(s3_env):
-    storage.register_gopen()
+def test_s3_tar_round_trip(s3_env):
     samples = [
-        {"__key__": f"scan{i:02d}_t{i % 5}", "image.png": _png(i), "json": {"i": i, "cls": [i % 3]}}
+        {"__key__": f"scan{i:02d}_t{i % 5}", "image.png": _png(i), "json": json.dumps({"i": i}).encode()}
         for i in range(7)
     ]
-    with wds.ShardWriter(storage.join(s3_env, "ds", "train-%06d.tar"), maxcount=3, verbose=0) as sink:
-        for s in samples:
-            sink.write(s)
-
+    urls = write_tars(storage.join(s3_env, "ds"), samples, per_tar=3)
     fs, path = storage.fs_for(storage.join(s3_env, "ds"))
     names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(path))
-    assert names == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
-
-    urls = [storage.join(s3_env, "ds", n) for n in names]
-    got = list(wds.WebDataset(urls, shardshuffle=False))
-    assert [g["__key__"] for g in got] == [s["__key__"] for s in samples]
-    for g, s in zip(got, samples, strict=True):
-        assert g["image.png"] == s["image.png"]
-        assert json.loads(g["json"]) == s["json"]
-        assert g["__url__"].startswith("s3://")
+    assert names == ["s-000000.tar", "s-000001.tar", "s-000002.tar"]
+    got = [(key, parts) for url in urls for key, parts in iter_shard(url)]
+    assert [key for key, _ in got] == [s["__key__"] for s in samples]
+    for (_, parts), s in zip(got, samples, strict=True):
+        assert parts["image.png"] == s["image.png"] and parts["json"] == s["json"]
 
 
 @pytest.mark.s3

@@ -169,6 +169,43 @@ def test_no_intensity_threshold_finds_the_defects_yet_they_stand_out_locally():
     assert np.concatenate(on_defect).mean() > 2 * np.concatenate(off_defect).mean()
 
 
+class _Noiseless:
+    """A numpy Generator whose normal draws come out as zeros; the stream advances exactly as before, so the
+    scene, the defects and their annotations are the same, only without sensor noise."""
+
+    def __init__(self, generator):
+        self.generator = generator
+
+    def standard_normal(self, *args, **kwargs):
+        return self.generator.standard_normal(*args, **kwargs) * 0
+
+    def __getattr__(self, name):
+        return getattr(self.generator, name)
+
+
+VISIBLE = 15.0  # grey levels: three times the strongest sensor noise (sigma <= 5)
+
+
+def test_every_labelled_shape_is_visible(monkeypatch):
+    """Annotators label what they see: each shape, reflections included, changes its own pixels by at least
+    VISIBLE grey levels (90th percentile over the shape's mask) against the defect-free scan, noise aside."""
+    real = np.random.default_rng
+    monkeypatch.setattr("shardgen.synth.np.random.default_rng", lambda seed: _Noiseless(real(seed)))
+    cmap = ClassMap.load()
+    seen = set()
+    for index in range(6):
+        img = render(SEED, index)  # full size: thin strokes and small dots as the demo draws them
+        h, w = img.rgb.shape[:2]
+        change = np.abs(img.rgb.astype(np.float32) - img.clean.astype(np.float32)).max(axis=2)
+        for shape in img.shapes:
+            region = rasterize(ImageAnnotation(img.name, w, h, (shape,), "x.xml", 0), lambda s: 1) == 1
+            contrast = float(np.percentile(change[region], 90))
+            info = cmap.lookup(shape.label)
+            seen.add((info.name, info.is_reflection))
+            assert contrast >= VISIBLE, f"{img.name}: {shape.label} changes its pixels by only {contrast:.1f}"
+    assert len({name for name, _ in seen}) == 10 and any(refl for _, refl in seen)
+
+
 def test_rerun_replaces_its_own_files_and_refuses_foreign_ones(tmp_path):
     write_synthetic(tmp_path, 21, SEED, size_range=TINY)
     write_synthetic(tmp_path, 2, SEED, size_range=TINY)

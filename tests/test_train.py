@@ -115,8 +115,12 @@ def test_run_writes_checkpoints_metrics_config_and_a_summary(shards, unet_run):
     assert [(r["step"], r["phase"]) for r in rows] == [("2", "train"), ("2", "val"), ("4", "train"),
                                                       ("4", "val"), ("", "end")]  # fmt: skip
     assert summary["val_miou"] == pytest.approx(float(rows[3]["miou"]))
-    assert summary["best_miou"] == pytest.approx(max(float(rows[1]["miou"]), float(rows[3]["miou"])))
+    # best.pt is chosen by the mIoU at the thresholds tuned on each validation.
+    assert summary["best_miou"] == pytest.approx(max(float(rows[1]["tuned_miou"]), float(rows[3]["tuned_miou"])))
+    # Storing the final decision in best.pt does not move the resume pointer off last.pt.
     assert json.loads((out / "latest.json").read_text()) == {"checkpoint": "last.pt", "step": 4}
+    decision = checkpoint.load(str(out / "best.pt"))["meta"]["decision"]
+    assert decision["kind"] == "tuned" and len(decision["thresholds"]) == len(decision["min_area"]) == 10
     state = checkpoint.load(str(out / "last.pt"))
     assert state["step"] == 4 and state["meta"]["model"] == "unet" and state["meta"]["n_classes"] == 11
     assert all(s["step"] == 4 for s in state["optimizer"]["state"].values())
@@ -354,3 +358,27 @@ def test_checkpoint_of_other_classes_is_a_clear_error(unet_run, tmp_path, capsys
     torch.save(state, ckpt)
     rc, _, err = run_main(capsys, "--config", cfg_path, f"train.out_dir={tmp_path / 'new'}", f"train.resume={ckpt}")
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"trainer: error: {ckpt}: checkpoint has classes=["), err
+
+
+@pytest.mark.parametrize(
+    "edit, key, train_value, val_value",
+    [
+        ({"mode": "binary", "classes": ["background", "defect"]}, "classes", "CLASSES", ["background", "defect"]),
+        ({"mode": "binary"}, "mode", "multiclass", "binary"),
+        ({"channels": 3}, "channels", 1, 3),
+        ({"tile": 32, "stride": 32, "tiles_per_image": 36}, "tile", 64, 32),
+        ({"image_size": 256, "tiles_per_image": 49}, "image_size", 192, 256),
+    ],
+)
+def test_separate_val_set_built_otherwise_is_a_one_line_error(shards, tmp_path, capsys, edit, key, train_value,
+                                                              val_value):  # fmt: skip
+    """A binary data.val under a multiclass training set would be scored as background/Pinpoint, silently."""
+    val = _dataset_with_manifest(tmp_path / "v", shards, lambda t: json.dumps({**json.loads(t), **edit}))
+    train_value = schema.read_manifest(shards)["classes"] if train_value == "CLASSES" else train_value
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
+    rc, _, err = run_main(capsys, "--config", cfg, f"data.val={val}")
+    assert rc == 2 and err == [
+        f"trainer: error: data.val {val}/manifest.json has {key}={val_value!r} but data.train {shards}/manifest.json "
+        f"has {key}={train_value!r}; build both with the same options"
+    ], err
+    assert not (tmp_path / "out").exists()  # refused before anything is written

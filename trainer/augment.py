@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import warp
+from shardgen.classes import IGNORE_INDEX  # the one ignore value, also in the class map and the shards
 
-IGNORE_INDEX = 255
+from . import warp
 
 
 def _check_range(name: str, value: list[float], low: float, high: float | None = None) -> None:

@@ -80,7 +80,13 @@ def latest(out_dir: str) -> str | None:
     pointer = storage.join(out_dir, LATEST)
     if not storage.exists(pointer):
         return None
-    name = json.loads(storage.read_text(pointer))["checkpoint"]
+    try:
+        name = json.loads(storage.read_text(pointer))["checkpoint"]
+    except (json.JSONDecodeError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{pointer}: not a checkpoint pointer ({type(e).__name__}: {e})") from None
+    # The pointer names a file of this run folder; anything else would load a file from elsewhere.
+    if not isinstance(name, str) or storage.leaves_folder(name):
+        raise CheckpointError(f"{pointer}: checkpoint {name!r} leaves the run folder {out_dir}")
     return storage.join(out_dir, name)
 
 

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shardgen import schema, storage
+from shardgen import schema
 from shardgen.reader import CorruptSample, StorageUnavailable, iter_shard
 
 from . import sampling
+from .carry import carry, uncarry
 from .config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -164,11 +165,10 @@ class TrainTiles(IterableDataset):
         return True
 
     def __iter__(self):
-        return _carry_errors(self._batches())
+        return carry(self._batches(), (CorruptSample, StorageUnavailable))
 
     def _batches(self):
         worker, _ = _worker()
-        storage.register_gopen()
         rng = random.Random(f"shuffle/{self.seed}/{self.rank}/{worker}/{self.start_step}")
         size = self.cfg.batch_size
         forced = sampling.forced_count(self.cfg.defect_share, size)
@@ -209,11 +209,10 @@ class ValTiles(IterableDataset):
         self.retries = 0
 
     def __iter__(self):
-        return _carry_errors(self._batches())
+        return carry(self._batches(), (CorruptSample, StorageUnavailable))
 
     def _batches(self):
         worker, workers = _worker()
-        storage.register_gopen()
         batch = BatchBuffer(self.cfg.batch_size)
         for url, offset in list(zip(self.urls, self.offsets, strict=True))[worker::workers]:
             index, current = offset - 1, None
@@ -254,23 +253,8 @@ def _retries(ds: TrainTiles | ValTiles):
         ds.retries = 0
 
 
-class Carried:
-    """An error from a DataLoader worker, delivered as data: torch would re-raise it in the main process as
-    a RuntimeError wrapping the worker's traceback, losing its type and its one-line message."""
-
-    def __init__(self, error: Exception):
-        self.error = error
-
-
-def _carry_errors(batches):
-    try:
-        yield from batches
-    except (CorruptSample, StorageUnavailable) as e:
-        yield Carried(e)
-
-
 class BatchStream:
-    """A loader's batches, with the errors its workers carried raised (see Carried) and their storage
+    """A loader's batches, with the errors its workers carried raised (see trainer.carry) and their storage
     retries totalled in ``io_retries``."""
 
     def __init__(self, loader):
@@ -284,9 +268,7 @@ class BatchStream:
         if self.items is None:  # workers start on the first batch asked for, as with a plain loop
             self.items = iter(self.loader)
         while True:
-            item = next(self.items)
-            if isinstance(item, Carried):
-                raise item.error
+            item = uncarry(next(self.items))
             if isinstance(item, IoRetries):
                 self.io_retries += item.count
                 continue
@@ -294,7 +276,7 @@ class BatchStream:
 
 
 def reraise(loader) -> BatchStream:
-    """Iterate a loader, raising the errors its workers carried (see Carried)."""
+    """Iterate a loader, raising the errors its workers carried (see trainer.carry)."""
     return BatchStream(loader)
 
 

@@ -13,6 +13,7 @@ import torch.distributed as dist
 MAX = dist.ReduceOp.MAX
 SUM = dist.ReduceOp.SUM
 log = logging.getLogger(__name__)
+_host_group = None  # a gloo group for flags on host memory when the default group is NCCL (see any_rank)
 
 
 def is_dist() -> bool:
@@ -56,6 +57,25 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def any_rank(failure: str | None) -> str | None:
+    """Every rank calls this at the same point with its own failure (None: none); all get the same answer:
+    the first failing rank's message, prefixed with its rank, or None when no rank failed.
+
+    It lets ranks that are fine join a failing one in a collective exit (a checkpoint, one error) instead of
+    waiting in their next collective for a rank that is gone. The flag travels in host memory (through gloo
+    when the default group is NCCL), so the common case costs one tiny all-reduce and no device sync.
+    """
+    if not is_dist():
+        return failure
+    flag = torch.tensor([0 if failure is None else 1], dtype=torch.int32)
+    dist.all_reduce(flag, op=MAX, group=_host_group)
+    if not flag.item():
+        return None
+    failures = all_gather_object(failure)
+    first = next(k for k, f in enumerate(failures) if f is not None)
+    return f"rank {first}: {failures[first]}"
+
+
 def setup(device: str = "auto", attempts: int = 3) -> torch.device:
     """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group: NCCL on CUDA, gloo on CPU.
 
@@ -66,6 +86,7 @@ def setup(device: str = "auto", attempts: int = 3) -> torch.device:
     prefixed with the restart count: otherwise a restarted rank can read a killed rank's address, fail to
     connect, and retry under a group name its peers never use.
     """
+    global _host_group
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is cuda but no CUDA device is available")
@@ -90,9 +111,12 @@ def setup(device: str = "auto", attempts: int = 3) -> torch.device:
                 if is_dist():
                     dist.destroy_process_group()
                 time.sleep(2.0 * attempt)
+        _host_group = dist.new_group(backend="gloo") if backend == "nccl" else None
     return dev
 
 
 def cleanup() -> None:
+    global _host_group
     if is_dist():
         dist.destroy_process_group()
+    _host_group = None

@@ -1,13 +1,15 @@
 """Segmentation losses: (B)CE + soft Dice, 255 ignored everywhere, summed over deep-supervision outputs.
 
 - one output channel (binary): ``ce_weight * BCEWithLogits(pos_weight) + dice_weight * Dice(sigmoid)``;
-  the research recipe is 0.5 / 0.5 with pos_weight 50.
+  the research recipe is 0.5 / 0.5 with pos_weight 50 (configs/research.yaml), the default pos_weight 1:
+  defect-aware sampling balances the classes, and a large pos_weight paints a halo around every defect.
 - two or more channels (multiclass): ``ce_weight * CrossEntropy(class weights) + dice_weight *
-  Dice(softmax)``, the Dice averaged over defect classes 1..N-1 (background is left to the cross-entropy).
+  Dice(softmax)``, the Dice averaged over the defect classes present in the batch (background is left to
+  the cross-entropy); class weights are the gentle inverse square root of the frequency by default.
 - a list/tuple of outputs (U2-Net: fused map + 6 side maps) gets the loss of each, summed, as the official
   U2-Net ``muti_bce_loss_fusion`` does.
 Dice is computed over the whole batch (not per tile), so tiles without defects do not each count as a
-perfect or a failed Dice on their own.
+perfect or a failed Dice on their own, and only over classes the batch holds (nnU-Net's batch Dice).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = 255
+from shardgen.classes import IGNORE_INDEX  # the one ignore value, also in the class map and the shards
+
 CLASS_WEIGHTINGS = ("median_freq", "inv_sqrt", "none")
 
 

@@ -19,6 +19,7 @@ import time
 import torch
 
 from shardgen import storage
+from shardgen.reader import retry_call
 
 from .config import Config, dump_yaml
 
@@ -46,7 +47,7 @@ class RunLog:
             rows = csv.DictReader(io.StringIO(storage.read_text(old)))
             self.rows = [r for r in rows if r.get("step") and int(r["step"]) <= start_step]
         # The resolved config sits next to the checkpoints, so a run can always be reproduced.
-        storage.write_bytes_atomic(storage.join(out, "config.yaml"), dump_yaml(cfg).encode())
+        self._write(storage.join(out, "config.yaml"), dump_yaml(cfg).encode())
         self._open_tb(start_step)
 
     def _open_tb(self, start_step: int) -> None:
@@ -143,8 +144,14 @@ class RunLog:
         writer = csv.DictWriter(buf, fieldnames=fields)
         writer.writeheader()
         writer.writerows(self.rows)
-        storage.write_bytes_atomic(storage.join(self.cfg.train.out_dir, "metrics.csv"), buf.getvalue().encode())
+        self._write(storage.join(self.cfg.train.out_dir, "metrics.csv"), buf.getvalue().encode())
         self._upload_tb()
+
+    def _write(self, url: str, data: bytes) -> None:
+        """One write to out_dir with the retry policy of the shard reads and checkpoint uploads: an S3 hiccup
+        while the metrics are saved must not end a run that its checkpoint upload would have survived."""
+        retries, backoff = self.cfg.data.io_retries, self.cfg.data.io_backoff
+        retry_call(lambda: storage.write_bytes_atomic(url, data), url, retries=retries, backoff=backoff)
 
     def close(self, skipped: int, io_retries: int = 0) -> None:
         if not self.enabled:

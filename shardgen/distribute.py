@@ -1,0 +1,182 @@
+"""Distributors: ways of running the shard jobs of a build (``shard.py``). The plan fixes every shard's images,
+so a shard's bytes do not depend on where or how often its job runs.
+
+``local``: the scans of the unfinished shards are processed by a process pool on this machine, in build order,
+and each shard is written by this process as soon as its scans are done (workers never wait for a shard
+boundary).
+
+``dask``: one task per shard on a Dask distributed cluster (a scheduler address, or a ``LocalCluster``). Each
+task checks whether its shard is already finished, else reads its scans, writes its shard and its completion
+record, and returns the record; the scans and the output must be reachable at the same path (or URL) from
+every worker. Dask reruns the tasks of a lost worker on the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing as mp
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import CancelledError
+from dataclasses import dataclass
+
+from .plan import BuildOptions, ShardgenError
+from .scan import process_image
+from .shard import ShardPlan, build_shard, reusable, run_shard
+
+DISTRIBUTORS = ("local", "dask")
+SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"  # the scheduler used by --distributor dask without --scheduler
+
+
+@dataclass
+class Outcome:
+    records: dict[str, dict]  # shard name -> completion record
+    reused: int  # shards whose earlier output was reused
+    tasks: int = 0  # dask: tasks that ran (one per shard)
+    workers: int = 0  # dask: distinct workers that returned a result
+    retried: int = 0  # dask: tasks rerun because the worker running or holding them was lost
+    scheduler: str = ""  # dask: the scheduler's address
+
+
+# -------------------------------------------------------------------------------------------------- local
+
+
+def _process(args):
+    return process_image(*args)
+
+
+def _die_with_parent() -> None:
+    """Pool initializer: a worker gets SIGKILL when the build process dies (Linux), so killing a build
+    never leaves orphans that keep burning CPU."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _counted(results: Iterable[dict], bar) -> Iterator[dict]:
+    for r in results:
+        bar.update(1)
+        yield r
+
+
+def run_local(out: str, shards: list[ShardPlan], opts: BuildOptions, workers: int, bar) -> Outcome:
+    """Reuse the finished shards (checked here), then build the others with ``workers`` processes."""
+    records, pending = {}, []
+    for shard in shards:
+        rec = reusable(out, shard, opts)
+        if rec is None:
+            pending.append(shard)
+        else:
+            records[shard.name] = rec
+    bar.update(sum(rec["images"] for rec in records.values()))
+    todo = [(job, opts) for shard in pending for job in shard.jobs]
+    pool = mp.get_context("fork").Pool(workers, initializer=_die_with_parent) if workers > 1 and todo else None
+    try:
+        # One stream of scans over all pending shards, so the pool keeps working while a shard is written.
+        results = pool.imap(_process, todo) if pool else map(_process, todo)
+        for shard in pending:
+            shard_results = itertools.islice(results, len(shard.jobs))
+            records[shard.name] = build_shard(out, shard, opts, _counted(shard_results, bar))
+    finally:
+        if pool:
+            pool.terminate()
+    return Outcome(records, reused=len(shards) - len(pending))
+
+
+# --------------------------------------------------------------------------------------------------- dask
+
+
+def _shard_task(shard: ShardPlan, out: str, opts: BuildOptions) -> tuple[dict, bool, str]:
+    """The Dask task of one shard: (record, reused, address of the worker that ran it)."""
+    from distributed import get_worker
+
+    record, reused = run_shard(out, shard, opts)
+    return record, reused, get_worker().address
+
+
+def _retried(client, keys: list[str]) -> int:
+    """How many of ``keys`` the scheduler ran more than once: their worker died while running or holding them
+    (suspicious), or their result was lost with a worker before this client fetched it (a second run)."""
+
+    # Defined inside, so cloudpickle ships its code by value: it reads only the scheduler's own state.
+    def count(keys, dask_scheduler=None):
+        keys, runs = set(keys), {}
+        # (key, start, finish, ...) tuples; bounded, so the oldest transitions of a huge build may be gone.
+        for key, _, finish, *_ in dask_scheduler.transition_log:
+            if finish == "processing" and key in keys:
+                runs[key] = runs.get(key, 0) + 1
+        tasks = dask_scheduler.tasks
+        return sum(1 for k in keys if runs.get(k, 0) > 1 or (k in tasks and tasks[k].suspicious > 0))
+
+    return client.run_on_scheduler(count, keys)
+
+
+def quiet_dask_logs() -> None:
+    """Silence Dask's log output in this process for good (the CLI calls it): Dask logs lost connections and
+    failed tasks to the terminal with tracebacks, some from its event loop thread after the client has closed,
+    while shardgen reports them itself (one-line errors, the retried count)."""
+    import distributed  # noqa: F401  (its logging config creates the handlers)
+
+    # Dask's logging config gives several distributed.* loggers a handler of their own (and no propagation).
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] == "distributed":
+            for h in logging.getLogger(name).handlers:
+                if isinstance(h, logging.StreamHandler):
+                    h.setLevel(logging.CRITICAL)
+
+
+def run_dask(out: str, shards: list[ShardPlan], opts: BuildOptions, workers: int, scheduler: str | None,
+             bar) -> Outcome:  # fmt: skip
+    """Run one task per shard on the cluster at ``scheduler`` (default ``$DASK_SCHEDULER_ADDRESS``), or on a
+    ``LocalCluster`` of ``workers`` single-threaded worker processes when neither is set."""
+    import uuid
+
+    from distributed import Client, KilledWorker, LocalCluster, as_completed
+    from distributed.comm.core import CommClosedError
+
+    address = scheduler or os.environ.get(SCHEDULER_ENV)
+    cluster = None
+    if not address:
+        # Loopback only, and a free port for the scheduler's HTTP server (the default 8787 may be taken). Its
+        # workers share this terminal: quiet them too.
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                               dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL)  # fmt: skip
+    try:
+        with Client(cluster if cluster else address) as client:
+            # Unique keys per build: a rerun never collides with the tasks of a killed client still running.
+            build_id = uuid.uuid4().hex[:8]
+            keys = [f"shardgen-{build_id}-{shard.name}" for shard in shards]
+            # One graph for all tasks (one message to the scheduler, not one per shard).
+            futures = dict(zip(client.map(_shard_task, shards, out=out, opts=opts, key=keys), shards, strict=True))
+            records, reused, ran_on = {}, 0, set()
+            for future in as_completed(futures):
+                shard = futures[future]
+                try:
+                    record, was_reused, worker = future.result()
+                except (CommClosedError, CancelledError) as e:
+                    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise ShardgenError(f"lost the Dask scheduler at {client.scheduler.address} ({reason}); rerun "
+                                        "the build to resume") from None  # fmt: skip
+                except (ShardgenError, OSError, ValueError):
+                    raise  # bad input named by the task, as with the local distributor
+                except KilledWorker:
+                    raise ShardgenError(f"{shard.name}: every Dask worker that ran its task died; rerun the build "
+                                        "to resume") from None  # fmt: skip
+                except Exception as e:  # e.g. a scheduler or worker without shardgen: one line, not a remote trace
+                    first = (str(e).splitlines() or [""])[0]
+                    raise ShardgenError(f"{shard.name}: Dask task failed: {type(e).__name__}: {first}") from e
+                records[shard.name] = record
+                reused += was_reused
+                ran_on.add(worker)
+                bar.update(len(shard.jobs))
+            retried = _retried(client, [f.key for f in futures])
+            address = client.scheduler.address
+    finally:
+        if cluster:
+            cluster.close()
+    return Outcome(records, reused, tasks=len(shards), workers=len(ran_on), retried=retried, scheduler=address)
