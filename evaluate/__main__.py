@@ -24,8 +24,8 @@ from shardgen.scanfile import DEFAULT_MAX_PIXELS, max_pixels_arg
 from .blend import BLEND_MODES
 from .contours import DEFAULT_SIMPLIFY, MASK_POLICIES
 
-DECISIONS = ("tuned", "argmax")  # evaluate.inference.DECISIONS, without importing torch for --help
-TTA_MODES = ("none", "flips", "d4")  # evaluate.inference.TTA
+DECISIONS = ("tuned", "argmax")  # evaluate.inference.DECISIONS, named here so that argument errors come before
+TTA_MODES = ("none", "flips", "d4")  # the model code loads (evaluate.inference.TTA); a test keeps them equal
 
 DEVICES = ("auto", "cuda", "cpu")
 

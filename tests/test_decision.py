@@ -207,3 +207,10 @@ def test_scored_predictions_decide_like_predict_and_score_the_tta_probabilities(
             else:
                 expect = np.take_along_axis(p, decided[None].astype(np.int64), 0)[0]
             np.testing.assert_allclose(confidence, expect, atol=1e-6)
+
+
+def test_the_command_line_offers_exactly_the_decisions_and_tta_modes_inference_knows():
+    import evaluate.__main__ as cli
+    from evaluate import inference
+
+    assert cli.DECISIONS == inference.DECISIONS and cli.TTA_MODES == tuple(inference.TTA)
