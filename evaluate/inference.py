@@ -27,7 +27,7 @@ from shardgen.tiling import TileGrid
 from trainer import checkpoint
 from trainer.augment import AugmentConfig, GpuAugment, NormalizeConfig
 from trainer.config import ConfigError, from_dict
-from trainer.decision import Decision
+from trainer.decision import Decision, probabilities
 from trainer.models import build_model
 
 from . import EvaluateError
@@ -152,8 +152,7 @@ class Predictor:
                 view = torch.rot90(x, k, (2, 3))
                 view = view.flip(3) if flip else view
             with self.amp:
-                logits = self.model.net(view).float()
-            probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+                probs = probabilities(self.model.net(view))
             if turned:
                 probs = torch.rot90(probs.flip(3) if flip else probs, -k, (2, 3))
             total = probs if total is None else total.add_(probs)

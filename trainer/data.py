@@ -44,14 +44,10 @@ def _worker() -> tuple[int, int]:
 
 
 def decode(url: str, key: str, parts: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw tar members -> (image uint8 (C, H, W), mask uint8 (H, W)); CorruptSample if unreadable."""
-    try:
-        image, mask, _ = schema.decode_sample(parts)
-    except Exception as e:  # a bad member can fail in PIL, zlib or json in many ways
-        raise CorruptSample(url, key, f"cannot decode: {type(e).__name__}: {e}") from None
-    if image.shape[1:] != mask.shape:
-        raise CorruptSample(url, key, f"image {image.shape[1:]} and mask {mask.shape} differ in size")
-    return torch.from_numpy(image), torch.from_numpy(mask)
+    """Raw tar members -> (image uint8 (C, H, W), mask uint8 (H, W)) tensors of their own; CorruptSample if
+    unreadable. (The loaders decode with ``decode_arrays`` straight into their batch buffers.)"""
+    image, mask = decode_arrays(url, key, parts)
+    return torch.from_numpy(image.copy()), torch.from_numpy(mask.copy())
 
 
 def decode_arrays(url: str, key: str, parts: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -30,6 +30,12 @@ AREAS = (0, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # candidate minimum compo
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity, as the object metrics use
 
 
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """(B, K, H, W) logits -> float32 probabilities: softmax over classes, or the sigmoid of one (binary) logit."""
+    logits = logits.float()
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(1)
+
+
 @dataclass
 class Decision:
     kind: str  # "tuned" or "argmax"

@@ -28,7 +28,7 @@ from . import checkpoint, dist, runlog
 from .augment import GpuAugment
 from .config import Config, to_dict
 from .data import class_histogram, rank_share, reraise, train_loader, val_loader
-from .decision import AreaTuner, Decision, ThresholdTuner
+from .decision import AreaTuner, Decision, ThresholdTuner, probabilities
 from .losses import build_loss
 from .metrics import ConfusionMatrix
 from .models import build_model
@@ -72,12 +72,6 @@ def apply_gradients(raw_model, optimizer, loss_sum: torch.Tensor, grad_clip: flo
 def predict(logits: torch.Tensor) -> torch.Tensor:
     """Class ids from logits: argmax, or sigmoid > 0.5 for a single (binary) channel."""
     return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
-
-
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over classes, or the sigmoid of a single (binary) logit."""
-    logits = logits.float()
-    return torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(1)
 
 
 @torch.no_grad()
