@@ -8,7 +8,7 @@ from lxml import etree
 
 from shardgen.cvat import AttributeSpec, CvatError, ImageAnnotation, Shape, parse_cvat, parse_labels, write_cvat
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "cvat"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "cvat"
 SCORE = AttributeSpec("score", "number", ("0", "1", "0.01"), "0")
 DOCS_RLE = (3, 5, 7, 7, 5, 9, 3, 11, 2, 11, 2, 12, 1, 12, 1, 26, 1, 12, 1, 12, 2, 11, 3, 9, 5, 7, 7, 5, 3)
 

@@ -10,7 +10,7 @@ from shardgen.classes import ClassMap
 from shardgen.cvat import CvatError, ImageAnnotation, Shape, parse_cvat
 from shardgen.raster import RasterStats, decode_rle, encode_rle, rasterize
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "cvat"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "cvat"
 
 
 def image(*shapes: Shape, width=12, height=12) -> ImageAnnotation:
