@@ -40,7 +40,7 @@ s3-demo-steps:
 	$(PY) -m shardgen build --annotations $(S3DEMO)/raw/annotations --images $(S3DEMO)/raw/images \
 		--out $(S3)/shards --mode binary --split-method exact --image-size 192 --tile 64 --stride 32 --workers 2
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m trainer --config demo \
-		data.train=$(S3)/shards/manifest.json train.out_dir=$(S3)/runs/demo \
+		data.train=$(S3)/shards/manifest.json train.out_dir=$(S3)/runs/demo data.crop=0 \
 		train.steps=60 train.log_every=10 train.val_every=30 train.ckpt_every=30 optim.warmup_steps=5
 	$(PY) -m evaluate --checkpoint $(S3)/runs/demo/best.pt --data $(S3)/shards --split test \
 		--out $(S3DEMO)/eval --device cpu --workers 1

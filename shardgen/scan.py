@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from . import schema
-from .classes import ClassMap
+from .classes import IGNORE_INDEX, ClassMap
 from .crust import UPSCALE_WARNING, ScanError, crop_resize, crop_resize_mask, open_scan
 from .plan import BuildOptions, ImageJob, ShardgenError
 from .raster import RasterStats, rasterize
@@ -68,7 +68,7 @@ def process_image(job: ImageJob, opts: BuildOptions) -> dict:
             "source_size": [geom.width, geom.height],
             "split": job.split,
             "class_pixels": counts[:n_classes].tolist(),
-            "ignored_pixels": int(counts[255]),
+            "ignored_pixels": int(counts[IGNORE_INDEX]),
         }
         samples.append(
             {

@@ -307,6 +307,7 @@ def _dataset_with_manifest(tmp_path: Path, shards: str, edit) -> str:
         ("data.val_split=test", "split 'test' has no samples"),
         ("data.val_split=holdout", "no split 'holdout' (has ['test', 'train', 'val'])"),
         ("data.batch_size=64", "rank 0 of 1 validates 50 samples of split 'val', fewer than data.batch_size=64"),
+        ("data.crop=96", "data.crop=96 is larger than the 64 px tiles of"),
         ("train.resume={tmp}/none.pt", "{tmp}/none.pt: checkpoint not found"),
         ("optim.lrr=1", "unknown key 'lrr'; valid keys: lr,"),
         ("model.name=u2netp", "got an unexpected keyword argument 'channels'"),
@@ -336,6 +337,18 @@ def test_checkpoint_of_another_model_is_a_clear_error(unet_run, tmp_path, capsys
     rc, _, err = run_main(capsys, "--config", cfg_path, f"train.out_dir={tmp_path / 'new'}", f"train.resume={ckpt}",
                           override)  # fmt: skip
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"trainer: error: {ckpt}: {message}"), err
+
+
+def test_latest_json_outside_the_run_folder_is_a_one_line_error(shards, tmp_path, capsys):
+    """train.resume: auto follows latest.json only inside its run folder; nothing is loaded from elsewhere."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "latest.json").write_text(json.dumps({"checkpoint": "../elsewhere/last.pt", "step": 3}))
+    cfg = write_config(tmp_path / "c.yaml", shards, out)
+    rc, _, err = run_main(capsys, "--config", cfg)
+    assert rc == 2 and err == [f"trainer: error: {out / 'latest.json'}: checkpoint '../elsewhere/last.pt' leaves "
+                               f"the run folder {out}"]
+    assert sorted(p.name for p in out.iterdir()) == ["latest.json"]
 
 
 def test_command_line_error_is_exactly_one_stderr_line(tmp_path):

@@ -173,6 +173,9 @@ def load_datasets(cfg: Config, world: int) -> tuple[dict, dict, int, int]:
     if cfg.data.val:
         val_manifest = schema.read_manifest(cfg.data.val)
         check_val_dataset(manifest, val_manifest)
+    if cfg.data.crop > int(manifest["tile"]):
+        raise TrainError(f"data.crop={cfg.data.crop} is larger than the {manifest['tile']} px tiles of "
+                         f"{manifest['_url']}; set data.crop to at most {manifest['tile']} (0 = whole tiles)")
     n_train = schema.split_info(manifest, cfg.data.train_split)["samples"]
     if n_train == 0:
         raise TrainError(f"{manifest['_url']}: split {cfg.data.train_split!r} has no samples")
