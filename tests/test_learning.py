@@ -14,7 +14,7 @@ from shardgen.synth import write_synthetic
 from trainer.config import load_config
 from trainer.train import train
 
-MARGIN = 0.05  # validation defect IoU the run must reach (it reaches ~0.1); all-background scores 0
+MARGIN = 0.08  # validation defect IoU the run must reach; all-background scores 0. Seeds 0-3 reached 0.14-0.33
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +32,14 @@ def binary_shards(tmp_path_factory) -> str:
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_a_short_cpu_run_beats_all_background(binary_shards, tmp_path):
-    config = tmp_path / "learn.yaml"
-    config.write_text(f"""
-data: {{train: {binary_shards}, batch_size: 8, workers: 0, shuffle_buffer: 50, pin_memory: false,
-        defect_share: 0.5}}
-model: {{name: unet, kwargs: {{channels: [8, 16, 32, 64, 128]}}}}
-optim: {{lr: 6.0e-3, warmup_steps: 10}}
-train: {{out_dir: {tmp_path / "run"}, steps: 200, device: cpu, log_every: 50, val_every: 200, ckpt_every: 200}}
-""")
-    start = time.perf_counter()  # sized to ~30 s on a 2-core CI machine; the time is reported, not asserted
-    summary = train(load_config(str(config)))
+    """The demo's own recipe (configs/demo.yaml: model, norm, sampler, losses, augmentation, decision), scaled
+    to 64 px tiles and 400 steps."""
+    cfg = load_config("demo", [f"data.train={binary_shards}", "data.batch_size=8", "data.workers=0",
+                               "data.shuffle_buffer=50", "data.crop=0", "optim.lr=6.0e-3",
+                               "optim.warmup_steps=10", f"train.out_dir={tmp_path / 'run'}", "train.steps=400",
+                               "train.log_every=100", "train.val_every=400", "train.ckpt_every=400"])  # fmt: skip
+    start = time.perf_counter()  # sized to ~35 s on a 2-core CI machine; the time is reported, not asserted
+    summary = train(cfg)
     seconds = time.perf_counter() - start
     val = summary["last_val"]
     assert val["tuned_miou"] >= MARGIN, f"validation defect IoU {val['tuned_miou']:.3f} after {seconds:.0f} s"

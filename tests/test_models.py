@@ -77,6 +77,29 @@ def test_u2net_train_mode_returns_fused_then_sides_as_logits():
     assert any(((o < 0) | (o > 1)).any() for o in out)
 
 
+@pytest.mark.parametrize("norm", ["instance", "batch", "group", "none"])
+def test_unet_norms_and_deep_supervision(norm):
+    """UNet(deep_supervision=True) trains every side head (DDP needs each parameter used) and returns the main
+    logits alone in eval mode, whatever the norm."""
+    torch.manual_seed(0)
+    model = UNet(1, 2, channels=(4, 8, 8, 16, 16), norm=norm, deep_supervision=True)
+    assert model.deep_supervision
+    x, target = torch.randn(2, 1, 40, 40), torch.randint(0, 2, (2, 40, 40))
+    out = model.train()(x)
+    assert isinstance(out, tuple) and len(out) == 4  # main + one side head per decoder level but the last
+    assert all(o.shape == (2, 2, 40, 40) for o in out)
+    sum(F.cross_entropy(o, target) for o in out).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with torch.no_grad():
+        y = model.eval()(x)
+    assert isinstance(y, torch.Tensor) and y.shape == (2, 2, 40, 40)
+
+
+def test_unet_unknown_norm_names_the_choices():
+    with pytest.raises(ValueError, match="instance, batch, group, none.*'layer'"):
+        UNet(1, 2, channels=(4, 8), norm="layer")
+
+
 def test_deep_supervision_flag():
     assert U2Net.deep_supervision and U2NetP.deep_supervision
     assert not UNet.deep_supervision and not ResNetUNet.deep_supervision

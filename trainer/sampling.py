@@ -7,8 +7,11 @@ members: nothing is decoded until a sample is drawn), chosen from the per-tile `
 sample's json carries. Each batch then takes a fixed number of "forced" samples from the pool -- a class
 drawn uniformly among the classes in the pool, then a tile holding it -- and the rest from the shuffled
 stream as before. With ``data.crop`` set, every sample is cut to a random ``crop x crop`` window; a forced
-sample's window is placed so that a random pixel of its class lies in the window's central half, so the
-defect is seen with context rather than at a border.
+sample's window is centred on a random *object* of its class (an 8-connected component, drawn uniformly,
+then a random pixel of it in the window's central half), so the defect is seen with context rather than at
+a border. Drawing a pixel of the class uniformly instead (nnU-Net's rule) centres the crops on whatever
+object has the most pixels: a 5,000 px cloud beside a 13 px pinpoint gets the window 400 times out of 401,
+and small defects, which decide object recall, are hardly ever the lesson.
 
 All draws come from the worker's seeded ``random.Random``: the same seed gives the same batches.
 """
@@ -20,6 +23,9 @@ from collections import deque
 
 import numpy as np
 import torch
+from scipy import ndimage
+
+EIGHT = np.ones((3, 3), bool)  # 8-connectivity, as the object metrics count objects
 
 
 def defect_classes(meta: dict) -> list[int]:
@@ -63,11 +69,14 @@ class DefectPool:
 
 def crop_window(mask: torch.Tensor, size: int, rng: random.Random, focus: int | None = None) -> tuple[int, int]:
     """Top-left (y, x) of a ``size`` window in the (H, W) ``mask``: uniform, or, with ``focus``, placed so
-    that a random pixel of class ``focus`` lies in the window's central half."""
+    that a random pixel of a random object (8-connected component) of class ``focus`` lies in the window's
+    central half."""
     h, w = mask.shape
     if focus is not None:
-        ys, xs = np.nonzero(np.asarray(mask) == focus)  # a torch tensor or, in the loader, a numpy view
-        if len(ys):
+        objects, n = ndimage.label(np.asarray(mask) == focus, EIGHT)  # torch tensor or numpy view alike
+        if n:
+            pick = rng.randint(1, n)  # objects, not pixels: see the module docstring
+            ys, xs = np.nonzero(objects == pick)
             k = rng.randrange(len(ys))
             return _around(int(ys[k]), h, size, rng), _around(int(xs[k]), w, size, rng)
     return rng.randint(0, h - size), rng.randint(0, w - size)
