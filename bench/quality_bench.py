@@ -11,6 +11,8 @@ Arms, each adding one change to the one before:
              near a defect)
   +loss      pos_weight 1 (inv-sqrt CE weights), Dice over the classes present in the batch
   +decision  the same model, with the thresholds and minimum component areas tuned on validation
+  +augment   retrained with the demo's light augmentation (configs/demo.yaml's ``augment``: flips, 90-degree
+             turns, mild intensity; no affine, blur or noise) instead of the default one: the demo recipe
   +tta       the same model and decision, probabilities averaged over the four flips of every tile
 
 The budget is in training pixels (``--budget-mpx`` million pixels fed to the network), so an arm on 128 px crops
@@ -32,7 +34,8 @@ import yaml
 from common import ROOT, print_machine, print_table
 
 PY = sys.executable
-ARMS = ("previous", "+sampling", "+loss", "+decision", "+tta")
+ARMS = ("previous", "+sampling", "+loss", "+decision", "+augment", "+tta")
+TRAINED_AS = {"+decision": "+loss", "+tta": "+augment"}  # arms that reuse another arm's model
 
 
 def run(*args: str) -> str:
@@ -61,11 +64,13 @@ def train_arm(name: str, shards: Path, out: Path, args) -> float:
                  "defect_share": 0.5 if sampling else 0.0, "crop": args.crop if sampling else 0},
         "model": {"name": args.model, "kwargs": json.loads(args.model_kwargs)},
         "optim": {"lr": args.lr, "warmup_steps": min(100, steps // 10)},
-        "loss": {} if name == "+loss" else {"pos_weight": 50.0, "class_weighting": "median_freq",
+        "loss": {} if name in ("+loss", "+augment") else {"pos_weight": 50.0, "class_weighting": "median_freq",
                                             "class_weight_max": 10.0},
         "train": {"out_dir": str(out), "steps": steps, "device": args.device, "val_every": steps,
-                  "ckpt_every": steps, "seed": args.seed, "tune_decision": name == "+loss"},
+                  "ckpt_every": steps, "seed": args.seed, "tune_decision": name in ("+loss", "+augment")},
     }  # fmt: skip
+    if name == "+augment":
+        cfg["augment"] = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["augment"]
     path = out.with_suffix(".yaml")
     out.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))
@@ -103,11 +108,11 @@ def main(argv: list[str] | None = None) -> None:
         shards = build_data(tmp, args.images, args.mode, args.seed)
         rows, seconds = [], {}
         for arm in ARMS:
-            trained = {"+decision": "+loss", "+tta": "+loss"}.get(arm, arm)
+            trained = TRAINED_AS.get(arm, arm)
             if trained not in seconds:
                 seconds[trained] = train_arm(trained, shards, tmp / "runs" / trained.strip("+"), args)
             ckpt = tmp / "runs" / trained.strip("+") / "last.pt"
-            decision = "tuned" if arm in ("+decision", "+tta") else "argmax"
+            decision = "tuned" if arm in ("+decision", "+augment", "+tta") else "argmax"
             m = evaluate_arm(ckpt, shards, tmp / "eval" / arm.strip("+"), decision,
                              "flips" if arm == "+tta" else "none", args.device)  # fmt: skip
             rows.append([arm, m["miou"], m["object_recall"], m["object_precision"], seconds[trained]])
