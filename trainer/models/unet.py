@@ -5,13 +5,13 @@ interpolation (align_corners=True, like the classic milesial UNet) goes up, and 
 A 1x1 conv gives the logits.
 
 ``norm``: ``instance`` (the research code's), ``batch``, ``group`` (groups of 8 channels) or ``none``.
-InstanceNorm rescales every crop's features on its own, so a batch of 4 crops trains as well as a batch of 64;
-on the demo's CPU budget (1,500 steps of 4 x 192 px crops) it scored a held-out defect IoU of 0.39, against
-0.19 for GroupNorm and 0.07 for BatchNorm, whose batch statistics from 4 crops are too noisy.
+InstanceNorm normalises every crop's features on its own, independent of the batch size; on the demo's
+CPU budget (1,500 steps of 4 x 192 px crops) it scored a held-out defect IoU of 0.39, against 0.19 for GroupNorm
+and 0.07 for BatchNorm, whose batch statistics from 4 crops are too noisy.
 
 ``deep_supervision``: a 1x1 head on each coarser decoder level, upsampled to full resolution; in training
-``forward`` returns ``(main, side, ...)`` (the trainer's loss weights them like U^2-Net's side outputs), in
-eval mode the main logits only.
+``forward`` returns ``(main, side, ...)`` (the trainer's loss sums their losses, as for U^2-Net's side
+outputs), in eval mode the main logits only.
 
 Upsampling targets the skip's exact size, so any input size works:
 a 400x400 tile pools to 200/100/50/25, and an odd size like 25 pools to 12 and comes back to 25.
