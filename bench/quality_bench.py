@@ -36,6 +36,7 @@ from common import ROOT, print_machine, print_table
 PY = sys.executable
 ARMS = ("previous", "+sampling", "+loss", "+decision", "+augment", "+tta")
 TRAINED_AS = {"+decision": "+loss", "+tta": "+augment"}  # arms that reuse another arm's model
+CALIBRATED = ("+loss", "+augment")  # arms trained with the default losses and a tuned decision
 
 
 def run(*args: str) -> str:
@@ -64,10 +65,10 @@ def train_arm(name: str, shards: Path, out: Path, args) -> float:
                  "defect_share": 0.5 if sampling else 0.0, "crop": args.crop if sampling else 0},
         "model": {"name": args.model, "kwargs": json.loads(args.model_kwargs)},
         "optim": {"lr": args.lr, "warmup_steps": min(100, steps // 10)},
-        "loss": {} if name in ("+loss", "+augment") else {"pos_weight": 50.0, "class_weighting": "median_freq",
+        "loss": {} if name in CALIBRATED else {"pos_weight": 50.0, "class_weighting": "median_freq",
                                             "class_weight_max": 10.0},
         "train": {"out_dir": str(out), "steps": steps, "device": args.device, "val_every": steps,
-                  "ckpt_every": steps, "seed": args.seed, "tune_decision": name in ("+loss", "+augment")},
+                  "ckpt_every": steps, "seed": args.seed, "tune_decision": name in CALIBRATED},
     }  # fmt: skip
     if name == "+augment":
         cfg["augment"] = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["augment"]

@@ -10,8 +10,8 @@ stream as before. With ``data.crop`` set, every sample is cut to a random ``crop
 sample's window is centred on a random *object* of its class (an 8-connected component, drawn uniformly,
 then a random pixel of it in the window's central half), so the defect is seen with context rather than at
 a border. Drawing a pixel of the class uniformly instead (nnU-Net's rule) centres the crops on whatever
-object has the most pixels: a 5,000 px cloud beside a 13 px pinpoint gets the window 400 times out of 401,
-and small defects, which decide object recall, are hardly ever the lesson.
+object has the most pixels: a 5,000 px cloud beside a 13 px pinpoint gets the window 385 times for each
+time the pinpoint gets it, and small defects, which decide object recall, are hardly ever the lesson.
 
 All draws come from the worker's seeded ``random.Random``: the same seed gives the same batches.
 """
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-EIGHT = np.ones((3, 3), bool)  # 8-connectivity, as the object metrics count objects
+from .decision import EIGHT  # 8-connectivity: objects as the object metrics count them
 
 
 def defect_classes(meta: dict) -> list[int]:

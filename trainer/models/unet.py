@@ -78,7 +78,7 @@ class UNet(nn.Module):
             nn.Conv2d(channels[i], n_classes, 1) for i in reversed(range(1, len(channels) - 1))
         ) if deep_supervision else nn.ModuleList()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         skips = []
         for i, block in enumerate(self.down):
             if i > 0:
