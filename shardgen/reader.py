@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import errno
 import logging
-import tarfile
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from . import storage
+from .tarstream import TarError, regular_members
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -141,41 +143,29 @@ def retry_call(
             retry.failed(e)
 
 
-def _check_end(tar: tarfile.TarFile) -> None:
-    """Raise unless the stream ended on end-of-archive zero blocks. After the first member, tarfile stops
-    quietly at a header cut short or garbled, so a truncated shard would pass for a shorter one."""
-    stream = tar.fileobj
-    complete = stream.tell() - tar.offset == tarfile.BLOCKSIZE  # the block tarfile read as the next header
-    while complete and (chunk := stream.read(1 << 16)):
-        complete = chunk.count(0) == len(chunk)
-    if not complete:
-        raise tarfile.ReadError("unexpected end of archive")
+def _split(name: str) -> tuple[str, str]:
+    """A member name's (key, ext): its base name split at the first dot."""
+    key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+    return key, ext
 
 
 def members(stream, url: str, skip: int = 0) -> Iterator[tuple[str, dict]]:
     """(key, {ext: bytes}) of the tar read from ``stream`` in order, after the first ``skip`` samples; a tar
     that is broken or cut short raises CorruptSample naming ``url``. Member names only give key and ext."""
     key, parts, index = None, {}, 0
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        try:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                name = member.name.rsplit("/", 1)[-1]
-                k, _, ext = name.partition(".")
-                if k != key:
-                    if key is not None:
-                        if index >= skip:
-                            yield key, parts
-                        index += 1
-                    key, parts = k, {}
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:
-                    raise tarfile.ReadError("unexpected end of data")
-                parts[ext] = data
-            _check_end(tar)
-        except tarfile.TarError as e:
-            raise CorruptSample(url, key or "(start of shard)", f"broken tar: {e}") from None
+    try:
+        for name, data in regular_members(stream):
+            k, ext = _split(name)
+            if k != key:
+                if key is not None:
+                    if index >= skip:
+                        yield key, parts
+                    index += 1
+                key, parts = k, {}
+            parts[ext] = data
+    except TarError as e:  # a member cut short names its own sample, which may not have started yet
+        where = _split(e.member)[0] if e.member is not None else key
+        raise CorruptSample(url, where or "(start of shard)", f"broken tar: {e}") from None
     if key is not None and index >= skip:
         yield key, parts
 
@@ -208,3 +198,52 @@ def iter_shard(
             return
         except Exception as e:
             retry.failed(e)
+
+
+def read_ahead(items: Iterator[T], depth: int) -> Iterator[T]:
+    """``items``, produced by a helper thread up to ``depth`` items ahead of the consumer, in order.
+
+    Reading a shard is mostly system calls that release the GIL, so the thread copies the next samples'
+    bytes while the consumer decodes (which releases it too): reading leaves the consumer's core. An error
+    raised by ``items`` is raised to the consumer at its place in the stream. Closing the returned
+    generator stops the thread and closes ``items``.
+    """
+    out: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((True, _END))
+        except BaseException as e:  # raised in the consumer instead
+            put((False, e))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    threading.Thread(target=produce, name="read-ahead", daemon=True).start()
+    try:
+        while True:
+            ok, item = out.get()
+            if not ok:
+                raise item
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+_END = object()
