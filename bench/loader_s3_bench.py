@@ -11,7 +11,7 @@ the way a folder-of-PNGs dataset sits on object storage.
 
 1. S3, shards vs one object per PNG: every tile read once and decoded to arrays, both paths sequential in
    this one process and thread, no DataLoader workers (equal resources; the comparison is per request):
-   - shards: ``shardgen.reader.iter_shard`` over the manifest's s3:// shard URLs + ``trainer.data.decode``;
+   - shards: ``shardgen.reader.iter_shard`` over the manifest's s3:// shard URLs + ``trainer.batch.decode``;
    - PNG objects: two ``s3fs`` ``cat_file`` GETs per tile + the same PNG decode.
    Goal: shards >= 10x the samples/s of PNG objects. Both are also timed without the decode (bytes only):
    decoding is the same work on both paths and bounds the read + decode ratio at (decode + 2 GETs) /
@@ -37,8 +37,8 @@ import train_bench
 
 from shardgen import schema, storage
 from shardgen.reader import iter_shard
+from trainer.batch import decode
 from trainer.config import Config
-from trainer.data import decode
 
 sys.path.insert(0, str(common.ROOT / "tests"))
 from s3server import S3Server  # noqa: E402  (the test suite's server, not a package)

@@ -54,31 +54,81 @@ def encode_png(pixels: np.ndarray, compress_level: int = 1) -> bytes:
     return buf.getvalue()
 
 
-def decode_png(data: bytes, copy: bool = True) -> np.ndarray:
+def _decode_l_into(im: Image.Image, out: np.ndarray) -> None:
+    """Let PIL's PNG decoder write an L image straight into ``out`` (C-contiguous, the image's shape):
+    ``Image.frombuffer`` maps ``out``'s memory as a PIL image and the decoder fills it, with no copy."""
+    im.im = Image.frombuffer("L", im.size, out, "raw", "L", 0, 1).im
+    im.load()
+
+
+def _direct_decode_works() -> bool:
+    """Whether this Pillow decodes into a mapped buffer as ``_decode_l_into`` expects (checked once)."""
+    pixels = np.arange(7 * 5, dtype=np.uint8).reshape(7, 5) * 7
+    out = np.zeros_like(pixels)
+    try:
+        with Image.open(io.BytesIO(encode_png(pixels))) as im:
+            _decode_l_into(im, out)
+    except Exception:
+        return False
+    return bool((out == pixels).all())
+
+
+DIRECT_DECODE = _direct_decode_works()
+
+
+def decode_png(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
     """PNG bytes -> uint8 array with the exact stored values: (H, W) for L, (H, W, 3) for RGB.
 
-    ``copy=False`` returns a read-only view of the decoded bytes, for a caller that copies the pixels into
-    a buffer of its own anyway (the training loader's batches).
+    With ``out`` (a writable uint8 array of that shape; ValueError if it differs), the pixels are decoded
+    into it: an L image straight from the decoder, with no intermediate copy (the training loader decodes
+    into its shared-memory batches this way).
     """
     with Image.open(io.BytesIO(data)) as im:
         if im.mode not in ("L", "RGB"):
             raise ValueError(f"unexpected PNG mode {im.mode} (shards hold L or RGB)")
-        pixels = np.asarray(im)
-        return pixels.copy() if copy else pixels
+        shape = (im.height, im.width) if im.mode == "L" else (im.height, im.width, 3)
+        if out is None:
+            out = np.empty(shape, np.uint8)
+        elif out.shape != shape:
+            raise ValueError(f"a PNG of shape {shape} does not fit the buffer's {out.shape}")
+        if im.mode == "L" and DIRECT_DECODE and out.flags.c_contiguous:
+            _decode_l_into(im, out)
+        else:  # PIL holds RGB as 4 bytes per pixel: one copy out of its own memory
+            out[...] = np.asarray(im)
+        return out
 
 
-def decode_sample(sample: dict, copy: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_shape(data: bytes) -> tuple[int, ...] | None:
+    """The array shape ``decode_png`` returns for ``data``, read from the IHDR header alone; None for
+    anything but an 8-bit L or RGB PNG (``decode_png`` then says what is wrong)."""
+    if len(data) < 26 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or data[24] != 8:
+        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return {0: (height, width), 2: (height, width, 3)}.get(data[25])
+
+
+def decode_sample(sample: dict, image_out: np.ndarray | None = None, mask_out: np.ndarray | None = None):
     """A raw webdataset sample -> (image (C, H, W) uint8, mask (H, W) uint8, meta).
 
     Masks are decoded by PIL from mode L as stored, never through webdataset's "l"/"pil" decoders, which
-    rescale values. ``copy=False``: read-only arrays, the image possibly strided (see ``decode_png``).
+    rescale values. ``image_out`` (C, H, W) and ``mask_out`` (H, W), when given, receive the pixels.
     """
-    image = decode_png(sample[IMAGE_KEY], copy)
-    image = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
-    mask = decode_png(sample[MASK_KEY], copy)
+    if image_out is None:
+        image = decode_png(sample[IMAGE_KEY])
+        image = image[None] if image.ndim == 2 else np.ascontiguousarray(image.transpose(2, 0, 1))
+    elif image_out.shape[0] == 1:
+        image = image_out
+        decode_png(sample[IMAGE_KEY], image_out[0])
+    else:
+        image = image_out
+        image_out[...] = decode_png(sample[IMAGE_KEY]).transpose(2, 0, 1)
+    mask = decode_png(sample[MASK_KEY], mask_out)
     meta = sample[META_KEY]
     meta = json.loads(meta) if isinstance(meta, (bytes, str)) else meta
-    return (np.ascontiguousarray(image) if copy else image), mask, meta
+    return image, mask, meta
 
 
 def manifest_url(url: str) -> str:

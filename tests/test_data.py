@@ -221,3 +221,60 @@ def test_rank_share(tmp_path):
     assert [rank_share(manifest, "val", r, 2) for r in range(2)] == [12, 8]
     assert [rank_share(manifest, "val", r, 3) for r in range(3)] == [8, 8, 4]
     assert [rank_share(manifest, "val", r, 8) for r in range(8)] == [4] * 5 + [0] * 3
+
+
+# ------------------------------------------------------------------------- decoding into batch buffers
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_decoding_into_a_buffer_gives_the_stored_pixels(channels):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (37, 53) if channels == 1 else (37, 53, 3), dtype=np.uint8)
+    data = schema.encode_png(pixels)
+    assert schema.png_shape(data) == pixels.shape
+    out = np.full(pixels.shape, 7, dtype=np.uint8)
+    assert schema.decode_png(data, out) is out and np.array_equal(out, pixels)
+    assert np.array_equal(schema.decode_png(data), pixels)
+    with pytest.raises(ValueError, match=r"does not fit the buffer's \(53, 37"):
+        schema.decode_png(data, np.empty((53, 37, 3)[: pixels.ndim], dtype=np.uint8))
+
+
+def test_png_shape_refuses_what_decode_png_does_not_read():
+    assert schema.png_shape(b"not a png") is None
+    assert schema.png_shape(schema.encode_png(np.zeros((4, 4), np.uint16))) is None  # 16-bit grey
+    assert schema.png_shape(schema.encode_png(np.zeros((4, 4, 4), np.uint8))) is None  # RGBA
+
+
+def test_a_broken_first_tile_does_not_set_the_batch_shape():
+    from trainer.batch import BatchBuffer
+
+    def sample(side: int, n: int, mask: bytes | None = None) -> dict:
+        image, m = tile_pixels(n, 0, side)
+        return {schema.IMAGE_KEY: schema.encode_png(image), schema.MASK_KEY: mask or schema.encode_png(m),
+                schema.META_KEY: b"{}"}
+
+    batch = BatchBuffer(2)
+    broken = sample(99, 0, mask=schema.encode_png(np.zeros((99, 99), np.uint8))[:60])  # valid header, cut data
+    with pytest.raises(CorruptSample, match="cannot decode"):
+        batch.decode("u", "k0", broken)
+    batch.decode("u", "k1", sample(16, 1))
+    with pytest.raises(CorruptSample, match="does not fit"):
+        batch.decode("u", "k2", sample(20, 2))  # another size than the batch's first tile
+    batch.decode("u", "k3", sample(16, 3))
+    images, masks = batch.take()
+    assert [int(i[0, 0, 0]) for i in images] == [1, 3]
+    assert all(np.array_equal(m.numpy(), tile_pixels(n, 0, 16)[1]) for n, m in zip((1, 3), masks, strict=True))
+
+
+@pytest.mark.parametrize("helpers", [False, True])
+def test_a_worker_streams_the_pixels_of_the_in_process_stream(small, monkeypatch, helpers):
+    """With and without the helper threads (read-ahead, batch allocation) a worker yields the same batches,
+    pixel for pixel, as the stream run in this process."""
+    monkeypatch.setattr("trainer.data.spare_core", lambda: helpers)  # the forked worker inherits the patch
+    cfg = DataConfig(batch_size=3, shuffle_buffer=5, workers=0)
+    inproc = take(train_loader(small, "train", cfg, 0, 0, 0, pin=False), 8)
+    cfg = DataConfig(batch_size=3, shuffle_buffer=5, workers=1)
+    worker = take(train_loader(small, "train", cfg, 0, 0, 0, pin=False), 8)
+    for (i0, m0, _), (i1, m1, _) in zip(inproc, worker, strict=True):
+        assert torch.equal(i0, i1) and torch.equal(m0, m1)
+    _check_masks(worker, side=16)

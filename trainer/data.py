@@ -10,104 +10,37 @@ once across the job. Ranks may hold unequal counts; validation runs no collectiv
 matrices are summed, so it cannot hang.
 
 Decoding happens in the DataLoader workers, straight into the batch's uint8 tensors (``BatchBuffer``, in
-shared memory); masks are decoded by PIL as stored, so label values are exact. Batches are (images uint8
-(B, C, H, W), masks uint8 (B, H, W), skipped), where ``skipped`` counts the corrupt training samples the
-worker dropped since its previous batch. Storage retries (see shardgen.reader) travel the same way, as an
-`IoRetries` item ahead of the batch they delayed; `reraise` totals them.
+shared memory: see trainer.batch); masks are decoded by PIL as stored, so label values are exact. Batches
+are (images uint8 (B, C, H, W), masks uint8 (B, H, W), skipped), where ``skipped`` counts the corrupt
+training samples the worker dropped since its previous batch. Storage retries (see shardgen.reader)
+travel the same way, as an `IoRetries` item ahead of the batch they delayed; `reraise` totals them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 from collections.abc import Iterator
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shardgen import schema
-from shardgen.reader import CorruptSample, StorageUnavailable, iter_shard
+from shardgen.reader import CorruptSample, StorageUnavailable, iter_shard, read_ahead
 
 from . import sampling
+from .batch import BatchBuffer, decode, spare_core
 from .carry import carry, uncarry
 from .config import DataConfig
 
 log = logging.getLogger(__name__)
+READ_AHEAD = 16  # training samples read ahead of the decoder by a thread, where a core is spare (a few MB)
 
 
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
-
-
-def decode(url: str, key: str, parts: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw tar members -> (image uint8 (C, H, W), mask uint8 (H, W)) tensors of their own; CorruptSample if
-    unreadable. (The loaders decode with ``decode_arrays`` straight into their batch buffers.)"""
-    image, mask = decode_arrays(url, key, parts)
-    return torch.from_numpy(image.copy()), torch.from_numpy(mask.copy())
-
-
-def decode_arrays(url: str, key: str, parts: dict) -> tuple[np.ndarray, np.ndarray]:
-    """As ``decode``, but read-only numpy views of the decoded pixels: no copy until ``BatchBuffer.add``."""
-    try:
-        image, mask, _ = schema.decode_sample(parts, copy=False)
-    except Exception as e:  # a bad member can fail in PIL, zlib or json in many ways
-        raise CorruptSample(url, key, f"cannot decode: {type(e).__name__}: {e}") from None
-    if image.shape[1:] != mask.shape:
-        raise CorruptSample(url, key, f"image {image.shape[1:]} and mask {mask.shape} differ in size")
-    return image, mask
-
-
-class BatchBuffer:
-    """One batch's (images (B, C, H, W), masks (B, H, W)) uint8 tensors, filled tile by tile.
-
-    Each tile's pixels are copied once, from the decoder's bytes into their slot; in a DataLoader worker the
-    tensors are allocated in shared memory, so handing the batch to the main process copies nothing more
-    (torch.stack and then the move to shared memory would copy every tile twice again).
-    """
-
-    def __init__(self, size: int):
-        self.size, self.count = size, 0
-        self.images = self.masks = None  # tensors, allocated with the first tile (its shape sets the batch's)
-
-    def add(self, url: str, key: str, image: np.ndarray, mask: np.ndarray) -> None:
-        if self.images is None:
-            self.images, self.masks = _alloc((self.size, *image.shape), (self.size, *mask.shape))
-        if image.shape != self.images.shape[1:] or mask.shape != self.masks.shape[1:]:
-            raise CorruptSample(url, key, f"image {image.shape} and mask {mask.shape} differ from the batch's "
-                                          f"first tile, {tuple(self.images.shape[1:])}")  # fmt: skip
-        self.images.numpy()[self.count] = image  # numpy views of the tensors: copies from read-only arrays
-        self.masks.numpy()[self.count] = mask
-        self.count += 1
-
-    @property
-    def full(self) -> bool:
-        return self.count == self.size
-
-    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The filled part of the batch; the buffer starts a new one."""
-        images, masks = self.images[: self.count], self.masks[: self.count]
-        self.count, self.images, self.masks = 0, None, None
-        return images, masks
-
-
-def _alloc(image_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uninitialized uint8 (images, masks) in one storage: in a DataLoader worker a shared-memory one, made
-    directly as torch's own default_collate makes it. (``torch.empty().share_memory_()`` would fault in and
-    copy ordinary memory first: ~10x slower on a busy 2-core machine.) One storage sends one file
-    descriptor to the main process per batch, not two."""
-    n_image, n_mask = math.prod(image_shape), math.prod(mask_shape)
-    if get_worker_info() is not None and hasattr(torch.UntypedStorage, "_new_shared"):
-        storage = torch.UntypedStorage._new_shared(n_image + n_mask)
-        flat = torch.empty(0, dtype=torch.uint8).set_(storage)
-    else:
-        flat = torch.empty(n_image + n_mask, dtype=torch.uint8)
-        if get_worker_info() is not None:
-            flat.share_memory_()
-    return flat[:n_image].view(image_shape), flat[n_image:].view(mask_shape)
 
 
 class TrainTiles(IterableDataset):
@@ -116,7 +49,7 @@ class TrainTiles(IterableDataset):
     def __init__(self, urls: list[str], cfg: DataConfig, seed: int, rank: int, start_step: int = 0):
         self.urls, self.cfg, self.seed, self.rank, self.start_step = urls, cfg, seed, rank, start_step
         self.skipped = 0  # corrupt samples dropped in this worker and not yet reported with a batch
-        self.retries = 0  # storage retries in this worker not yet reported
+        self.retries = self.retries_reported = 0  # storage retries in this worker, and those reported
 
     def shards(self, worker: int) -> Iterator[str]:
         """Shard URLs drawn with replacement, one epoch's worth per RNG."""
@@ -130,19 +63,28 @@ class TrainTiles(IterableDataset):
     def samples(self, worker: int) -> Iterator[tuple[str, str, dict]]:
         """Raw samples (url, key, members with the json parsed), undecoded; a sample or shard that cannot be
         read is logged with its shard and key, counted, and skipped."""
+        raw = self._raw(worker)
+        for url, key, parts in read_ahead(raw, READ_AHEAD) if spare_core() else raw:
+            if isinstance(parts, CorruptSample):  # the rest of a broken shard is unreadable
+                self._skip(parts)
+                continue
+            try:
+                meta = json.loads(parts[schema.META_KEY])
+                if self.cfg.defect_share:  # the sampler reads class_pixels before anything is decoded
+                    sampling.defect_classes(meta)
+            except Exception as e:  # missing member, bad bytes, bad json: many ways
+                self._skip(CorruptSample(url, key, f"cannot decode: {type(e).__name__}: {e}"))
+                continue
+            yield url, key, {**parts, schema.META_KEY: meta}
+
+    def _raw(self, worker: int) -> Iterator[tuple[str, str, dict | CorruptSample]]:
+        """(url, key, members) of the drawn shards, read in the read-ahead thread; a shard that breaks off
+        ends with (url, key, CorruptSample)."""
         for url in self.shards(worker):
             try:
-                for key, parts in _read(self, url):
-                    try:
-                        meta = json.loads(parts[schema.META_KEY])
-                        if self.cfg.defect_share:  # the sampler reads class_pixels before anything is decoded
-                            sampling.defect_classes(meta)
-                    except Exception as e:  # missing member, bad bytes, bad json: many ways
-                        self._skip(CorruptSample(url, key, f"cannot decode: {type(e).__name__}: {e}"))
-                        continue
-                    yield url, key, {**parts, schema.META_KEY: meta}
-            except CorruptSample as e:  # the rest of a broken shard is unreadable
-                self._skip(e)
+                yield from ((url, key, parts) for key, parts in _read(self, url))
+            except CorruptSample as e:
+                yield url, e.key, e
 
     def _skip(self, e: CorruptSample) -> None:
         log.warning("skipping corrupt sample: %s", e)
@@ -152,9 +94,11 @@ class TrainTiles(IterableDataset):
         """A raw sample decoded, cropped (``data.crop``) and added to ``batch``; False, counted, if it
         cannot be decoded."""
         try:
-            image, mask = decode_arrays(*raw)
-            image, mask = sampling.crop(image, mask, self.cfg.crop, rng, focus)
-            batch.add(raw[0], raw[1], image, mask)
+            if self.cfg.crop:
+                image, mask = sampling.crop(*decode(*raw), self.cfg.crop, rng, focus)
+                batch.add(raw[0], raw[1], image, mask)
+            else:
+                batch.decode(*raw)
         except CorruptSample as e:
             self._skip(e)
             return False
@@ -169,7 +113,7 @@ class TrainTiles(IterableDataset):
         size = self.cfg.batch_size
         forced = sampling.forced_count(self.cfg.defect_share, size)
         pool = sampling.DefectPool(self.cfg.shuffle_buffer)
-        buffer, batch = [], BatchBuffer(size)
+        buffer, batch = [], BatchBuffer(size, helper=spare_core())
         for raw in self.samples(worker):  # yields undecoded samples in shard order
             if forced:
                 pool.add(raw, sampling.defect_classes(raw[2][schema.META_KEY]))
@@ -202,7 +146,7 @@ class ValTiles(IterableDataset):
         self.urls = schema.shard_urls(manifest, split)
         self.offsets = schema.image_offsets(manifest, split)
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.retries = 0
+        self.retries = self.retries_reported = 0
 
     def __iter__(self):
         return carry(self._batches(), (CorruptSample, StorageUnavailable))
@@ -218,7 +162,7 @@ class ValTiles(IterableDataset):
                     index, current = index + 1, image_id
                 if index % self.world != self.rank:
                     continue
-                batch.add(url, key, *decode_arrays(url, key, parts))
+                batch.decode(url, key, parts)
                 if batch.full:
                     yield from _retries(self)
                     yield (*batch.take(), 0)
@@ -244,9 +188,12 @@ class IoRetries:
 
 
 def _retries(ds: TrainTiles | ValTiles):
-    if ds.retries:
-        yield IoRetries(ds.retries)
-        ds.retries = 0
+    # ``retries`` only grows (in the read-ahead thread when training), ``retries_reported`` is only written
+    # here: no update can be lost between the two threads.
+    if ds.retries > ds.retries_reported:
+        retries = ds.retries
+        yield IoRetries(retries - ds.retries_reported)
+        ds.retries_reported = retries
 
 
 class BatchStream:
