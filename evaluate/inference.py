@@ -152,7 +152,7 @@ class Predictor:
                 view = torch.rot90(x, k, (2, 3))
                 view = view.flip(3) if flip else view
             with self.amp:
-                probs = probabilities(self.model.net(view))
+                probs = probabilities(self.model.net(view), inplace=True)  # the logits are ours alone
             if turned:
                 probs = torch.rot90(probs.flip(3) if flip else probs, -k, (2, 3))
             total = probs if total is None else total.add_(probs)

