@@ -16,7 +16,7 @@ from evaluate.inference import Predictor, load_model
 from evaluate.tiles import iter_images
 from shardgen import schema
 from trainer import checkpoint
-from trainer.decision import AREAS, BINS, AreaTuner, Decision, ThresholdTuner
+from trainer.decision import AREAS, BINS, AreaTuner, Decision, ThresholdTuner, probabilities
 
 
 def brute_force_iou(p: np.ndarray, truth: np.ndarray, t: float) -> float:
@@ -214,3 +214,18 @@ def test_the_command_line_offers_exactly_the_decisions_and_tta_modes_inference_k
     from evaluate import inference
 
     assert cli.DECISIONS == inference.DECISIONS and cli.TTA_MODES == tuple(inference.TTA)
+
+
+def test_in_place_probabilities_equal_the_out_of_place_ones():
+    logits = torch.randn(2, 5, 8, 8, generator=torch.Generator().manual_seed(0)) * 20
+    expected = torch.softmax(logits, 1)
+    got = probabilities(logits.clone(), inplace=True)
+    assert torch.allclose(got, expected, atol=1e-6) and torch.allclose(got.sum(1), torch.ones(2, 8, 8))
+    binary = logits[:, :1]
+    assert torch.equal(probabilities(binary.clone(), inplace=True), torch.sigmoid(binary))
+
+
+def test_argmax_decision_breaks_ties_like_argmax():
+    probs = torch.zeros(1, 4, 8, 8)
+    probs[:, 1:3] = 0.5  # classes 1 and 2 tie everywhere: argmax keeps the first
+    assert torch.equal(Decision.argmax(3).classes(probs), probs.argmax(1)) and bool((probs.argmax(1) == 1).all())
