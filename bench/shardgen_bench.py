@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> None:
                         "(default %(default)s)")  # fmt: skip
     p.add_argument("--shard-size", type=int, default=25,
                    help="samples per shard for every shardgen run (default %(default)s: one scan per shard)")
-    p.add_argument("--repeats", type=int, default=1, help="runs of each path; the fastest counts (default 1)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs of each path, alternating; the fastest counts (default 2: one run of a few seconds is at "
+                        "the mercy of a moment of load on a small machine)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.images < 1 or args.repeats < 1 or min(args.workers) < 1 or args.dask_workers < 0:

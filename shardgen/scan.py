@@ -14,11 +14,14 @@ from .classes import IGNORE_INDEX, ClassMap
 from .crust import UPSCALE_WARNING, ScanError, crop_resize, crop_resize_mask, open_scan
 from .plan import BuildOptions, ImageJob, ShardgenError
 from .raster import RasterStats, rasterize
+from .tarstream import sample_bytes
 from .tiling import TileGrid
+
+TAR_MTIME = 0  # fixed tar member mtime: shards are byte-identical across runs
 
 
 def process_image(job: ImageJob, opts: BuildOptions) -> dict:
-    """Rasterize, crop the crust, resize and tile one scan; returns encoded samples and counts."""
+    """Rasterize, crop the crust, resize and tile one scan; returns its samples as tar members, and counts."""
     ann, grid = job.ann, TileGrid(opts.image_size, opts.tile, opts.stride)
     data = Path(job.path).read_bytes()
     try:
@@ -45,7 +48,7 @@ def process_image(job: ImageJob, opts: BuildOptions) -> dict:
     image = np.asarray(crop_resize(source, geom))
     mask = crop_resize_mask(mask, geom)
     n_classes = ClassMap.load(opts.classes).num_classes(opts.mode)
-    samples, hist = [], np.zeros(n_classes, dtype=np.int64)
+    samples, hist = [], np.zeros(n_classes, dtype=np.int64)  # samples: their tar members, serialized here
     t = opts.tile
     tiles = zip(grid.positions(), grid.cut(image, channels_last=True), grid.cut(mask), strict=True)
     for (i, j, y, x), tile_image, tile_mask in tiles:
@@ -70,16 +73,15 @@ def process_image(job: ImageJob, opts: BuildOptions) -> dict:
             "class_pixels": counts[:n_classes].tolist(),
             "ignored_pixels": int(counts[IGNORE_INDEX]),
         }
-        samples.append(
-            {
-                "__key__": schema.sample_key(job.image_id, i, j),
-                schema.IMAGE_KEY: schema.encode_png(tile_image, opts.png_level),
-                schema.MASK_KEY: schema.encode_png(np.ascontiguousarray(tile_mask), opts.png_level),
-                schema.META_KEY: json.dumps(meta, sort_keys=True).encode(),
-            }
-        )
+        parts = {
+            schema.IMAGE_KEY: schema.encode_png(tile_image, opts.png_level),
+            schema.MASK_KEY: schema.encode_png(np.ascontiguousarray(tile_mask), opts.png_level),
+            schema.META_KEY: json.dumps(meta, sort_keys=True).encode(),
+        }
+        samples.append(sample_bytes(schema.sample_key(job.image_id, i, j), parts, TAR_MTIME))
     return {
-        "samples": samples,
+        "samples": len(samples),
+        "tar": b"".join(samples),
         "hist": hist,
         "sha256": hashlib.sha256(data).hexdigest(),
         "warnings": stats.warnings,

@@ -19,16 +19,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from . import schema, storage
 from .plan import NON_OUTPUT_OPTIONS, BuildOptions, ImageJob
 from .scan import process_image
 from .splits import SPLITS
+from .tarstream import end_of_archive
 from .tiling import TileGrid
 
 BUILD_DIR = "_build"  # per-shard completion records used to resume
-TAR_MTIME = 0  # fixed tar member mtime: shards are byte-identical across runs
 PARTIAL_SUFFIX = ".partial"  # temporary shards of unfinished attempts: {shard}.{attempt}.partial
 
 
@@ -113,7 +112,7 @@ def build_shard(out: str, shard: ShardPlan, opts: BuildOptions, results: Iterabl
         raster_skipped.update(r["skipped"])
     record = {
         "url": shard.name,
-        "samples": sum(len(r["samples"]) for r in results),
+        "samples": sum(r["samples"] for r in results),
         "images": len(shard.jobs),
         "bytes": size,
         "sha256": sha,
@@ -139,19 +138,20 @@ def run_shard(out: str, shard: ShardPlan, opts: BuildOptions) -> tuple[dict, boo
 
 
 def _write_tar(out: str, shard: ShardPlan, results: list[dict]) -> tuple[str, int]:
-    """Write the tar under this attempt's temporary name and move it into place; returns (sha256, bytes)."""
+    """Write the tar under this attempt's temporary name and move it into place; returns (sha256, bytes),
+    hashed on the way out (reading the shard back would download it again from object storage)."""
     final = storage.join(out, shard.name)
     attempt = uuid.uuid4().hex[:12]
     partial = f"{final}.{attempt}{PARTIAL_SUFFIX}"
+    sha, size = hashlib.sha256(), 0
     # One tar on a stream opened here (local or any fsspec URL); closing the stream is what commits an S3 upload.
     with storage.open_url(partial, "wb") as stream:
-        writer = wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME)  # samples are encoded bytes already
-        for result in results:
-            for sample in result["samples"]:
-                writer.write(sample)
-        writer.close()  # ends the tar; the stream is ours, closed by the with
+        for chunk in [r["tar"] for r in results] + [end_of_archive(sum(len(r["tar"]) for r in results))]:
+            stream.write(chunk)  # each scan's samples, serialized by the worker that made them
+            sha.update(chunk)
+            size += len(chunk)
     storage.rename(partial, final)
-    return storage.sha256_of(final)
+    return sha.hexdigest(), size
 
 
 def remove_partials(out: str) -> None:

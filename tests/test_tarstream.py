@@ -95,3 +95,21 @@ def test_bytes_after_the_end_of_archive_are_refused():
     data = _shard() + b"garbage"
     with pytest.raises(TarError, match="data after the end-of-archive block"):
         list(regular_members(io.BytesIO(data)))
+
+
+def test_samples_serialize_to_the_bytes_of_webdataset_tarwriter():
+    """shardgen's workers serialize samples themselves; the shards keep the bytes webdataset wrote."""
+    import webdataset as wds
+
+    from shardgen.tarstream import end_of_archive, sample_bytes
+
+    rng = np.random.default_rng(0)
+    samples = [{"__key__": f"stone_{n:05d}_0_{n}", "mask.png": rng.bytes(n * 300 + 1), "json": b"{}",
+                "image.png": rng.bytes(1000 * n)} for n in range(23)]  # fmt: skip
+    expected = io.BytesIO()
+    writer = wds.TarWriter(expected, encoder=False, mtime=0)
+    for s in samples:
+        writer.write(s)
+    writer.close()
+    members = b"".join(sample_bytes(s["__key__"], {k: v for k, v in s.items() if k != "__key__"}) for s in samples)
+    assert members + end_of_archive(len(members)) == expected.getvalue()
