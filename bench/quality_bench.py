@@ -9,8 +9,9 @@ Arms, each adding one change to the one before:
              multiclass) + Dice, argmax / 0.5 decision (configs/research.yaml's loss and data settings)
   +sampling  half of each batch drawn from defect tiles, class-balanced, on 192 px crops (forced ones centred
              near a defect)
-  +loss      pos_weight 1 (inv-sqrt CE weights), Dice over the classes present in the batch
-  +decision  the same model, with the thresholds and minimum component areas tuned on validation
+  +loss      pos_weight 1 (inv-sqrt CE weights), thin and small defects weighted up (loss.object_window), Dice
+             over the classes present in the batch
+  +decision  the same model, with the thresholds, minimum component areas and peaks tuned on validation
   +augment   retrained with the demo's light augmentation (configs/demo.yaml's ``augment``: flips, 90-degree
              turns, mild intensity; no affine, blur or noise) instead of the default one: the demo recipe
   +tta       the same model and decision, probabilities averaged over the four flips of every tile
@@ -66,7 +67,7 @@ def train_arm(name: str, shards: Path, out: Path, args) -> float:
         "model": {"name": args.model, "kwargs": json.loads(args.model_kwargs)},
         "optim": {"lr": args.lr, "warmup_steps": min(100, steps // 10)},
         "loss": {} if name in CALIBRATED else {"pos_weight": 50.0, "class_weighting": "median_freq",
-                                            "class_weight_max": 10.0},
+                                            "class_weight_max": 10.0, "object_window": 0},
         "train": {"out_dir": str(out), "steps": steps, "device": args.device, "val_every": steps,
                   "ckpt_every": steps, "seed": args.seed, "tune_decision": name in CALIBRATED},
     }  # fmt: skip

@@ -139,8 +139,9 @@ def _decision(decision: Mapping | None, class_names: Sequence[str]) -> str:
         fallback = " (the checkpoint has no tuned decision)" if decision.get("requested") == "tuned" else ""
         return f"argmax{' / 0.5' if len(decision['thresholds']) == 1 else ''}{fallback}"
     names = class_names[1:]
-    parts = [f"{n}: p ≥ {t:.2f}, ≥ {a} px" for n, t, a in zip(names, decision["thresholds"], decision["min_area"],
-                                                               strict=True)]
+    peaks = decision.get("min_peak") or [0.0] * len(names)
+    parts = [f"{n}: p ≥ {t:.2f}, ≥ {a} px" + (f", peak ≥ {k:.2f}" if k else "")
+             for n, t, a, k in zip(names, decision["thresholds"], decision["min_area"], peaks, strict=True)]
     return "tuned on validation · " + "; ".join(parts)
 
 

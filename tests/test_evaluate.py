@@ -66,6 +66,9 @@ def tiny_dataset(tmp_path_factory) -> SimpleNamespace:
                  "pin_memory": False},
         "model": {"name": "unet", "kwargs": {"channels": [4, 6, 8, 10, 12]}},
         "optim": {"lr": 0.01, "warmup_steps": 1},
+        # Plain per-pixel BCE: the 4-step model's ragged masks, on which the predict tests' outline fidelity
+        # (IoU >= 0.99 at --simplify 1) was sized; object weighting makes them noisier still (0.9875).
+        "loss": {"object_window": 0},
         "train": {"out_dir": str(root / "run"), "steps": 4, "device": "cpu", "val_every": 4, "ckpt_every": 4},
     }))  # fmt: skip
     train(load_config(str(config)))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import load_config
-from trainer.losses import LossConfig, build_loss, class_weights_from_histogram
+from trainer.losses import LossConfig, build_loss, class_weights_from_histogram, object_weights
 
 N = 4  # multiclass: background + 3 defect classes
 HIST = [900_000, 5_000, 50_000, 300]
@@ -109,14 +109,21 @@ def test_binary_loss_is_bce_plus_batch_dice(pos_weight):
            * valid).sum() / valid.sum()
     p = torch.sigmoid(logits) * valid
     dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + (t * valid).sum() + 1)
-    assert torch.allclose(build(1, pos_weight=pos_weight)(logits, target), 0.5 * bce + 0.5 * dice)
+    assert torch.allclose(build(1, pos_weight=pos_weight, object_window=0)(logits, target), 0.5 * bce + 0.5 * dice)
+    # With object weighting (the default) each pixel's BCE is scaled by its weight; Dice is unchanged.
+    w = object_weights(t * valid, 15, 20.0)
+    weighted = (F.binary_cross_entropy_with_logits(logits, t, pos_weight=torch.tensor([pos_weight]),
+                                                   reduction="none") * w * valid).sum() / valid.sum()
+    assert torch.allclose(build(1, pos_weight=pos_weight)(logits, target), 0.5 * weighted + 0.5 * dice)
 
 
 def test_defaults_are_calibrated_and_the_research_recipe_stays_reachable():
     cfg = LossConfig()
     assert (cfg.pos_weight, cfg.ce_weight, cfg.dice_weight, cfg.class_weighting) == (1.0, 0.5, 0.5, "inv_sqrt")
+    assert (cfg.object_window, cfg.object_weight_max) == (15, 20.0)
     research = load_config("research.yaml").loss
     assert (research.pos_weight, research.class_weighting, research.class_weight_max) == (50.0, "median_freq", 10.0)
+    assert research.object_window == 0
 
 
 def test_dice_counts_only_the_classes_present_in_the_batch():
@@ -138,7 +145,7 @@ def test_multiclass_ce_uses_class_weights_and_ignore_index():
     logits = torch.randn(2, N, 16, 16)
     weights = class_weights_from_histogram(HIST, "inv_sqrt", 0.1, 5.0)  # the defaults
     expected = F.cross_entropy(logits, target, weight=weights, ignore_index=255)
-    got = build_loss(LossConfig(ce_weight=1.0, dice_weight=0.0), N, HIST)(logits, target)
+    got = build_loss(LossConfig(ce_weight=1.0, dice_weight=0.0, object_window=0), N, HIST)(logits, target)
     assert torch.allclose(got, expected)
 
 
@@ -186,3 +193,41 @@ def test_bad_inputs_raise_clear_errors():
         loss([torch.randn(1, N, 4, 4), torch.randn(1, N, 2, 2)], torch.zeros(1, 4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="outside 0..1"):
         build(1)(torch.randn(1, 1, 4, 4), torch.full((1, 4, 4), 2))
+
+
+def test_object_weights_count_thin_and_small_defects_like_large_ones():
+    m = torch.zeros(1, 1, 64, 64)
+    m[0, 0, 10:13, 5:40] = 1  # a 3 px line
+    m[0, 0, 50, 58] = 1  # an isolated pixel
+    m[0, 0, 25:60, 20:45] = 1  # a large blob
+    w = object_weights(m, 15, 20.0)
+    assert w[0, 0, 11, 20].item() == pytest.approx(5.0)  # 15 / 3: the window's 45 of 225 pixels are defect
+    assert w[0, 0, 50, 58].item() == 20.0  # 1/195 of its window (cut by the border), capped
+    assert w[0, 0, 40, 30].item() == 1.0  # deep inside the blob
+    assert w[0, 0, 0, 63].item() == 1.0  # background keeps its weight
+
+
+@pytest.mark.parametrize("n_channels", [1, N])
+def test_object_window_makes_a_missed_line_cost_more_than_as_many_missed_blob_pixels(n_channels):
+    target = torch.zeros(1, 32, 32, dtype=torch.long)
+    target[0, 4, 2:26] = 1  # a 1 px line of 24 pixels
+    target[0, 12:30, 6:30] = 1  # a 18 x 24 blob
+    missed_line, missed_blob = target.clone(), target.clone()
+    missed_line[0, 4] = 0
+    missed_blob[0, 20, 6:30] = 0  # as many pixels, in one row of the blob
+    for logits_of in (missed_line, missed_blob):
+        assert (target != logits_of).sum() == 24
+    bce_only = {"ce_weight": 1.0, "dice_weight": 0.0, "class_weighting": "none"}
+    plain, weighted = build(n_channels, object_window=0, **bce_only), build(n_channels, **bce_only)
+    line_plain, blob_plain = (plain(perfect_logits(p, n_channels), target) for p in (missed_line, missed_blob))
+    line, blob = (weighted(perfect_logits(p, n_channels), target) for p in (missed_line, missed_blob))
+    assert line_plain.item() == pytest.approx(blob_plain.item())
+    assert line.item() > 5 * blob.item()
+    assert weighted(perfect_logits(target, n_channels), target) < 1e-3
+
+
+def test_object_window_must_be_odd():
+    with pytest.raises(ValueError, match="object_window must be 0 or odd"):
+        LossConfig(object_window=16)
+    with pytest.raises(ValueError, match="object_weight_max"):
+        LossConfig(object_weight_max=0.5)

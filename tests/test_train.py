@@ -120,7 +120,8 @@ def test_run_writes_checkpoints_metrics_config_and_a_summary(shards, unet_run):
     # Storing the final decision in best.pt does not move the resume pointer off last.pt.
     assert json.loads((out / "latest.json").read_text()) == {"checkpoint": "last.pt", "step": 4}
     decision = checkpoint.load(str(out / "best.pt"))["meta"]["decision"]
-    assert decision["kind"] == "tuned" and len(decision["thresholds"]) == len(decision["min_area"]) == 10
+    assert decision["kind"] == "tuned"
+    assert len(decision["thresholds"]) == len(decision["min_area"]) == len(decision["min_peak"]) == 10
     state = checkpoint.load(str(out / "last.pt"))
     assert state["step"] == 4 and state["meta"]["model"] == "unet" and state["meta"]["n_classes"] == 11
     assert all(s["step"] == 4 for s in state["optimizer"]["state"].values())

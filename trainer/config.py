@@ -106,7 +106,7 @@ class TrainConfig:
     epochs: float = 20.0  # used when steps = 0; an epoch = train samples / global batch
     seed: int = 0  # same seed, same samples and same initial weights
     device: str = "auto"  # auto (cuda if available) | cuda | cpu
-    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 (also on a CPU with native bf16) | off
     channels_last: bool = False  # NHWC memory format (faster convs on tensor cores)
     compile: bool = False  # torch.compile the model
     log_every: int = 20  # steps between log lines
@@ -114,12 +114,17 @@ class TrainConfig:
     ckpt_every: int = 500  # steps between checkpoints (also at the end)
     resume: str = "auto"  # auto: continue from out_dir's latest checkpoint if any | none | a checkpoint path
     max_bad_steps: int = 5  # abort after this many NaN/inf losses in a row
-    tune_decision: bool = True  # pick per-class thresholds (and, at the end, minimum areas) on validation
+    tune_decision: bool = True  # tune per-class thresholds (and at the end minimum areas and peaks) on val
+    # The F-beta of object recall and precision that picks the minimum area and peak: 2 counts a missed defect
+    # as much as four false alarms, the inspector's trade (a false alarm costs a glance, a miss ships).
+    decision_beta: float = 2.0
 
     def __post_init__(self) -> None:
         _one_of(self, "device", DEVICES)
         _one_of(self, "amp", AMP_MODES)
         _at_least(self, 0, "steps")
+        if self.decision_beta <= 0:
+            raise ValueError(f"train config: decision_beta must be > 0, got {self.decision_beta}")
         _at_least(self, 1, "log_every", "val_every", "ckpt_every", "max_bad_steps")
         if self.steps == 0 and self.epochs <= 0:
             raise ValueError(f"epochs must be > 0 when steps is 0, got {self.epochs}")

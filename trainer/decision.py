@@ -7,12 +7,15 @@ them into defects is chosen on the validation split, as the Severstal steel-defe
 - multiclass: a pixel takes the defect class with the highest probability, if that probability reaches
   the class's threshold, else background;
 - then connected components (8-connected, per class) smaller than the class's ``min_area`` pixels, in the
-  1200x1200 model space, become background.
+  1200x1200 model space, or whose most confident pixel stays below the class's ``min_peak``, become
+  background. The second rule is hysteresis thresholding (as Canny's edge detector keeps weak edge pixels
+  connected to a strong one): a pinpoint of 14 px that the model is sure of survives, a speck of dust or a
+  facet-edge fragment it half believes does not, which no single area or threshold can tell apart.
 
 ``ThresholdTuner`` accumulates, per defect class, a histogram of the deciding probability split by whether
 the truth agrees, so every threshold's IoU follows from one pass and sums across ranks. ``AreaTuner`` then
-scores minimum component areas at the chosen thresholds. Without tuned values ``Decision.argmax`` is the
-plain rule (argmax, or 0.5 for binary).
+scores every (minimum area, minimum peak) pair at the chosen thresholds. Without tuned values
+``Decision.argmax`` is the plain rule (argmax, or 0.5 for binary).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from shardgen.classes import IGNORE_INDEX  # the one ignore value, also in the c
 
 BINS = 100  # threshold resolution: 0.01
 AREAS = (0, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # candidate minimum component areas, px
+PEAKS = (0.0, 0.9, 0.95, 0.98, 0.99)  # candidate minimum peak probabilities of a component (0: no such rule)
+CANDIDATES = tuple((a, p) for p in PEAKS for a in AREAS)  # (min area, min peak), the plainest first
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity, as the object metrics use
 
 
@@ -51,6 +56,11 @@ class Decision:
     kind: str  # "tuned" or "argmax"
     thresholds: list[float]  # per defect class (one for binary); argmax: unused
     min_area: list[int]  # per defect class; 0 keeps every component
+    min_peak: list[float] | None = None  # per defect class; 0 (or None: all 0) keeps every component
+
+    def __post_init__(self) -> None:
+        if self.min_peak is None:
+            self.min_peak = [0.0] * len(self.thresholds)
 
     @classmethod
     def argmax(cls, n_defect: int) -> Decision:
@@ -58,8 +68,11 @@ class Decision:
 
     @classmethod
     def from_meta(cls, meta: dict) -> Decision | None:
+        """The checkpoint's decision; one saved before ``min_peak`` existed has none (all 0)."""
         d = meta.get("decision")
-        return cls(d["kind"], list(d["thresholds"]), list(d["min_area"])) if d else None
+        if not d:
+            return None
+        return cls(d["kind"], list(d["thresholds"]), list(d["min_area"]), list(d.get("min_peak") or []) or None)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -74,24 +87,30 @@ class Decision:
         t = torch.as_tensor(self.thresholds, device=probs.device, dtype=probs.dtype)[top]
         return torch.where(top_p >= t, top + 1, 0)
 
-    def filter_areas(self, pred: np.ndarray) -> np.ndarray:
-        """(H, W) class ids with components below their class's ``min_area`` set to background."""
-        if not any(self.min_area):
+    def filter_components(self, pred: np.ndarray, confidence: np.ndarray | None = None) -> np.ndarray:
+        """(H, W) class ids with the components below their class's ``min_area``, or whose highest
+        ``confidence`` (the deciding probability, (H, W); needed when a ``min_peak`` is set) is below its
+        ``min_peak``, set to background."""
+        if not any(self.min_area) and not any(self.min_peak):
             return pred
         out = pred.copy()
-        for c, area in enumerate(self.min_area, start=1):
-            if area <= 1:
+        for c, (area, peak) in enumerate(zip(self.min_area, self.min_peak, strict=True), start=1):
+            if area <= 1 and peak <= 0:
                 continue
             labels, n = ndimage.label(pred == c, EIGHT)
             if n:
-                small = np.bincount(labels.ravel()) < area
-                small[0] = False
-                out[small[labels]] = 0
+                drop = np.bincount(labels.ravel()) < area
+                if peak > 0:
+                    drop |= np.asarray(ndimage.maximum(confidence, labels, np.arange(n + 1))) < peak
+                drop[0] = False
+                out[drop[labels]] = 0
         return out
 
     def __call__(self, probs: torch.Tensor) -> np.ndarray:
-        """(K, H, W) probabilities of one image -> (H, W) uint8 class ids, area filter included."""
-        return self.filter_areas(self.classes(probs[None])[0].to(torch.uint8).cpu().numpy())
+        """(K, H, W) probabilities of one image -> (H, W) uint8 class ids, component filters included."""
+        pred = self.classes(probs[None])[0].to(torch.uint8).cpu().numpy()
+        confidence = _deciding(probs[None])[1][0].cpu().numpy() if any(self.min_peak) else None
+        return self.filter_components(pred, confidence)
 
 
 def _deciding(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,25 +167,29 @@ class ThresholdTuner:
 
 
 class AreaTuner:
-    """At fixed thresholds, per defect class and candidate minimum area (``AREAS``): the right and wrong pixels
-    of the components that survive, how many survive and touch the truth, and how many truth components a
-    survivor touches. Components are counted per tile, as the object metrics count them per image.
+    """At fixed thresholds, per defect class and candidate (minimum area, minimum peak) pair (``CANDIDATES``):
+    the right and wrong pixels of the components that survive, how many survive and touch the truth, and how
+    many truth components a survivor touches. Components are counted per tile, as the object metrics count
+    them per image.
 
-    The area is chosen by object F1, not pixel IoU: dropping small components hardly moves pixel IoU, which
-    is ruled by the large defects, but it decides whether a pinpoint is reported and whether facet-edge
-    specks are; an inspector counts defects found and false alarms."""
+    The pair is chosen by the object F-beta (``beta`` 2 weighs recall four times as much as precision; 1 is
+    F1), not pixel IoU: dropping small or unsure components hardly moves pixel IoU, which is ruled by the
+    large defects, but it decides whether a pinpoint is reported and whether facet-edge specks are; an
+    inspector counts defects found and false alarms."""
 
-    def __init__(self, decision: Decision, n_defect: int):
-        self.decision, self.n = decision, n_defect
-        self.kept = np.zeros((n_defect, len(AREAS), 2), np.int64)  # [class, area, wrong/right] pixels
-        self.objects = np.zeros((n_defect, len(AREAS), 3), np.int64)  # [class, area, kept/matched/found]
+    def __init__(self, decision: Decision, n_defect: int, beta: float = 2.0):
+        self.decision, self.n, self.beta = decision, n_defect, beta
+        k = len(CANDIDATES)
+        self.kept = np.zeros((n_defect, k, 2), np.int64)  # [class, candidate, wrong/right] pixels
+        self.objects = np.zeros((n_defect, k, 3), np.int64)  # [class, candidate, kept/matched/found]
         self.truth = np.zeros((n_defect, 2), np.int64)  # [class, pixels/components]
 
     def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
         pred = self.decision.classes(probs).cpu().numpy()
+        confidence = _deciding(probs)[1].float().cpu().numpy()
         target = target.cpu().numpy()
-        areas = np.asarray(AREAS)
-        for p, t in zip(pred, target, strict=True):
+        areas, peaks = (np.asarray(v)[:, None] for v in zip(*CANDIDATES, strict=True))
+        for p, conf, t in zip(pred, confidence, target, strict=True):
             valid = t != IGNORE_INDEX
             for c in range(1, self.n + 1):
                 truth, n_truth = ndimage.label((t == c) & valid, EIGHT)
@@ -174,39 +197,45 @@ class AreaTuner:
                 labels, count = ndimage.label(p == c, EIGHT)
                 if not count:
                     continue
+                index = np.arange(1, count + 1)
                 size = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+                peak = np.asarray(ndimage.maximum(conf, labels, index))
                 scored = np.bincount(labels[valid].ravel(), minlength=count + 1)[1:]
                 right = np.bincount(labels.ravel(), weights=(truth > 0).ravel(), minlength=count + 1)[1:]
-                keep = (size[None, :] >= areas[:, None]) & (scored[None, :] > 0)  # (areas, components)
-                self.kept[c - 1, :, 0] += (keep * (scored - right)[None]).sum(1).astype(np.int64)
-                self.kept[c - 1, :, 1] += (keep * right[None]).sum(1).astype(np.int64)
+                keep = (size >= areas) & (peak >= peaks) & (scored > 0)  # (candidates, components)
+                self.kept[c - 1, :, 0] += (keep * (scored - right)).sum(1).astype(np.int64)
+                self.kept[c - 1, :, 1] += (keep * right).sum(1).astype(np.int64)
                 self.objects[c - 1, :, 0] += keep.sum(1)
-                self.objects[c - 1, :, 1] += (keep & (right > 0)[None]).sum(1)
-                if n_truth:  # a truth component is found at area A if a touching component is >= A
+                self.objects[c - 1, :, 1] += (keep & (right > 0)).sum(1)
+                if n_truth:  # a truth component is found by a candidate that keeps a component touching it
                     both = (truth > 0) & (labels > 0)
-                    biggest = np.zeros(n_truth + 1, np.int64)
-                    np.maximum.at(biggest, truth[both], size[labels[both] - 1])
-                    self.objects[c - 1, :, 2] += (biggest[1:, None] >= np.maximum(areas, 1)[None]).sum(0)
+                    pairs = np.unique(truth[both] * (count + 1) + labels[both])  # (truth id, component id)
+                    found = np.zeros((len(CANDIDATES), n_truth + 1), bool)
+                    for tid, lid in zip(pairs // (count + 1), pairs % (count + 1), strict=True):
+                        found[:, tid] |= keep[:, lid - 1]
+                    self.objects[c - 1, :, 2] += found.sum(1)
 
     def reduce(self, all_reduce) -> None:
         for name in ("kept", "objects", "truth"):
             setattr(self, name, all_reduce(torch.from_numpy(getattr(self, name))).numpy())
 
-    def best(self) -> tuple[list[int], list[float | None]]:
-        """(min area, the pixel IoU it leaves) per class: the largest object F1, the smaller area on ties."""
+    def best(self) -> tuple[list[tuple[int, float]], list[float | None]]:
+        """((min area, min peak), the pixel IoU it leaves) per class: the largest object F-beta; on ties the
+        plainer rule (the lower peak, then the smaller area)."""
         out, ious = [], []
         for c in range(self.n):
             pixels, components = self.truth[c]
             if components == 0:
-                out.append(0)
+                out.append((0, 0.0))
                 ious.append(None)
                 continue
             kept, matched, found = self.objects[c].T.astype(np.float64)
             precision = np.where(kept > 0, matched / np.maximum(kept, 1), 1.0)
             recall = found / components
-            f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-            k = int(np.argmax(np.round(f1, 6)))
-            out.append(AREAS[k])
+            b2 = self.beta**2
+            f = (1 + b2) * precision * recall / np.maximum(b2 * precision + recall, 1e-12)
+            k = int(np.argmax(np.round(f, 6)))
+            out.append(CANDIDATES[k])
             wrong, right = self.kept[c, k]
             ious.append(float(right / max(pixels + wrong, 1)))
         return out, ious

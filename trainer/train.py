@@ -32,6 +32,7 @@ from .decision import AreaTuner, Decision, ThresholdTuner, probabilities
 from .losses import build_loss
 from .metrics import ConfusionMatrix
 from .models import build_model
+from .precision import autocast
 from .state import RunState, TrainError, rank_seed, resume_url
 
 log = logging.getLogger("trainer")
@@ -119,9 +120,9 @@ def tuned_metrics(metrics: dict, tuner: ThresholdTuner, class_names: list[str]) 
 
 
 def finish_decision(cfg, raw_model, val_batches, augment, n_classes, names, device, amp, step) -> Decision | None:
-    """Minimum component areas tuned on validation with the best model at its tuned thresholds; the whole
-    decision is stored in ``best.pt`` (and ``last.pt`` when it holds the same step). Loads the best weights
-    into ``raw_model``. None when there is no best checkpoint with tuned thresholds."""
+    """Minimum component areas and peaks tuned on validation with the best model at its tuned thresholds; the
+    whole decision is stored in ``best.pt`` (and ``last.pt`` when it holds the same step). Loads the best
+    weights into ``raw_model``. None when there is no best checkpoint with tuned thresholds."""
     url = storage.join(cfg.train.out_dir, "best.pt")
     try:
         state = checkpoint.load(url)  # every rank reads it: out_dir is shared by design
@@ -131,9 +132,10 @@ def finish_decision(cfg, raw_model, val_batches, augment, n_classes, names, devi
     if found is None:
         return None
     raw_model.load_state_dict(state["model"])
-    tuner = AreaTuner(found, len(found.thresholds))
+    tuner = AreaTuner(found, len(found.thresholds), cfg.train.decision_beta)
     evaluate(raw_model, reraise(val_batches), augment, n_classes, names, device, amp, tuner)
-    decision = Decision("tuned", found.thresholds, tuner.best()[0])
+    best = tuner.best()[0]
+    decision = Decision("tuned", found.thresholds, [a for a, _ in best], [p for _, p in best])
     io = dict(retries=cfg.data.io_retries, backoff=cfg.data.io_backoff, pointer=False)
     if dist.is_main():
         state["meta"]["decision"] = decision.to_json()
@@ -142,9 +144,10 @@ def finish_decision(cfg, raw_model, val_batches, augment, n_classes, names, devi
             last = checkpoint.load(storage.join(cfg.train.out_dir, "last.pt"))
             last["meta"]["decision"] = decision.to_json()
             checkpoint.save(cfg.train.out_dir, "last", last, **io)
-        log.info("decision tuned on %s: thresholds %s, minimum areas %s px", cfg.data.val_split,
+        log.info("decision tuned on %s: thresholds %s, minimum areas %s px, minimum peaks %s", cfg.data.val_split,
                  dict(zip(names[1:], decision.thresholds, strict=True)),
-                 dict(zip(names[1:], decision.min_area, strict=True)))  # fmt: skip
+                 dict(zip(names[1:], decision.min_area, strict=True)),
+                 dict(zip(names[1:], decision.min_peak, strict=True)))  # fmt: skip
     dist.barrier()
     return decision
 
@@ -243,8 +246,7 @@ def train(cfg: Config) -> dict:
     total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * n_train / global_batch))
     optimizer, scheduler = build_optimizer(cfg, raw_model, total)
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    use_bf16 = device.type == "cuda" and cfg.train.amp in ("auto", "bf16")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    amp = autocast(device, cfg.train.amp)
     scaler = torch.amp.GradScaler(enabled=False)  # bf16 needs no loss scaling; kept for the checkpoint format
     meta = {"model": cfg.model.name, "in_channels": manifest["channels"], "n_classes": n_classes,
             "classes": classes, "mode": manifest["mode"], "config": to_dict(cfg),

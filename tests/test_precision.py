@@ -1,0 +1,60 @@
+"""Mixed precision contexts: bf16 autocast where asked for and native, fp32 with a warning where emulated."""
+
+import pytest
+import torch
+
+from trainer import precision
+from trainer.models import build_model
+
+CPU = torch.device("cpu")
+native = pytest.mark.skipif(not precision.cpu_bf16_native(), reason="this CPU has no native bf16")
+
+
+def autocast_on(ctx) -> bool:
+    with ctx:
+        return torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("amp", ["auto", "off"])
+def test_cpu_stays_fp32_unless_bf16_is_asked_for(amp):
+    assert not autocast_on(precision.autocast(CPU, amp))
+
+
+@native
+def test_bf16_on_a_native_cpu_autocasts_convolutions():
+    ctx = precision.autocast(CPU, "bf16")
+    assert autocast_on(ctx)
+    conv = torch.nn.Conv2d(1, 4, 3)
+    with ctx:
+        assert conv(torch.randn(1, 1, 8, 8)).dtype == torch.bfloat16
+    assert conv.weight.dtype == torch.float32  # weights and optimizer state stay fp32
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_and_runs_fp32(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16; running in fp32"):
+        ctx = precision.autocast(CPU, "bf16")
+    assert not autocast_on(ctx)
+
+
+@native
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_channels_last_bf16_unet_learns_a_fixed_batch():
+    """The demo's CPU setting (train.amp=bf16, channels_last) still trains: the loss halves on one batch."""
+    from trainer.losses import LossConfig, build_loss
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 48, 48).contiguous(memory_format=torch.channels_last)
+    y = (x[:, 0] > 1.0).long()  # bright pixels are "defects": learnable from the pixel itself
+    model = build_model("unet", 1, 1, channels=[8, 16, 32]).to(memory_format=torch.channels_last)
+    loss_fn = build_loss(LossConfig(object_window=15), 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    ctx, losses = precision.autocast(CPU, "bf16"), []
+    for _ in range(30):
+        with ctx:
+            loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
