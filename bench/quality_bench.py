@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--mode", default="binary", choices=("binary", "multiclass"))
     p.add_argument("--images", type=int, default=40, help="synthetic scans (split 60/20/20 exactly, as the demo)")
-    p.add_argument("--budget-mpx", type=float, default=200.0, help="training pixels per arm, millions (the demo: 177)")
+    p.add_argument("--budget-mpx", type=float, default=200.0, help="training pixels per arm, millions (the demo: 354)")
     p.add_argument("--model", default="unet")
     p.add_argument("--model-kwargs", default='{"channels": [8, 16, 32, 64, 128]}', help="JSON")
     p.add_argument("--lr", type=float, default=4e-3)
