@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +28,7 @@ from trainer.augment import AugmentConfig, GpuAugment, NormalizeConfig
 from trainer.config import ConfigError, from_dict
 from trainer.decision import Decision, probabilities
 from trainer.models import build_model
+from trainer.precision import autocast
 
 from . import EvaluateError
 from .blend import blend_tiles
@@ -136,8 +136,7 @@ class Predictor:
         self.model, self.grid, self.blend, self.batch_size = model, grid, blend, batch_size
         self.decision = decision or Decision.argmax(max(1, len(model.class_names) - 1))
         self.views = TTA[tta]
-        cuda = model.device.type == "cuda"
-        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+        self.amp = autocast(model.device, "auto")  # bf16 on CUDA, fp32 on a CPU
 
     @torch.no_grad()
     def tile_probabilities(self, tiles: torch.Tensor) -> torch.Tensor:

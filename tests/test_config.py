@@ -81,6 +81,8 @@ def test_wrong_types_are_rejected(write, text, where, expected):
         ("train.val_every=0", "val_every must be >= 1, got 0"),
         ("data.batch_size=0", "batch_size must be >= 1, got 0"),
         ("augment.hflip_p=1.5", "hflip_p must be a probability"),
+        ("train.decision_beta=0", "decision_beta must be > 0, got 0"),
+        ("loss.object_window=16", "object_window must be 0 or odd, got 16"),
     ],
 )
 def test_values_out_of_range_are_rejected(write, override, message):

@@ -24,6 +24,13 @@ def brute_force_iou(p: np.ndarray, truth: np.ndarray, t: float) -> float:
     return (pred & truth).sum() / (pred | truth).sum()
 
 
+def paint_specks(probs: torch.Tensor, p: float) -> None:
+    """Three false 2x2 specks of probability ``p`` in every (1, 40, 40) tile of ``probs``, away from the
+    defects the tests place."""
+    for y, x in ((20, 20), (30, 5), (2, 30)):
+        probs[:, 0, y : y + 2, x : x + 2] = p
+
+
 def test_threshold_tuner_finds_the_best_binary_threshold():
     """Defects score U(0.55, 1), background U(0, 0.75) with 20x more pixels: the best cut is not 0.5."""
     g = np.random.default_rng(0)
@@ -68,8 +75,7 @@ def test_area_tuner_drops_specks_and_keeps_defects():
     probs = torch.zeros((3, 1, 40, 40))
     target[:, 5:11, 5:11] = 1
     probs[:, 0, 5:11, 5:11] = 0.9
-    for y, x in ((20, 20), (30, 5), (2, 30)):
-        probs[:, 0, y : y + 2, x : x + 2] = 0.9
+    paint_specks(probs, 0.9)
     tuner = AreaTuner(Decision("tuned", [0.5], [0]), 1)
     tuner.update(probs, target)
     ((area, peak),), (iou,) = tuner.best()
@@ -99,8 +105,7 @@ def test_peak_rule_keeps_a_sure_pinpoint_and_drops_unsure_specks_of_the_same_siz
     target[:, 5:11, 5:11] = 1
     target[:, 30:32, 30:32] = 1
     probs = (target[:, None] == 1).float() * 0.99
-    for y, x in ((20, 20), (30, 5), (2, 30)):
-        probs[:, 0, y : y + 2, x : x + 2] = 0.7
+    paint_specks(probs, 0.7)
     tuner = AreaTuner(Decision("tuned", [0.5], [0]), 1)
     tuner.update(probs, target)
     ((area, peak),), (iou,) = tuner.best()
@@ -271,8 +276,7 @@ def test_beta_trades_false_alarms_for_found_defects(beta, keeps_pinpoint):
     target[:, 5:11, 5:11] = 1
     target[:, 30:32, 30:32] = 1
     probs = (target[:, None] == 1).float() * 0.7
-    for y, x in ((20, 20), (30, 5), (2, 30)):
-        probs[:, 0, y : y + 2, x : x + 2] = 0.7
+    paint_specks(probs, 0.7)
     tuner = AreaTuner(Decision("tuned", [0.5], [0]), 1, beta=beta)
     tuner.update(probs, target)
     ((area, peak),), _ = tuner.best()

@@ -121,9 +121,13 @@ def _soft_dice_loss(
 
 def object_weights(defect: torch.Tensor, window: int, cap: float) -> torch.Tensor:
     """Per-pixel (B)CE weights (B, 1, H, W) from the defect mask (B, 1, H, W) float: 1 on background, and on
-    a defect pixel 1 / (share of defect pixels in the ``window`` around it), at most ``cap``. A 3 px line in
-    a 15 px window weighs 5, an isolated 3x3 dot 25 (capped), the inside of a large blob 1."""
-    share = F.avg_pool2d(defect, window, stride=1, padding=window // 2, count_include_pad=False)
+    a defect pixel 1 / (share of defect pixels in the ``window`` around it, cut by the border), at most
+    ``cap``. A 3 px line in a 15 px window weighs 5, an isolated 3x3 dot 25 (capped at 20), the inside of a
+    large blob 1."""
+    # The window's mean as a row mean of column means: 2 * window adds per pixel instead of window**2.
+    pad = window // 2
+    share = F.avg_pool2d(defect, (1, window), stride=1, padding=(0, pad), count_include_pad=False)
+    share = F.avg_pool2d(share, (window, 1), stride=1, padding=(pad, 0), count_include_pad=False)
     return torch.where(defect > 0, share.clamp_min(1.0 / cap).reciprocal(), torch.ones_like(share))
 
 
@@ -132,14 +136,25 @@ class _DeepSupervisedLoss(nn.Module):
 
     n_channels: int
 
+    def __init__(self, cfg: LossConfig) -> None:
+        super().__init__()
+        self.ce_weight, self.dice_weight, self.smooth = cfg.ce_weight, cfg.dice_weight, cfg.dice_smooth
+        self.window, self.cap = cfg.object_window, cfg.object_weight_max
+
     def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         outs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
         if not outs:
             raise ValueError("loss: got an empty list of outputs")
         self._check_target(target, outs)
-        return torch.stack([self.single(o.float(), target) for o in outs]).sum()
+        # The (B)CE's pixel weights depend on the target only: once for all deep-supervision outputs.
+        weights = None
+        if self.window:
+            defect = ((target > 0) & (target != IGNORE_INDEX))[:, None].float()
+            weights = object_weights(defect, self.window, self.cap)
+        return torch.stack([self.single(o.float(), target, weights) for o in outs]).sum()
 
-    def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def single(self, logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """The loss of one output; ``weights``: the (B, 1, H, W) (B)CE pixel weights, or None (all 1)."""
         raise NotImplementedError
 
     def _check_target(self, target: torch.Tensor, outs: list[torch.Tensor]) -> None:
@@ -165,17 +180,15 @@ class BinaryDiceBCELoss(_DeepSupervisedLoss):
     n_channels = 1
 
     def __init__(self, cfg: LossConfig) -> None:
-        super().__init__()
-        self.ce_weight, self.dice_weight, self.smooth = cfg.ce_weight, cfg.dice_weight, cfg.dice_smooth
-        self.window, self.cap = cfg.object_window, cfg.object_weight_max
+        super().__init__(cfg)
         self.register_buffer("pos_weight", torch.tensor([cfg.pos_weight]), persistent=False)
 
-    def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def single(self, logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         valid = (target != IGNORE_INDEX)[:, None].to(logits.dtype)
         t = (target == 1)[:, None].to(logits.dtype)
         bce = F.binary_cross_entropy_with_logits(logits, t, pos_weight=self.pos_weight, reduction="none")
-        if self.window:
-            bce = bce * object_weights(t * valid, self.window, self.cap)
+        if weights is not None:
+            bce = bce * weights
         # Mean over valid pixels; an all-ignore batch gives 0, not NaN.
         bce = (bce * valid).sum() / valid.sum().clamp_min(1.0)
         dice = _soft_dice_loss(torch.sigmoid(logits), t, valid, self.smooth)
@@ -186,21 +199,19 @@ class MulticlassDiceCELoss(_DeepSupervisedLoss):
     """N >= 2 logit channels; target 0..N-1 and 255 (ignore). Dice over defect classes 1..N-1."""
 
     def __init__(self, cfg: LossConfig, class_weights: torch.Tensor) -> None:
-        super().__init__()
+        super().__init__(cfg)
         self.n_channels = class_weights.numel()
-        self.ce_weight, self.dice_weight, self.smooth = cfg.ce_weight, cfg.dice_weight, cfg.dice_smooth
-        self.window, self.cap = cfg.object_window, cfg.object_weight_max
         self.register_buffer("class_weights", class_weights.to(torch.float32), persistent=False)
 
-    def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def single(self, logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         valid = target != IGNORE_INDEX
         safe = torch.where(valid, target, 0)
         # Weighted mean over valid pixels, as F.cross_entropy(weight=...) does, but 0 rather than NaN when
         # every pixel is ignored.
         ce = F.cross_entropy(logits, target, weight=self.class_weights, ignore_index=IGNORE_INDEX,
                              reduction="none")
-        if self.window:
-            ce = ce * object_weights(((target > 0) & valid)[:, None].to(logits.dtype), self.window, self.cap)[:, 0]
+        if weights is not None:
+            ce = ce * weights[:, 0]
         ce = ce.sum() / (self.class_weights[safe] * valid).sum().clamp_min(1e-6)
         onehot = F.one_hot(safe, self.n_channels).permute(0, 3, 1, 2).to(logits.dtype)
         probs = logits.softmax(dim=1)
