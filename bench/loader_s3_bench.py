@@ -17,7 +17,8 @@ the way a folder-of-PNGs dataset sits on object storage.
    decoding is the same work on both paths and bounds the read + decode ratio at (decode + 2 GETs) /
    decode, whatever the shards' own speed.
 2. The training loader (``trainer.data.train_loader``) with 1 and 2 workers, from local disk and from S3,
-   against PNG decoding alone (the tiles' bytes already in memory, decoded in this process): what reading
+   against PNG decoding alone (the bytes of the very tiles the loader delivers, already in memory, decoded in
+   this process: ``train_bench.streamed_tiles``): what reading
    and batching add to decoding. Goals: 1 worker >= 0.9x decode alone; 2 workers >= 1.8x 1 worker.
 """
 
@@ -112,8 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tile", type=int, default=400, help="tile side, stride tile/2 (default 400)")
     p.add_argument("--batch-size", type=int, default=8, help="train_loader batch size (default 8)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="train_loader workers (default 1 2)")
-    p.add_argument("--loader-batches", type=int, default=40, help="timed batches per loader run (default 40)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed loader batches first (default 3)")
+    p.add_argument("--loader-batches", type=int, default=100, help="timed batches per loader run (default 100)")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="untimed loader batches first: worker start, shuffle buffer (default 10)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="runs of each path; the fastest counts (default 3)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -175,7 +177,7 @@ def loaders(local_manifest: dict, s3_manifest: dict, args: argparse.Namespace) -
     cfg = Config()
     cfg.train.seed = args.seed
     cfg.data = dataclasses.replace(cfg.data, batch_size=args.batch_size)
-    tiles = train_bench.raw_tiles(local_manifest, args.loader_batches * args.batch_size)
+    tiles = train_bench.streamed_tiles(local_manifest, cfg, args.loader_batches, args.warmup)
     decode_alone = 0.0
     rates: dict[tuple[str, int], float] = {}  # (where, workers) -> fastest samples/s
     for _ in range(args.repeats):  # round-robin over the paths, so each sees the same spread of machine load

@@ -261,16 +261,16 @@ def test_a_broken_first_tile_does_not_set_the_batch_shape():
     with pytest.raises(CorruptSample, match="does not fit"):
         batch.decode("u", "k2", sample(20, 2))  # another size than the batch's first tile
     batch.decode("u", "k3", sample(16, 3))
-    images, masks = batch.take()
+    images, masks, _ = batch.take(0)
     assert [int(i[0, 0, 0]) for i in images] == [1, 3]
     assert all(np.array_equal(m.numpy(), tile_pixels(n, 0, 16)[1]) for n, m in zip((1, 3), masks, strict=True))
 
 
-@pytest.mark.parametrize("helpers", [False, True])
-def test_a_worker_streams_the_pixels_of_the_in_process_stream(small, monkeypatch, helpers):
-    """With and without the helper threads (read-ahead, batch allocation) a worker yields the same batches,
-    pixel for pixel, as the stream run in this process."""
-    monkeypatch.setattr("trainer.data.spare_core", lambda: helpers)  # the forked worker inherits the patch
+@pytest.mark.parametrize("read_ahead", [False, True])
+def test_a_worker_streams_the_pixels_of_the_in_process_stream(small, monkeypatch, read_ahead):
+    """With and without the read-ahead thread a worker yields the same batches, pixel for pixel, as the
+    stream run in this process (all 8 kept: the worker's slots run out and it uses fresh memory)."""
+    monkeypatch.setattr("trainer.data.spare_core", lambda: read_ahead)  # the forked worker inherits the patch
     cfg = DataConfig(batch_size=3, shuffle_buffer=5, workers=0)
     inproc = take(train_loader(small, "train", cfg, 0, 0, 0, pin=False), 8)
     cfg = DataConfig(batch_size=3, shuffle_buffer=5, workers=1)

@@ -1,11 +1,18 @@
 """Batch buffers of the loaders: decoded tiles copied once, into memory the main process maps as it is.
 
-In a DataLoader worker a batch travels to the main process in shared memory. Fresh shared memory costs
-the worker a page fault per 4 KiB page on first write, about 1 ms per batch of eight 400 px tiles (8 % of
-decoding them, measured on a 2-core Xeon; issue 9). So the worker's next batch is allocated and faulted in
-(``MADV_POPULATE_WRITE``, one system call) by a helper thread while the current one is being filled: that
-work leaves the worker's critical path, onto a core that is otherwise waiting. Buffers are never reused:
-the main process may keep any batch as long as it likes.
+In a DataLoader worker a batch travels to the main process in shared memory. Fresh shared memory for every
+batch costs the worker as much as 9 % of its time (allocating, zeroing and mapping 2.5 MB per batch of eight
+400 px tiles, then unmapping it: measured with perf on 2 cores; issue 9), and the main process maps and
+unmaps it again. So each worker decodes into a small ring of shared-memory *slots*, mapped once, and reuses
+a slot only once the main process has handed it back:
+
+- a slot starts with a flag byte: BUSY while a batch in it may still be read, FREE once it may be rewritten.
+  The worker sets it BUSY when it takes the slot; only the main process sets it FREE.
+- the main process hands a slot back when nothing references its memory any more (`Lent`): the consumer
+  dropped the batch and every view of it. A batch the consumer keeps is never overwritten: with every slot
+  lent, the worker decodes into fresh shared memory instead, as without a ring.
+- with pinned memory, the DataLoader's pinning thread copies a batch (`SlotBatch.pin_memory`) and hands its
+  slot straight back.
 """
 
 from __future__ import annotations
@@ -14,9 +21,7 @@ import ctypes
 import math
 import mmap
 import os
-import queue
 import sys
-import threading
 
 import numpy as np
 import torch
@@ -26,6 +31,9 @@ from shardgen import schema
 from shardgen.reader import CorruptSample
 
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14; elsewhere, or refused, pages fault in on first write as usual
+FREE, BUSY = 0, 1  # a slot's flag byte
+HEADER = 64  # bytes before a slot's tiles: the flag, and the tiles' alignment
+KEEP_MAPPED = 64  # slots the main process keeps mapped once handed back, ready for their next batch
 
 
 def decode(url: str, key: str, parts: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -39,27 +47,53 @@ def decode(url: str, key: str, parts: dict) -> tuple[np.ndarray, np.ndarray]:
     return image, mask
 
 
+class SlotBatch(tuple):
+    """(images, masks, skipped) from a worker's slot, as it reaches the main process (see the module doc)."""
+
+    __slots__ = ()
+
+    def pin_memory(self, device=None) -> tuple:
+        """Pinned copies, as the DataLoader's pinning thread asks for; the slot is handed back at once."""
+        images, masks, skipped = self
+        pinned = (images.pin_memory(device), masks.pin_memory(device), skipped)
+        images.untyped_storage()[0] = FREE
+        return pinned
+
+
 class BatchBuffer:
     """One batch's (images (B, C, H, W), masks (B, H, W)) uint8 tensors, filled tile by tile.
 
     ``decode`` has PIL write a tile's pixels straight into their slot (the batch's first tile, which sets
-    its shapes, and RGB images are copied once); in a DataLoader worker the tensors live in shared memory, so
-    handing the batch to the main process copies nothing more (torch.stack and then the move to shared
-    memory would copy every tile twice again).
+    its shapes, and RGB images are copied once); in a DataLoader worker the tensors live in one of the
+    worker's shared-memory slots, so handing the batch to the main process copies nothing more
+    (torch.stack and then the move to shared memory would copy every tile twice again).
     """
 
-    def __init__(self, size: int, helper: bool = False):
-        """``helper``: a thread prepares the next batch's shared memory (see `spare_core`)."""
+    def __init__(self, size: int, slots: int = 4):
+        """``slots``: the worker's ring of shared-memory batches; more than the batches it can have in
+        flight (prefetched, being filled, held by the consumer) or it falls back to fresh memory."""
         self.size, self.count = size, 0
         self.images = self.masks = None  # tensors, allocated with the first tile (its shape sets the batch's)
-        if get_worker_info() is None:
-            self.alloc = _plain
+        self.ring = Ring(slots) if get_worker_info() is not None else None
+
+    def _alloc(self, image_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> None:
+        n_image, n_mask = math.prod(image_shape), math.prod(mask_shape)
+        if self.ring is None:
+            flat, start = torch.empty(n_image + n_mask, dtype=torch.uint8), 0
         else:
-            self.alloc = SharedAllocator() if helper else _shared
+            flat, start = self.ring.take(HEADER + n_image + n_mask), HEADER
+        self.images = flat[start : start + n_image].view(image_shape)
+        self.masks = flat[start + n_image :].view(mask_shape)
+
+    def _drop(self) -> None:
+        """Forget the batch's tensors without sending them (its slot, if any, is free again)."""
+        if self.ring is not None and self.images is not None:
+            self.images.untyped_storage()[0] = FREE
+        self.count, self.images, self.masks = 0, None, None
 
     def add(self, url: str, key: str, image: np.ndarray, mask: np.ndarray) -> None:
         if self.images is None:
-            self.images, self.masks = self.alloc((self.size, *image.shape), (self.size, *mask.shape))
+            self._alloc((self.size, *image.shape), (self.size, *mask.shape))
         if image.shape != self.images.shape[1:] or mask.shape != self.masks.shape[1:]:
             raise CorruptSample(url, key, f"image {image.shape} and mask {mask.shape} differ from the batch's "
                                           f"first tile, {tuple(self.images.shape[1:])}")  # fmt: skip
@@ -76,12 +110,12 @@ class BatchBuffer:
                 self.add(url, key, *decode(url, key, parts))
                 return
             channels = image_shape[2:] or (1,)
-            self.images, self.masks = self.alloc((self.size, *channels, *image_shape[:2]), (self.size, *mask_shape))
+            self._alloc((self.size, *channels, *image_shape[:2]), (self.size, *mask_shape))
         try:
             schema.decode_sample(parts, self.images.numpy()[self.count], self.masks.numpy()[self.count])
         except Exception as e:  # as in decode(), and a tile of another size than the batch's first
             if first:  # a broken first tile must not set the batch's shapes
-                self.images = self.masks = None
+                self._drop()
             raise CorruptSample(url, key, f"cannot decode: {type(e).__name__}: {e}") from None
         self.count += 1
 
@@ -89,18 +123,18 @@ class BatchBuffer:
     def full(self) -> bool:
         return self.count == self.size
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The filled part of the batch; the buffer starts a new one."""
-        images, masks = self.images[: self.count], self.masks[: self.count]
+    def take(self, skipped: int) -> tuple:
+        """The filled part of the batch as the loader's item (images, masks, skipped); the buffer starts a
+        new batch."""
+        item = (self.images[: self.count], self.masks[: self.count], skipped)
         self.count, self.images, self.masks = 0, None, None
-        return images, masks
+        return item if self.ring is None else SlotBatch(item)
 
 
 def spare_core() -> bool:
-    """Whether this DataLoader worker's helper threads (batch allocation here, read-ahead in trainer.data)
-    would run on a core of their own: only when the node's workers (this rank's times ``LOCAL_WORLD_SIZE``)
-    leave one free. With a worker per core they only contend with the workers (2 workers on 2 cores: 1.67x
-    of one worker with them, 1.8x without; bench/README.md)."""
+    """Whether this DataLoader worker's helper thread (read-ahead in trainer.data) would run on a core of
+    its own: only when the node's workers (this rank's times ``LOCAL_WORLD_SIZE``) leave one free. With a
+    worker per core it only contends with the workers."""
     info = get_worker_info()
     if info is None:
         return False
@@ -108,30 +142,67 @@ def spare_core() -> bool:
     return info.num_workers * int(os.environ.get("LOCAL_WORLD_SIZE", "1")) < cores
 
 
-Shapes = tuple[tuple[int, ...], tuple[int, ...]]
+class Ring:
+    """A worker's shared-memory batch slots, each a flat uint8 storage with its flag byte first."""
+
+    def __init__(self, slots: int):
+        self.slots: list[tuple[torch.Tensor, np.ndarray]] = []  # (storage as a tensor, numpy view of its flag)
+        self.limit = slots
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A slot of ``nbytes``, flagged BUSY: a free one, or a new one while the ring is not full, or else
+        fresh shared memory outside the ring (every slot is lent)."""
+        for i, (flat, flag) in enumerate(self.slots):
+            if flag[0] == FREE:
+                if flat.numel() != nbytes:  # batches of another size (a new crop or channel count)
+                    self.slots[i] = flat, flag = _shared(nbytes)
+                break
+        else:
+            flat, flag = _shared(nbytes)
+            if len(self.slots) < self.limit:
+                self.slots.append((flat, flag))
+        flag[0] = BUSY
+        return flat
 
 
-def _split(flat: torch.Tensor, image_shape: tuple[int, ...], mask_shape: tuple[int, ...]):
-    n_image = math.prod(image_shape)
-    return flat[:n_image].view(image_shape), flat[n_image:].view(mask_shape)
+class Lent:
+    """The main process's side of the worker slots: the slots of the batches it handed out, each handed back
+    (flag FREE) once nothing but this object references its memory. It keeps up to ``KEEP_MAPPED`` handed
+    back slots mapped, so that their next batches need no new mapping (torch finds them by file)."""
+
+    def __init__(self):
+        self.slots: dict[int, list] = {}  # data_ptr -> [UntypedStorage, lent?], oldest first
+
+    def track(self, batch: SlotBatch) -> tuple:
+        storage = batch[0].untyped_storage()
+        self.slots.pop(storage.data_ptr(), None)
+        self.slots[storage.data_ptr()] = [storage, True]
+        return tuple(batch)
+
+    def hand_back(self) -> None:
+        """Flag FREE every lent slot nobody references any more (the storage held here is the one user)."""
+        if _use_count is None:  # cannot tell: slots stay lent and workers use fresh memory, as without a ring
+            return
+        for entry in self.slots.values():
+            if entry[1] and _use_count(entry[0]._cdata) == 1:
+                entry[0][0], entry[1] = FREE, False
+        for ptr in [ptr for ptr, (_, lent) in self.slots.items() if not lent][: max(0, len(self.slots) - KEEP_MAPPED)]:
+            del self.slots[ptr]  # the oldest handed-back slots: their workers may have ended
 
 
-def _plain(image_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _split(torch.empty(math.prod(image_shape) + math.prod(mask_shape), dtype=torch.uint8),
-                  image_shape, mask_shape)  # fmt: skip
+_use_count = getattr(torch._C, "_storage_Use_Count", None)  # references to a storage, across tensors and views
 
 
-def _shared(image_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uninitialized uint8 (images, masks) in one shared-memory storage, faulted in. Made directly as torch's
-    own default_collate makes it (``torch.empty().share_memory_()`` would fault in and copy ordinary memory
-    first: ~10x slower on a busy 2-core machine); one storage sends one file descriptor per batch, not two."""
-    n = math.prod(image_shape) + math.prod(mask_shape)
+def _shared(nbytes: int) -> tuple[torch.Tensor, np.ndarray]:
+    """A slot: uninitialized uint8 shared memory, faulted in, and a numpy view of its flag byte. Made
+    directly as torch's own default_collate makes it (``torch.empty().share_memory_()`` would fault in and
+    copy ordinary memory first: ~10x slower on a busy 2-core machine)."""
     if hasattr(torch.UntypedStorage, "_new_shared"):
-        flat = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(n))
+        flat = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
     else:
-        flat = torch.empty(n, dtype=torch.uint8).share_memory_()
+        flat = torch.empty(nbytes, dtype=torch.uint8).share_memory_()
     _populate(flat)
-    return _split(flat, image_shape, mask_shape)
+    return flat, flat[:1].numpy()
 
 
 def _madvise():
@@ -154,41 +225,3 @@ def _populate(flat: torch.Tensor) -> None:
         return
     start = flat.data_ptr() - flat.data_ptr() % mmap.PAGESIZE
     _MADVISE(start, flat.data_ptr() + flat.numel() - start, MADV_POPULATE_WRITE)  # a refusal changes nothing
-
-
-class SharedAllocator:
-    """Shared batch tensors, the next one made by a helper thread while the caller fills the current one.
-
-    A call for the shapes of the previous call takes the prepared pair and orders the next; other shapes
-    are allocated on the spot. The helper is a daemon thread: it dies with the worker process.
-    """
-
-    def __init__(self):
-        self.orders: queue.SimpleQueue[Shapes | None] = queue.SimpleQueue()
-        self.ready: queue.SimpleQueue = queue.SimpleQueue()
-        self.pending: Shapes | None = None  # shapes of the pair being prepared
-        # The thread holds the queues, not the allocator, so that ``__del__`` can stop it.
-        threading.Thread(target=_serve, args=(self.orders, self.ready), name="batch-alloc", daemon=True).start()
-
-    def __call__(self, image_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        shapes = (image_shape, mask_shape)
-        prepared = None
-        if self.pending is not None:
-            prepared = self.ready.get()
-            if isinstance(prepared, Exception):
-                raise prepared
-        pair = prepared if self.pending == shapes else _shared(*shapes)
-        self.pending = shapes
-        self.orders.put(shapes)
-        return pair
-
-    def __del__(self):
-        self.orders.put(None)
-
-
-def _serve(orders: queue.SimpleQueue, ready: queue.SimpleQueue) -> None:
-    while (shapes := orders.get()) is not None:
-        try:
-            ready.put(_shared(*shapes))
-        except Exception as e:  # raised to the caller, in its own thread
-            ready.put(e)

@@ -10,7 +10,8 @@ once across the job. Ranks may hold unequal counts; validation runs no collectiv
 matrices are summed, so it cannot hang.
 
 Decoding happens in the DataLoader workers, straight into the batch's uint8 tensors (``BatchBuffer``, in
-shared memory: see trainer.batch); masks are decoded by PIL as stored, so label values are exact. Batches
+a worker's reusable shared-memory slots, handed back by the loader's iterator: see trainer.batch); masks
+are decoded by PIL as stored, so label values are exact. Batches
 are (images uint8 (B, C, H, W), masks uint8 (B, H, W), skipped), where ``skipped`` counts the corrupt
 training samples the worker dropped since its previous batch. Storage retries (see shardgen.reader)
 travel the same way, as an `IoRetries` item ahead of the batch they delayed; `reraise` totals them.
@@ -30,7 +31,7 @@ from shardgen import schema
 from shardgen.reader import CorruptSample, StorageUnavailable, iter_shard, read_ahead
 
 from . import sampling
-from .batch import BatchBuffer, decode, spare_core
+from .batch import BatchBuffer, Lent, SlotBatch, decode, spare_core
 from .carry import carry, uncarry
 from .config import DataConfig
 
@@ -65,26 +66,29 @@ class TrainTiles(IterableDataset):
         read is logged with its shard and key, counted, and skipped."""
         raw = self._raw(worker)
         for url, key, parts in read_ahead(raw, READ_AHEAD) if spare_core() else raw:
-            if isinstance(parts, CorruptSample):  # the rest of a broken shard is unreadable
+            if isinstance(parts, CorruptSample):
                 self._skip(parts)
                 continue
-            try:
-                meta = json.loads(parts[schema.META_KEY])
-                if self.cfg.defect_share:  # the sampler reads class_pixels before anything is decoded
-                    sampling.defect_classes(meta)
-            except Exception as e:  # missing member, bad bytes, bad json: many ways
-                self._skip(CorruptSample(url, key, f"cannot decode: {type(e).__name__}: {e}"))
-                continue
-            yield url, key, {**parts, schema.META_KEY: meta}
+            yield url, key, parts
 
     def _raw(self, worker: int) -> Iterator[tuple[str, str, dict | CorruptSample]]:
-        """(url, key, members) of the drawn shards, read in the read-ahead thread; a shard that breaks off
-        ends with (url, key, CorruptSample)."""
+        """(url, key, members with the json parsed) of the drawn shards, read (and parsed) in the read-ahead
+        thread; an unreadable sample comes as (url, key, CorruptSample), and ends its shard if the shard
+        breaks off there."""
         for url in self.shards(worker):
             try:
-                yield from ((url, key, parts) for key, parts in _read(self, url))
+                yield from ((url, key, self._parse(url, key, parts)) for key, parts in _read(self, url))
             except CorruptSample as e:
                 yield url, e.key, e
+
+    def _parse(self, url: str, key: str, parts: dict) -> dict | CorruptSample:
+        try:
+            meta = json.loads(parts[schema.META_KEY])
+            if self.cfg.defect_share:  # the sampler reads class_pixels before anything is decoded
+                sampling.defect_classes(meta)
+        except Exception as e:  # missing member, bad bytes, bad json: many ways
+            return CorruptSample(url, key, f"cannot decode: {type(e).__name__}: {e}")
+        return {**parts, schema.META_KEY: meta}
 
     def _skip(self, e: CorruptSample) -> None:
         log.warning("skipping corrupt sample: %s", e)
@@ -113,7 +117,7 @@ class TrainTiles(IterableDataset):
         size = self.cfg.batch_size
         forced = sampling.forced_count(self.cfg.defect_share, size)
         pool = sampling.DefectPool(self.cfg.shuffle_buffer)
-        buffer, batch = [], BatchBuffer(size, helper=spare_core())
+        buffer, batch = [], BatchBuffer(size, _slots(self.cfg))
         for raw in self.samples(worker):  # yields undecoded samples in shard order
             if forced:
                 pool.add(raw, sampling.defect_classes(raw[2][schema.META_KEY]))
@@ -130,7 +134,7 @@ class TrainTiles(IterableDataset):
                     pool.discard(pooled)
             if batch.full:
                 yield from _retries(self)
-                yield (*batch.take(), self.skipped)  # (images, masks, skipped)
+                yield batch.take(self.skipped)  # (images, masks, skipped)
                 self.skipped = 0
 
 
@@ -153,7 +157,7 @@ class ValTiles(IterableDataset):
 
     def _batches(self):
         worker, workers = _worker()
-        batch = BatchBuffer(self.cfg.batch_size)
+        batch = BatchBuffer(self.cfg.batch_size, _slots(self.cfg))
         for url, offset in list(zip(self.urls, self.offsets, strict=True))[worker::workers]:
             index, current = offset - 1, None
             for key, parts in _read(self, url):
@@ -165,10 +169,16 @@ class ValTiles(IterableDataset):
                 batch.decode(url, key, parts)
                 if batch.full:
                     yield from _retries(self)
-                    yield (*batch.take(), 0)
+                    yield batch.take(0)
         yield from _retries(self)
         if batch.count:
-            yield (*batch.take(), 0)
+            yield batch.take(0)
+
+
+def _slots(cfg: DataConfig) -> int:
+    """A worker's batch slots: its prefetched batches, the one it fills, the consumer's current and previous
+    ones (handed back a batch late), and one to spare."""
+    return cfg.prefetch_factor + 3
 
 
 def _read(ds: TrainTiles | ValTiles, url: str):
@@ -228,9 +238,29 @@ def rank_share(manifest: dict, split: str, rank: int, world: int) -> int:
     return schema.rank_images(manifest, split, rank, world) * manifest["tiles_per_image"]
 
 
+class TileLoader(DataLoader):
+    """A DataLoader whose iterator hands the workers' batch slots back once the consumer lets go of their
+    batches (trainer.batch); it yields plain (images, masks, skipped) tuples."""
+
+    def __iter__(self):
+        lent, items = Lent(), super().__iter__()
+        while True:
+            lent.hand_back()  # before waiting for the next batch, so its worker can reuse the slots sooner
+            item = next(items, None)
+            if item is None:
+                return
+            yield lent.track(item) if isinstance(item, SlotBatch) else item
+            del item  # a batch the consumer dropped is handed back at the next call
+
+
 def _loader(ds: IterableDataset, cfg: DataConfig, workers: int, pin: bool) -> DataLoader:
     kw = dict(prefetch_factor=cfg.prefetch_factor, persistent_workers=False) if workers else {}
-    return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin, **kw)
+    return TileLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin, collate_fn=_as_is, **kw)
+
+
+def _as_is(item):
+    """The loaders' items as the datasets yield them (the default would turn a SlotBatch into a list)."""
+    return item
 
 
 def train_loader(manifest: dict, split: str, cfg: DataConfig, seed: int, rank: int, start_step: int, pin: bool):
