@@ -21,9 +21,11 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 
+from .handoff import Handoff
 from .plan import BuildOptions, ShardgenError
 from .scan import process_image
 from .shard import ShardPlan, build_shard, reusable, run_shard
+from .tiling import TileGrid
 
 DISTRIBUTORS = ("local", "dask")
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"  # the scheduler used by --distributor dask without --scheduler
@@ -42,13 +44,48 @@ class Outcome:
 # -------------------------------------------------------------------------------------------------- local
 
 
+_handoff: Handoff | None = None  # in a pool worker: the build's shared memory for its scans' bytes
+
+
 def _process(args):
-    return process_image(*args)
+    result = process_image(*args)
+    if _handoff is not None:
+        result["tar"] = _handoff.put(result["tar"])
+    return result
 
 
-def _die_with_parent() -> None:
-    """Pool initializer: a worker gets SIGKILL when the build process dies (Linux), so killing a build
-    never leaves orphans that keep burning CPU."""
+def _received(results: Iterable[dict], handoff: Handoff | None) -> Iterator[dict]:
+    for r in results:
+        if handoff is not None:
+            r["tar"] = handoff.take(r["tar"])
+        yield r
+
+
+def _dispatch_order(todo: list[tuple], workers: int) -> list[int]:
+    """Build order, but the last scans largest first (by pixels), so that the build does not end with one
+    worker finishing a large scan while the others wait (12 scans on 2 workers on 2 cores: that wait went
+    from ~80 to ~40 ms, of a 1.2 s build). Only the last ``4 x workers`` move, so the writing process
+    holds at most that many results back."""
+    tail = max(0, len(todo) - 4 * workers)
+    last = sorted(range(tail, len(todo)), key=lambda i: -todo[i][0].ann.width * todo[i][0].ann.height)
+    return [*range(tail), *last]
+
+
+def _in_order(results: Iterable[dict], order: list[int]) -> Iterator[dict]:
+    """``results`` (in ``order``) back in build order."""
+    held, nxt = {}, 0
+    for i, r in zip(order, results, strict=True):
+        held[i] = r
+        while nxt in held:
+            yield held.pop(nxt)
+            nxt += 1
+
+
+def _init_worker(handoff: Handoff) -> None:
+    """Pool initializer: the worker's handoff memory (inherited by fork), and SIGKILL when the build process
+    dies (Linux), so killing a build never leaves orphans that keep burning CPU."""
+    global _handoff
+    _handoff = handoff
     try:
         import ctypes
         import signal
@@ -75,10 +112,17 @@ def run_local(out: str, shards: list[ShardPlan], opts: BuildOptions, workers: in
             records[shard.name] = rec
     bar.update(sum(rec["images"] for rec in records.values()))
     todo = [(job, opts) for shard in pending for job in shard.jobs]
-    pool = mp.get_context("fork").Pool(workers, initializer=_die_with_parent) if workers > 1 and todo else None
+    pool = handoff = None
+    if workers > 1 and todo:
+        handoff = _handoff_for(workers, opts)
+        pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(handoff,))
     try:
         # One stream of scans over all pending shards, so the pool keeps working while a shard is written.
-        results = pool.imap(_process, todo) if pool else map(_process, todo)
+        if pool:
+            order = _dispatch_order(todo, workers)
+            results = _in_order(_received(pool.imap(_process, [todo[i] for i in order]), handoff), order)
+        else:
+            results = map(_process, todo)
         for shard in pending:
             shard_results = itertools.islice(results, len(shard.jobs))
             records[shard.name] = build_shard(out, shard, opts, _counted(shard_results, bar))
@@ -86,6 +130,23 @@ def run_local(out: str, shards: list[ShardPlan], opts: BuildOptions, workers: in
         if pool:
             pool.terminate()
     return Outcome(records, reused=len(shards) - len(pending))
+
+
+HANDOFF_MAX_BYTES = 2**31  # address space for the handoff slots of a local build, whatever the worker count
+
+
+def _handoff_for(workers: int, opts: BuildOptions) -> Handoff | None:
+    """Slots for the scans in flight (one being copied in by each worker, two waiting per worker), each
+    as large as a scan's tar bytes get in practice: its tiles' raw pixels (PNG at any level stays below
+    them but for pure noise) plus tar headers and json; a larger scan goes through the pipe. None (every
+    scan through the pipe) where the memory cannot be mapped."""
+    grid = TileGrid(opts.image_size, opts.tile, opts.stride)
+    capacity = grid.count * ((opts.channels + 1) * opts.tile * opts.tile + 8192)
+    slots = min(3 * workers, HANDOFF_MAX_BYTES // capacity)
+    try:
+        return Handoff(slots, capacity) if slots >= workers else None
+    except (OSError, ValueError, OverflowError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------------- dask

@@ -237,7 +237,12 @@ def test_small_dataset_exact_split_fills_every_split_and_the_summary_warns_about
         assert {json.loads(x["json"])["split"] for x in read_split(tmp_path / "exact", split)} == {split}
 
 
-def test_workers_do_not_change_a_single_byte(synth, built, tmp_path, capsys):
+@pytest.mark.parametrize("handoff", ["shared memory", "pipe"])
+def test_workers_do_not_change_a_single_byte(synth, built, tmp_path, capsys, monkeypatch, handoff):
+    """With 2 workers (scans dispatched largest last, handed over in shared memory or, where it cannot be
+    mapped, through the pool's pipe) the shards are those of a build in this one process."""
+    if handoff == "pipe":
+        monkeypatch.setattr("shardgen.distribute.HANDOFF_MAX_BYTES", 1)
     rc, out, _ = cli(capsys, *build_args(synth, tmp_path / "w2", *SMALL, "--shard-size", 75, "--quiet", "--workers", 2))
     assert rc == 0 and "(0 reused)" in out
     assert files(tmp_path / "w2") == files(built)
