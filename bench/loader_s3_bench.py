@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{2 * len(paths)} PNG objects on SeaweedFS {server.endpoint}; built and uploaded in "
               f"{time.perf_counter() - t0:.1f} s (not timed)")  # fmt: skip
         s3_comparison(s3_manifest, f"{bucket}/png", paths, args.repeats)
-        loaders(local_manifest, s3_manifest, args)
+        loaders(local_manifest, s3_manifest, args, server.proc.pid)
     finally:
         if server is not None:
             server.kill()
@@ -173,25 +173,42 @@ def s3_comparison(manifest: dict, png_url: str, paths: list[tuple[str, str]], re
         print(common.ratio_line(f"S3 {what}: shards / one object per PNG", ratio, S3_GOAL))
 
 
-def loaders(local_manifest: dict, s3_manifest: dict, args: argparse.Namespace) -> None:
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, all its threads; 0 where /proc is missing."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def loaders(local_manifest: dict, s3_manifest: dict, args: argparse.Namespace, server_pid: int) -> None:
     cfg = Config()
     cfg.train.seed = args.seed
     cfg.data = dataclasses.replace(cfg.data, batch_size=args.batch_size)
     tiles = train_bench.streamed_tiles(local_manifest, cfg, args.loader_batches, args.warmup)
     decode_alone = 0.0
     rates: dict[tuple[str, int], float] = {}  # (where, workers) -> fastest samples/s
+    server: dict[int, list[float]] = {}  # workers -> [server CPU seconds, wall seconds] over the S3 runs
     for _ in range(args.repeats):  # round-robin over the paths, so each sees the same spread of machine load
         decode_alone = max(decode_alone, train_bench.decode_rate(tiles))
         for where, manifest in (("local", local_manifest), ("S3", s3_manifest)):
             for k in args.workers:
+                cpu, wall = cpu_seconds(server_pid), time.perf_counter()
                 rate = train_bench.loader_rate(manifest, cfg, k, args.loader_batches, args.warmup)
                 rates[where, k] = max(rates.get((where, k), 0.0), rate)
+                if where == "S3":
+                    used = server.setdefault(k, [0.0, 0.0])
+                    used[0] += cpu_seconds(server_pid) - cpu
+                    used[1] += time.perf_counter() - wall
     rows = [["PNG decode alone (1 process, bytes in memory)", decode_alone, 1.0]]
     for (where, k), rate in rates.items():
         rows.append([f"{where} shards: train_loader, {k} worker{'s' * (k != 1)}", rate, rate / decode_alone])
     print(f"\ntrain_loader: {args.loader_batches} batches of {args.batch_size} after {args.warmup} warmup, "
           f"unpinned, best of {args.repeats}")  # fmt: skip
     common.print_table(["path", "samples/s", "vs decode"], rows)
+    shares = ", ".join(f"{100 * c / w:.0f}% of a core with {k} worker{'s' * (k != 1)}" for k, (c, w) in server.items())
+    print(f"the S3 server runs on the same cores: it used {shares} (its share comes out of the workers' time)")
     first = min(args.workers)
     for where in ("local", "S3"):
         print(common.ratio_line(f"{where}: train_loader {first} worker{'s' * (first != 1)} / PNG decode alone",

@@ -186,8 +186,8 @@ def header() -> str:
 Speed comparisons, each measured side by side in one run on one machine; they are never tests. Every
 script prints the machine, a table of the paths it times and one line per ratio with its goal
 (`common.ratio_line`). `python bench/<script> --help` says exactly what each path does and which sizes a
-CPU and a GPU run use; `python bench/run_all.py` (or `make bench`) runs them all and rewrites this file
-(`--append` adds a section for another machine instead).
+CPU and a GPU run use; `python bench/run_all.py` (or `make bench`) runs them all and replaces this file's
+section for the same kind of machine (CPU or GPU), keeping the others (`--append` adds a section instead).
 
 | script | compares |
 |---|---|
@@ -211,6 +211,22 @@ the whole command on an H100/H200 (`--only model_step` alone, or `model_step_ben
 """
 
 
+def replace_section(readme: str, text: str) -> str:
+    """The results of ``readme`` with its first section of the same kind ("### CPU: ..." or "### GPU: ...",
+    as run_all writes them) replaced by ``text``, or ``text`` put first; every other section (another
+    machine's, or one written by hand) is kept as it is."""
+    results = readme.split(RESULTS_HEADING, 1)[1] if RESULTS_HEADING in readme else ""
+    sections = [s for s in ("\n" + results).split("\n### ") if s.strip()]
+    kind = text.split(":", 1)[0] + ":"  # "### CPU:"
+    bodies = ["### " + s.strip() for s in sections]
+    same = next((i for i, b in enumerate(bodies) if b.startswith(kind)), None)
+    if same is None:
+        bodies.insert(0, text.strip())
+    else:
+        bodies[same] = text.strip()
+    return "\n\n".join(bodies)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=[b.key for b in BENCHES], help="run only these benches")
@@ -228,10 +244,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.only is None or bench.key in args.only:
             results.append((bench, *run_bench(bench, args.device)))
     text = section(results, machine, args.device)
+    old = args.readme.read_text() if args.readme.is_file() else ""
     if args.append:
-        args.readme.write_text(args.readme.read_text().rstrip() + "\n\n" + text + "\n")
+        args.readme.write_text(old.rstrip() + "\n\n" + text + "\n")
     else:
-        args.readme.write_text(header() + "\n" + text + "\n")
+        args.readme.write_text(header() + "\n" + replace_section(old, text) + "\n")
     print(f"\nwrote {args.readme}")
     failed = [bench.key for bench, _, code, _ in results if code != 0]
     if failed:
