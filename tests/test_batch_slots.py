@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from test_data import take, write_dataset
+from torch.utils.data._utils.pin_memory import pin_memory
 
 from trainer.batch import BUSY, FREE, HEADER, Lent, Ring, SlotBatch
 from trainer.config import DataConfig
@@ -67,10 +68,10 @@ def test_a_ring_uses_fresh_memory_while_every_slot_is_lent():
 
 
 def test_pinning_copies_the_batch_and_hands_the_slot_back(monkeypatch):
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, device=None: self.clone())  # no GPU needed
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self.clone())  # no GPU needed
     ring = Ring(1)
     batch = _slot_batch(ring)
-    pinned = batch.pin_memory()
+    pinned = pin_memory(batch)  # what the DataLoader's pinning thread calls on each item
     assert type(pinned) is tuple and torch.equal(pinned[0], batch[0]) and torch.equal(pinned[1], batch[1])
     assert pinned[0].data_ptr() != batch[0].data_ptr()
     assert ring.slots[0][1][0] == FREE

@@ -52,10 +52,10 @@ class SlotBatch(tuple):
 
     __slots__ = ()
 
-    def pin_memory(self, device=None) -> tuple:
+    def pin_memory(self) -> tuple:
         """Pinned copies, as the DataLoader's pinning thread asks for; the slot is handed back at once."""
         images, masks, skipped = self
-        pinned = (images.pin_memory(device), masks.pin_memory(device), skipped)
+        pinned = (images.pin_memory(), masks.pin_memory(), skipped)
         images.untyped_storage()[0] = FREE
         return pinned
 
