@@ -22,6 +22,7 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass
 
 from .handoff import Handoff
+from .heap import roomy_heap
 from .plan import BuildOptions, ShardgenError
 from .scan import process_image
 from .shard import ShardPlan, build_shard, reusable, run_shard
@@ -156,7 +157,8 @@ def _shard_task(shard: ShardPlan, out: str, opts: BuildOptions) -> tuple[dict, b
     """The Dask task of one shard: (record, reused, address of the worker that ran it)."""
     from distributed import get_worker
 
-    record, reused = run_shard(out, shard, opts)
+    with roomy_heap():
+        record, reused = run_shard(out, shard, opts)
     return record, reused, get_worker().address
 
 

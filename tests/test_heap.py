@@ -1,0 +1,63 @@
+"""shardgen.heap.roomy_heap: glibc's thresholds raised for a Dask shard task and the worker's own put back."""
+
+from __future__ import annotations
+
+import pytest
+
+from shardgen import heap
+
+
+class FakeLibc:
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+@pytest.fixture
+def libc(monkeypatch):
+    fake = FakeLibc()
+    monkeypatch.setattr(heap, "_libc", lambda: fake)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    return fake
+
+
+def test_a_dask_worker_gets_a_roomy_heap_and_then_its_own_settings_back(libc, monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # what Dask's nanny sets
+    with heap.roomy_heap():
+        assert libc.calls == [("mallopt", heap.M_MMAP_THRESHOLD, heap.ROOMY_MMAP_THRESHOLD),
+                              ("mallopt", heap.M_TRIM_THRESHOLD, heap.ROOMY_TRIM_THRESHOLD)]  # fmt: skip
+    assert libc.calls[2:] == [("mallopt", heap.M_MMAP_THRESHOLD, heap.GLIBC_MMAP_THRESHOLD),
+                              ("mallopt", heap.M_TRIM_THRESHOLD, 65536), ("malloc_trim", 0)]  # fmt: skip
+
+
+def test_the_settings_come_back_when_the_task_fails_and_an_mmap_threshold_is_kept(libc, monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "500000")
+    with pytest.raises(RuntimeError), heap.roomy_heap():
+        raise RuntimeError("a scan failed")
+    assert libc.calls[2:] == [("mallopt", heap.M_MMAP_THRESHOLD, 500000), ("mallopt", heap.M_TRIM_THRESHOLD, 1000),
+                              ("malloc_trim", 0)]  # fmt: skip
+
+
+@pytest.mark.parametrize("value", [None, "not a number"])
+def test_nothing_changes_without_dasks_variable(libc, monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    else:
+        monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", value)
+    with heap.roomy_heap():
+        pass
+    assert libc.calls == []
+
+
+def test_the_real_c_library_takes_the_settings(monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    with heap.roomy_heap():
+        assert bytearray(8 << 20)[-1] == 0  # allocations work under the roomy settings
