@@ -31,8 +31,8 @@ from scipy import ndimage
 
 from shardgen.cvat import AttributeSpec, ImageAnnotation, Shape
 from shardgen.raster import encode_rle, rasterize
+from trainer.decision import EIGHT as EIGHT_CONNECTED  # the one 8-connectivity
 
-EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 EDGE_INSET = 0.25  # px the right/bottom edges are pulled in; any value in (0, 0.5) is exact for both rules
 MASK_POLICIES = ("holes", "all")
 DEFAULT_SIMPLIFY = 1.0  # px; demo scans: 34% fewer points than exact, IoU >= 0.993 per scan (README, predict)

@@ -23,8 +23,8 @@ import numpy as np
 from scipy import ndimage
 
 from shardgen.classes import IGNORE_INDEX
+from trainer.decision import EIGHT as EIGHT_CONNECTED  # the one 8-connectivity
 
-EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 OBJECT_COLUMNS = ("gt_total", "gt_found", "pred_total", "pred_matched")
 
 
