@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny import fixed_batch_losses
 
 from trainer import precision
 from trainer.models import build_model
@@ -48,13 +49,5 @@ def test_a_channels_last_bf16_unet_learns_a_fixed_batch():
     y = (x[:, 0] > 1.0).long()  # bright pixels are "defects": learnable from the pixel itself
     model = build_model("unet", 1, 1, channels=[8, 16, 32]).to(memory_format=torch.channels_last)
     loss_fn = build_loss(LossConfig(object_window=15), 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
-    ctx, losses = precision.autocast(CPU, "bf16"), []
-    for _ in range(30):
-        with ctx:
-            loss = loss_fn(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fixed_batch_losses(model, loss_fn, x, y, lr=2e-2, steps=30, ctx=precision.autocast(CPU, "bf16"))
     assert losses[-1] < 0.5 * losses[0], losses

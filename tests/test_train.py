@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import NARROW, build_tiny, scored_pixels, tb_scalars, write_config
+from tiny import NARROW, build_tiny, fixed_batch_losses, scored_pixels, tb_scalars, write_config
 
 from shardgen import schema
 from trainer import __main__ as cli
@@ -77,14 +77,7 @@ def test_loss_halves_on_a_fixed_batch(shards, name, kwargs, lr, steps, batch, cr
     x, y = x[..., :crop, :crop], y[..., :crop, :crop]
     model = build_model(name, 1, len(manifest["classes"]), **kwargs)
     loss_fn = build_loss(LossConfig(), len(manifest["classes"]), class_histogram(manifest, "train"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = loss_fn(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fixed_batch_losses(model, loss_fn, x, y, lr=lr, steps=steps)
     assert losses[-1] < 0.5 * losses[0], losses
 
 

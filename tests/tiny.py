@@ -63,3 +63,22 @@ def tb_scalars(folder: Path) -> dict[str, list[int]]:
     events = EventAccumulator(str(folder))
     events.Reload()
     return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def fixed_batch_losses(model, loss_fn, x, y, lr: float, steps: int, ctx=None) -> list[float]:
+    """The loss of each of ``steps`` AdamW steps on one fixed batch (under ``ctx``, an autocast, if given):
+    the smallest check that a model and loss can learn at all."""
+    import contextlib
+
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        with ctx or contextlib.nullcontext():
+            loss = loss_fn(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

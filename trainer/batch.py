@@ -31,7 +31,7 @@ from shardgen import schema
 from shardgen.reader import CorruptSample
 
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14; elsewhere, or refused, pages fault in on first write as usual
-FREE, BUSY = 0, 1  # a slot's flag byte
+FREE, BUSY, ONCE = 0, 1, 2  # a slot's flag byte; ONCE: fresh memory outside the ring, never reused
 HEADER = 64  # bytes before a slot's tiles: the flag, and the tiles' alignment
 KEEP_MAPPED = 64  # slots the main process keeps mapped once handed back, ready for their next batch
 
@@ -159,8 +159,10 @@ class Ring:
                 break
         else:
             flat, flag = _shared(nbytes)
-            if len(self.slots) < self.limit:
-                self.slots.append((flat, flag))
+            if len(self.slots) == self.limit:  # every slot is lent
+                flag[0] = ONCE
+                return flat
+            self.slots.append((flat, flag))
         flag[0] = BUSY
         return flat
 
@@ -183,8 +185,11 @@ class Lent:
         """Flag FREE every lent slot nobody references any more (the storage held here is the one user)."""
         if _use_count is None:  # cannot tell: slots stay lent and workers use fresh memory, as without a ring
             return
-        for entry in self.slots.values():
+        for ptr, entry in list(self.slots.items()):
             if entry[1] and _use_count(entry[0]._cdata) == 1:
+                if entry[0][0] == ONCE:  # no worker writes it again: nothing to keep mapped
+                    del self.slots[ptr]
+                    continue
                 entry[0][0], entry[1] = FREE, False
         for ptr in [ptr for ptr, (_, lent) in self.slots.items() if not lent][: max(0, len(self.slots) - KEEP_MAPPED)]:
             del self.slots[ptr]  # the oldest handed-back slots: their workers may have ended
