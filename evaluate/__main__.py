@@ -82,6 +82,22 @@ def _predict_parser() -> argparse.ArgumentParser:
     return p
 
 
+def headline(metrics: dict) -> str:
+    """The one line a run ends with: pixel IoU, then objects matched one to one (see evaluate.metrics)."""
+    fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
+    d = metrics["any_defect"]
+    parts = [f"defect IoU {fmt(d['iou'])}"]
+    if metrics["config"]["mode"] != "binary":
+        parts.insert(0, f"mIoU {fmt(metrics['miou'])}")
+    parts.append(f"objects found (IoU >= 0.1): recall {fmt(d['object_recall'])}, precision "
+                 f"{fmt(d['object_precision'])}, F1 {fmt(d['object_f1'])}")  # fmt: skip
+    parts.append(f"F1 at IoU > 0.5 {fmt(d['object_f1_050'])}, PQ {fmt(d['pq'])}")
+    if metrics["config"]["mode"] != "binary":
+        parts.append(f"class F1 {fmt(metrics['object_f1_mean'])}, right class {fmt(metrics['right_class'])}")
+    return (" | ".join(parts) + f" ({metrics['n_images']} images, {d['gt_objects']} defects, decision: "
+            f"{metrics['decision']['kind']}, tta: {metrics['tta']})")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     predicting = bool(argv) and argv[0] == "predict"
@@ -114,12 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dist.cleanup()
     if "report" in metrics:  # rank 0 wrote it
-        fmt = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
         print(f"report: {metrics['report']}")
-        headline = "defect IoU" if metrics["config"]["mode"] == "binary" else "mIoU"
-        print(f"{headline}: {fmt(metrics['miou'])} | object recall: {fmt(metrics['object_recall'])} | "
-              f"object precision: {fmt(metrics['object_precision'])} ({metrics['n_images']} images, "
-              f"decision: {metrics['decision']['kind']}, tta: {metrics['tta']})")
+        print(headline(metrics))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Error overlays: a scan with its prediction, ground truth and pixel errors drawn in one RGB image.
+"""Error overlays: a scan with its prediction, ground truth and pixel errors drawn in one RGB image; and the
+scan twice, side by side, with the truth filled in on the left and the prediction on the right.
 
 Markings:
 
@@ -8,6 +9,9 @@ Markings:
 * false negative (a defect in the truth that the prediction calls something else): cyan ``\\`` hatching;
   a defect predicted as the wrong defect class is both, so it shows as a magenta/cyan cross-hatch;
 * ignored truth (255): darkened with gray, and never marked as an error.
+
+``side_by_side`` fills each class map in its class colour at ``FILL_ALPHA`` (ignored truth darkened on the
+left), with a ``SEPARATOR_WIDTH``-px white band between the halves, so both are at the scan's own scale.
 
 Magenta and cyan are kept out of ``PALETTE`` so errors never read as a class. ``legend_swatches`` draws each
 marking with ``overlay`` itself, so the report's legend cannot drift from the pictures.
@@ -45,6 +49,8 @@ IGNORE_ALPHA = 0.6
 CONTOUR_WIDTH = 2
 HATCH_PERIOD = 8  # pixels between hatch lines
 HATCH_WIDTH = 2  # pixels per hatch line
+SEPARATOR_WIDTH = 4  # white columns between the truth and prediction halves of ``side_by_side``
+SEPARATOR_COLOR = (255, 255, 255)
 
 LEGEND_BACKDROP = 160  # gray level of the blank scan behind legend swatches
 
@@ -72,28 +78,47 @@ def _blend(rgb: np.ndarray, where: np.ndarray, color, alpha: float) -> None:
     rgb[where] = (1 - alpha) * rgb[where] + alpha * np.asarray(color, np.float32)
 
 
+def _scan_and_maps(image, maps: dict, palette) -> tuple[np.ndarray, np.ndarray]:
+    """The checked scan as (H, W, 3) float32 and the palette as uint8; ``maps``: {what it is: (H, W) class map}."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+        raise ValueError(f"image must be (H, W) or (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    hw = image.shape[:2]
+    if any(np.shape(m) != hw for m in maps.values()):
+        sizes = ", ".join(f"{name} {np.shape(m)}" for name, m in maps.items())
+        raise ValueError(f"image {hw}, {sizes} differ in size")
+    palette = np.asarray(palette, np.uint8)
+    for name, m in maps.items():
+        if (m[m != IGNORE_INDEX] >= len(palette)).any():
+            raise ValueError(f"{name} has class ids beyond the {len(palette)}-colour palette")
+    rgb = (np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image).astype(np.float32)
+    return rgb, palette
+
+
+def _fill(rgb: np.ndarray, classes: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Blend each defect class (ids > 0, ignore excluded) into ``rgb`` in place; returns the class ids."""
+    c = np.where(classes == IGNORE_INDEX, 0, classes).astype(np.intp)
+    rgb[c > 0] = (1 - FILL_ALPHA) * rgb[c > 0] + FILL_ALPHA * palette[c[c > 0]]
+    return c
+
+
+def _to_uint8(rgb: np.ndarray) -> np.ndarray:
+    return rgb.round().clip(0, 255).astype(np.uint8)
+
+
 def overlay(
     image: np.ndarray, pred: np.ndarray, target: np.ndarray | None = None, palette: np.ndarray = PALETTE
 ) -> np.ndarray:
     """(H, W) or (H, W, 3) uint8 scan + (H, W) class maps -> (H, W, 3) uint8 overlay (see module doc)."""
-    image, pred = np.asarray(image), np.asarray(pred)
-    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
-        raise ValueError(f"image must be (H, W) or (H, W, 3) uint8, got {image.shape} {image.dtype}")
-    hw = image.shape[:2]
-    if pred.shape != hw or (target is not None and np.shape(target) != hw):
-        raise ValueError(f"image {hw}, prediction {pred.shape} and truth {np.shape(target)} differ in size")
-    palette = np.asarray(palette, np.uint8)
-    for name, m in (("prediction", pred), ("truth", target)):
-        if m is not None and (m[m != IGNORE_INDEX] >= len(palette)).any():
-            raise ValueError(f"{name} has class ids beyond the {len(palette)}-colour palette")
-
-    rgb = (np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image).astype(np.float32)
-    p = np.where(pred == IGNORE_INDEX, 0, pred).astype(np.intp)
-    rgb[p > 0] = (1 - FILL_ALPHA) * rgb[p > 0] + FILL_ALPHA * palette[p[p > 0]]
+    pred = np.asarray(pred)
+    maps = {"prediction": pred} if target is None else {"prediction": pred, "truth": np.asarray(target)}
+    rgb, palette = _scan_and_maps(image, maps, palette)
+    p = _fill(rgb, pred, palette)
     if target is None:
-        return rgb.round().clip(0, 255).astype(np.uint8)
+        return _to_uint8(rgb)
 
     target = np.asarray(target)
+    hw = target.shape
     ignored = target == IGNORE_INDEX
     _blend(rgb, ignored, IGNORE_COLOR, IGNORE_ALPHA)
 
@@ -111,4 +136,17 @@ def overlay(
     )
     edge &= t > 0
     rgb[edge] = palette[t[edge]]
-    return rgb.round().clip(0, 255).astype(np.uint8)
+    return _to_uint8(rgb)
+
+
+def side_by_side(image: np.ndarray, pred: np.ndarray, target: np.ndarray, palette: np.ndarray = PALETTE) -> np.ndarray:
+    """(H, W) or (H, W, 3) uint8 scan + (H, W) class maps -> (H, 2 W + SEPARATOR_WIDTH, 3) uint8: the truth
+    filled in (ignored pixels darkened) on the left, the prediction filled in on the right."""
+    target = np.asarray(target)
+    truth, palette = _scan_and_maps(image, {"prediction": np.asarray(pred), "truth": target}, palette)
+    guess = truth.copy()
+    _fill(truth, target, palette)
+    _blend(truth, target == IGNORE_INDEX, IGNORE_COLOR, IGNORE_ALPHA)
+    _fill(guess, np.asarray(pred), palette)
+    band = np.full((truth.shape[0], SEPARATOR_WIDTH, 3), SEPARATOR_COLOR, np.uint8)
+    return np.concatenate([_to_uint8(truth), band, _to_uint8(guess)], axis=1)

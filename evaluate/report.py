@@ -5,6 +5,9 @@ prepares values (numbers, names, colours, the layout of the inline SVG plots) an
 every name that reaches the page is escaped by the template engine. Legend swatches are embedded PNG data
 URIs; overlays are referenced as relative paths to PNG files next to the report (checked to exist), so the
 output folder can be zipped or served as is. A missing value (``None``) prints as an em dash.
+
+The SVG plots are laid out here without a browser to measure text, so label room is estimated from the
+number of characters at ``CHAR_WIDTH`` (a generous average for a 12 px sans-serif face).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote
@@ -23,18 +27,36 @@ from PIL import Image
 from evaluate.overlay import PALETTE, legend_swatches
 
 DASH = "—"
-TABLE_COLUMNS = ("iou", "dice", "precision", "recall", "object_recall", "object_precision")
+PIXEL_COLUMNS = (
+    ("iou", "IoU"),
+    ("dice", "Dice"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("image_dice", "mean image Dice"),
+)
+OBJECT_COLUMNS = (
+    ("object_recall", "recall"),
+    ("object_precision", "precision"),
+    ("object_f1", "F1"),
+    ("object_f1_050", "F1 at IoU > 0.5"),
+    ("pq", "PQ"),
+    ("gt_objects", "truth objects"),
+    ("pred_objects", "predicted objects"),
+)
 BAR_METRICS = (
-    ("iou", "IoU", "#4363d8"),
-    ("dice", "Dice", "#f58231"),
-    ("object_recall", "Object recall", "#3cb44b"),
+    ("iou", "pixel IoU", "#4363d8"),
+    ("object_f1", "object F1", "#3cb44b"),
+    ("pq", "PQ", "#f58231"),
 )
 HIST_BINS = 10
+CHAR_WIDTH = 7.2  # px per character of 12 px text, for label room in the SVG plots
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
 def _fmt(v) -> str:
-    return DASH if v is None else f"{v:.3f}"
+    if v is None:
+        return DASH
+    return str(v) if isinstance(v, int | np.integer) else f"{v:.3f}"
 
 
 _env = jinja2.Environment(
@@ -57,24 +79,84 @@ def _hex(rgb) -> str:
     return "#" + "".join(f"{int(c):02x}" for c in rgb)
 
 
-def _class_rows(metrics: Mapping, class_names: Sequence[str]) -> list[dict]:
+def _text_width(text: str) -> float:
+    return CHAR_WIDTH * len(text)
+
+
+def _color(c: int) -> str | None:
+    return _hex(PALETTE[c]) if c else None
+
+
+def _summary(metrics: Mapping, multiclass: bool) -> list[tuple[str, float | None]]:
+    """The headline figures: any defect (classes merged) first, then the class-aware ones in multiclass."""
+    a = metrics["any_defect"]
+    rows = [
+        ("Defect pixel IoU (any defect vs background)", a["iou"]),
+        ("Object recall: defects found (IoU ≥ 0.1)", a["object_recall"]),
+        ("Object precision: predicted objects that are defects (IoU ≥ 0.1)", a["object_precision"]),
+        ("Object F1 (IoU ≥ 0.1)", a["object_f1"]),
+        ("Object F1 at IoU > 0.5", a["object_f1_050"]),
+        ("Panoptic quality (PQ)", a["pq"]),
+    ]
+    if multiclass:
+        rows += [
+            ("mIoU (pixel, mean over defect classes)", metrics["miou"]),
+            ("Mean object F1 over classes with truth objects", metrics["object_f1_mean"]),
+            ("Found defects given the right class", metrics["right_class"]),
+        ]
+    return rows + [("Mean Dice (image × class pairs with a defect in truth or prediction)", metrics["mean_dice"])]
+
+
+def _object_rows(metrics: Mapping, class_names: Sequence[str]) -> list[dict]:
+    """One row per defect class, then the any-defect row (classes merged before labelling)."""
+    rows = [{"name": name, "color": _color(c), "scores": [metrics["per_class"][name][k] for k, _ in OBJECT_COLUMNS]}
+            for c, name in enumerate(class_names) if c]  # fmt: skip
+    any_defect = metrics["any_defect"]
+    return rows + [{"name": "any defect", "color": None, "scores": [any_defect[k] for k, _ in OBJECT_COLUMNS]}]
+
+
+def _pixel_rows(metrics: Mapping, class_names: Sequence[str]) -> list[dict]:
+    return [{"name": name, "color": _color(c), "scores": [metrics["per_class"][name].get(k) for k, _ in PIXEL_COLUMNS]}
+            for c, name in enumerate(class_names)]  # fmt: skip
+
+
+def _object_confusion(mat, class_names: Sequence[str]) -> dict | None:
+    """The object-level class confusion in reading order: truth classes then "false alarm" down, predicted
+    classes then "missed" across (metrics.json keeps both at index 0); None in binary."""
+    if len(class_names) <= 2:
+        return None
+    m = np.asarray(mat, dtype=np.int64)
+    n = len(class_names)
+    if m.shape != (n, n):
+        raise ValueError(f"object confusion has shape {m.shape}, expected ({n}, {n})")
+    order = [*range(1, n), 0]
     rows = []
-    for c, name in enumerate(class_names):
-        d = metrics.get("per_class", {}).get(name) or {}
-        rows.append({"name": name, "color": _hex(PALETTE[c]) if c else None,
-                     "scores": [d.get(k) for k in TABLE_COLUMNS]})  # fmt: skip
-    return rows
+    for i in order:
+        cells = []
+        for j in order:
+            kind = "none" if i == j == 0 else "right" if i == j else "wrong" if m[i, j] else "zero"
+            cells.append({"count": int(m[i, j]), "kind": kind,
+                          "title": f"truth {class_names[i] if i else 'none'} → predicted "
+                                   f"{class_names[j] if j else 'none'}: {int(m[i, j])}"})  # fmt: skip
+        rows.append({"name": class_names[i] if i else "false alarm", "color": _color(i), "cells": cells,
+                     "total": int(m[i].sum())})  # fmt: skip
+    columns = [{"parts": class_names[j].split("_"), "color": _color(j)} for j in order[:-1]]
+    return {"rows": rows, "columns": columns + [{"parts": ["missed"], "color": None}]}
 
 
 def _confusion(mat, class_names: Sequence[str], cell: int = 40) -> dict:
-    """Row-normalized heat map: each truth row shows where its pixels went."""
+    """Row-normalized pixel heat map: each truth row shows where its pixels went. The column labels are
+    rotated 45°, so they need room above the grid (their width x sin 45°) and to the right of the last
+    column (their width x cos 45°), measured from the longest name rather than fixed."""
     m = np.asarray(mat, dtype=np.float64)
     n = len(class_names)
     if m.shape != (n, n):
         raise ValueError(f"confusion matrix has shape {m.shape}, expected ({n}, {n})")
     totals = m.sum(1, keepdims=True)
     norm = np.divide(m, totals, out=np.zeros_like(m), where=totals > 0)
-    left, top = 140, 140
+    slant = math.sqrt(0.5)
+    left = math.ceil(max(_text_width(name) for name in class_names)) + 12
+    top = math.ceil(max(_text_width(name) for name in class_names) * slant) + 16
     rows = []
     for i in range(n):
         empty = totals[i, 0] == 0
@@ -84,65 +166,100 @@ def _confusion(mat, class_names: Sequence[str], cell: int = 40) -> dict:
                   "label": DASH if empty else f"{100 * norm[i, j]:.0f}"} for j in range(n)]  # fmt: skip
         rows.append({"name": class_names[i], "y": top + i * cell, "cells": cells})
     columns = [{"name": name, "x": left + j * cell + cell / 2} for j, name in enumerate(class_names)]
+    right = max(left + n * cell, *(c["x"] + 4 + _text_width(c["name"]) * slant for c in columns))
     return {"rows": rows, "columns": columns, "cell": cell, "left": left, "top": top,
-            "width": left + n * cell + 10, "height": top + n * cell + 30}  # fmt: skip
+            "width": math.ceil(right) + 8, "height": top + n * cell + 4}  # fmt: skip
 
 
 def _bars(per_class: Mapping, class_names: Sequence[str], width: int = 360) -> dict:
     """Horizontal bars per class for each metric in ``BAR_METRICS``; a missing value is printed as —."""
-    left, bar, gap = 150, 10, 8
+    left, bar, gap = math.ceil(max(_text_width(n) for n in class_names)) + 12, 10, 8
     group = bar * len(BAR_METRICS) + gap
     groups = []
     for i, name in enumerate(class_names):
-        y0, d = 24 + i * group, per_class.get(name) or {}
+        y0, d = 28 + i * group, per_class.get(name) or {}
         bars = [{"y": y0 + k * bar, "value": d.get(key), "color": color, "length": (d.get(key) or 0) * width,
                  "label_x": left + (d.get(key) or 0) * width + 4}
                 for k, (key, _, color) in enumerate(BAR_METRICS)]  # fmt: skip
         groups.append({"name": name, "y": y0 + group / 2, "bars": bars})
-    metrics = [{"x": left + 130 * k, "label": label, "color": color} for k, (_, label, color) in enumerate(BAR_METRICS)]
-    return {"left": left, "bar": bar, "metrics": metrics, "groups": groups, "width": left + width + 60,
-            "height": 24 + len(class_names) * group}  # fmt: skip
+    metrics, x = [], left
+    for _, label, color in BAR_METRICS:
+        metrics.append({"x": x, "label": label, "color": color})
+        x += 14 + _text_width(label) + 16
+    return {"left": left, "bar": bar, "metrics": metrics, "groups": groups, "width": left + width + 50,
+            "height": 28 + len(class_names) * group}  # fmt: skip
 
 
-def _histogram(values: Sequence[float], width: int = 400, height: int = 140) -> dict | None:
-    """Histogram of per-image mean Dice over [0, 1]; None without images."""
-    if not values:
+def _nice_step(top: int, ticks: int = 5) -> int:
+    """The smallest of 1, 2, 5, 10, 20, 50, ... that marks ``top`` in at most ``ticks`` steps."""
+    step = 1
+    while True:
+        for k in (1, 2, 5):
+            if top <= k * step * ticks:
+                return k * step
+        step *= 10
+
+
+def _histogram(means: Sequence[float], width: int = 460, height: int = 220) -> dict | None:
+    """Histogram of per-image mean Dice over [0, 1] with labelled axes and each bar's count; None without
+    values. The y axis goes up to a round number of images at or above the tallest bar."""
+    if not means:
         return None
-    counts, _ = np.histogram(values, bins=HIST_BINS, range=(0, 1))
-    top = max(int(counts.max()), 1)
-    bw, base = width / HIST_BINS, height - 20
+    counts, _ = np.histogram(means, bins=HIST_BINS, range=(0, 1))
+    step = _nice_step(max(int(counts.max()), 1))
+    y_max = step * math.ceil(max(int(counts.max()), 1) / step)
+    left, right, top, bottom = 52, 12, 22, 44  # room for y ticks + title, x ticks + title, counts on top
+    plot_w, plot_h = width - left - right, height - top - bottom
+    base = top + plot_h
+    bw = plot_w / HIST_BINS
     bins = []
     for k, c in enumerate(counts.tolist()):
-        h = (base - 10) * c / top
-        bins.append({"x": k * bw, "y": base - h, "width": bw - 2, "height": h, "count": c,
-                     "low": k / HIST_BINS, "high": (k + 1) / HIST_BINS})  # fmt: skip
-    return {"bins": bins, "width": width, "height": height}
+        h = plot_h * c / y_max
+        bins.append({"x": left + k * bw + 1, "y": base - h, "width": bw - 2, "height": h, "count": c,
+                     "mid": left + (k + 0.5) * bw, "low": k / HIST_BINS, "high": (k + 1) / HIST_BINS})  # fmt: skip
+    x_ticks = [{"x": left + k * plot_w / HIST_BINS, "label": f"{k / HIST_BINS:g}"} for k in range(HIST_BINS + 1)]
+    y_ticks = [{"y": base - plot_h * v / y_max, "label": str(v)} for v in range(0, y_max + 1, step)]
+    return {"bins": bins, "width": width, "height": height, "left": left, "right": width - right, "top": top,
+            "base": base, "x_ticks": x_ticks, "y_ticks": y_ticks, "mid_x": left + plot_w / 2,
+            "mid_y": top + plot_h / 2}  # fmt: skip
+
+
+def _inside(out_dir: Path, path, what: str, image_id) -> str:
+    """``path`` as a quoted relative link, checked to name a file inside ``out_dir``."""
+    rel = PurePosixPath(str(path).replace("\\", "/"))
+    if rel.is_absolute() or ".." in rel.parts or not (out_dir / rel).is_file():
+        raise ValueError(f"{out_dir}: {what} {rel} for image {image_id} is not a file inside the report folder")
+    return quote(str(rel))
 
 
 def _worst(out_dir: Path, worst: Sequence[Mapping]) -> list[dict]:
-    figures = []
-    for w in worst:
-        rel = PurePosixPath(str(w["overlay_path_relative"]).replace("\\", "/"))
-        if rel.is_absolute() or ".." in rel.parts or not (out_dir / rel).is_file():
-            raise ValueError(
-                f"{out_dir}: overlay {rel} for image {w['image_id']} is not a file inside the report folder"
-            )
-        figures.append({"name": str(w["image_id"]), "src": quote(str(rel)), "dice": w.get("dice")})
-    return figures
+    return [{"name": str(w["image_id"]), "dice": w["dice"],
+             "src": _inside(out_dir, w["overlay_path_relative"], "overlay", w["image_id"]),
+             "full": _inside(out_dir, w["side_by_side_path_relative"], "side-by-side image", w["image_id"])}
+            for w in worst]  # fmt: skip
 
 
-def _decision(decision: Mapping | None, class_names: Sequence[str]) -> str:
-    """How probabilities became classes: tuned thresholds and minimum areas per class, or argmax."""
+def _decision(decision: Mapping | None, class_names: Sequence[str]) -> dict:
+    """How probabilities became classes: a line, and for a tuned decision a row per defect class with its
+    threshold, minimum area and peak, its validation objects and whether it borrowed the others' median."""
     if not decision:
-        return "argmax"
+        return {"line": "argmax", "rows": []}
     if decision["kind"] != "tuned":
         fallback = " (the checkpoint has no tuned decision)" if decision.get("requested") == "tuned" else ""
-        return f"argmax{' / 0.5' if len(decision['thresholds']) == 1 else ''}{fallback}"
+        return {"line": f"argmax{' / 0.5' if len(decision['thresholds']) == 1 else ''}{fallback}", "rows": []}
     names = class_names[1:]
     peaks = decision.get("min_peak") or [0.0] * len(names)
-    parts = [f"{n}: p ≥ {t:.2f}, ≥ {a} px" + (f", peak ≥ {k:.2f}" if k else "")
-             for n, t, a, k in zip(names, decision["thresholds"], decision["min_area"], peaks, strict=True)]
-    return "tuned on validation · " + "; ".join(parts)
+    counts = decision.get("val_objects") or [None] * len(names)
+    borrowed = list(decision.get("borrowed") or [])
+    rows = [{"name": n, "color": _color(c), "threshold": t, "min_area": a, "min_peak": k, "val_objects": v,
+             "borrowed": n in borrowed}
+            for c, (n, t, a, k, v) in enumerate(zip(names, decision["thresholds"], decision["min_area"], peaks,
+                                                    counts, strict=True), start=1)]  # fmt: skip
+    line = "tuned on validation scans"
+    if borrowed:
+        line += (f"; {', '.join(borrowed)} had fewer than 5 validation objects and borrowed the median of the "
+                 f"other classes' values")  # fmt: skip
+    return {"line": line, "rows": rows}
 
 
 def write_report(
@@ -150,30 +267,34 @@ def write_report(
 ) -> Path:
     """Write ``out_dir/report.html`` and return its path.
 
-    ``metrics``: ``miou``, ``per_class`` {name: {iou, dice, precision, recall, object_recall,
-    object_precision}}, ``per_image_dice`` {image_id: [Dice per defect class]}, ``n_images``,
-    ``confusion_matrix`` [C][C] (rows truth), ``checkpoint``, ``config``. ``worst``: dicts with
-    ``image_id``, ``dice`` and ``overlay_path_relative`` (a PNG under ``out_dir``), worst first.
+    ``metrics``: metrics.json's content (``any_defect``, ``per_class``, ``object_confusion``,
+    ``per_image_dice`` with None for an empty pair, ``confusion_matrix``, ``decision``, ...). ``worst``: dicts
+    with ``image_id``, ``dice`` (the image's mean, or None), ``overlay_path_relative`` (the error overlay
+    shown) and ``side_by_side_path_relative`` (truth beside prediction, opened on a click), both PNGs under
+    ``out_dir``, worst first.
     """
     out_dir = Path(out_dir)
     if len(class_names) > len(PALETTE):
         raise ValueError(f"{len(class_names)} classes but the overlay palette has {len(PALETTE)} colours")
+    multiclass = len(class_names) > 2
     per_image = metrics.get("per_image_dice") or {}
-    image_means = [float(np.mean(v)) for v in per_image.values() if len(v)]
-    all_dice = [float(x) for v in per_image.values() for x in v]
+    kept = {i: [x for x in v if x is not None] for i, v in per_image.items()}
+    image_means = [float(np.mean(v)) for v in kept.values() if v]
     page = _env.get_template("report.html").render(
         checkpoint=str(metrics.get("checkpoint")),
         n_images=str(metrics.get("n_images")),
-        summary={"miou": metrics.get("miou"), "mean_dice": float(np.mean(all_dice)) if all_dice else None,
-                 "object_recall": metrics.get("object_recall"),
-                 "object_precision": metrics.get("object_precision")},  # fmt: skip
+        summary=_summary(metrics, multiclass),
         decision=_decision(metrics.get("decision"), class_names),
         tta=str(metrics.get("tta", "none")),
-        columns=TABLE_COLUMNS,
-        classes=_class_rows(metrics, class_names),
-        bars=_bars(metrics.get("per_class", {}), class_names),
+        object_columns=[label for _, label in OBJECT_COLUMNS],
+        objects=_object_rows(metrics, class_names),
+        object_confusion=_object_confusion(metrics["object_confusion"], class_names),
+        pixel_columns=[label for _, label in PIXEL_COLUMNS],
+        pixels=_pixel_rows(metrics, class_names),
+        bars=_bars(metrics["per_class"], class_names),
         confusion=_confusion(metrics["confusion_matrix"], class_names),
         histogram=_histogram(image_means),
+        n_undefined=len(per_image) - len(image_means),
         worst=_worst(out_dir, worst),
         legend_classes=[{"name": n, "color": _hex(PALETTE[c])} for c, n in enumerate(class_names) if c],
         legend_swatches=[{"label": label, "text": text, "uri": _png_data_uri(rgb)}

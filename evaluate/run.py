@@ -36,8 +36,16 @@ from trainer.metrics import summarize
 from . import EvaluateError
 from .blend import reassemble_mask
 from .inference import Predictor, check_dataset, decision_for, load_model
-from .metrics import dice_summary, image_confusion, object_counts, object_summary, per_image_dice
-from .overlay import overlay
+from .metrics import (
+    OBJECT_COLUMNS,
+    dice_summary,
+    image_confusion,
+    mean_of,
+    object_summary,
+    object_tally,
+    per_image_dice,
+)
+from .overlay import overlay, side_by_side
 from .report import write_report
 from .tiles import grid_of, image_loader
 
@@ -87,35 +95,47 @@ def score_image(image_id: str, pred: np.ndarray, truth: np.ndarray, n_classes: i
     """The per-image row: Dice per defect class, pixel counts, and the matrices to sum over the split."""
     conf = image_confusion(pred, truth, n_classes)
     dice = per_image_dice(pred, truth, n_classes)
+    objects, object_confusion = object_tally(pred, truth, n_classes)
     return {
         "image_id": image_id,
         "dice": dice,
-        "mean_dice": float(np.mean(dice)),
+        "mean_dice": mean_of(dice),  # None when the image has no defect in truth or prediction
         "truth_pixels": conf.sum(1).tolist(),
         "pred_pixels": conf.sum(0).tolist(),
         "ignored_pixels": int((truth == IGNORE_INDEX).sum()),
         "confusion": conf,
-        "objects": object_counts(pred, truth, n_classes),
+        "objects": objects,
+        "object_confusion": object_confusion,
     }
 
 
-def split_metrics(conf, objects, rows: list[dict], class_names: list[str]) -> dict:
-    """metrics.json's scores from the summed confusion matrix, summed object counts and per-image rows."""
+def defect_iou(conf) -> float | None:
+    """Pixel IoU of "any defect" against background: the defect classes merged (binary: the defect IoU)."""
+    m = np.asarray(conf, np.int64)
+    tp, truth, pred = m[1:, 1:].sum(), m[1:].sum(), m[:, 1:].sum()
+    return float(tp / (truth + pred - tp)) if truth + pred else None
+
+
+def split_metrics(conf, objects, object_confusion, rows: list[dict], class_names: list[str]) -> dict:
+    """metrics.json's scores from the summed pixel confusion matrix, summed object tallies and confusion, and
+    the per-image rows."""
     pixel = summarize(conf, class_names)
-    obj = object_summary(objects, class_names)
+    obj = object_summary(objects, object_confusion, class_names)
     per_image = {r["image_id"]: r["dice"] for r in rows}
     dice = dice_summary(per_image, class_names)
     per_class = {}
+    blank = dict.fromkeys(obj["any_defect"])  # background has no objects
     for name in class_names:
-        o = obj.get(name, {"object_recall": None, "object_precision": None})
+        o = obj["per_class"].get(name, blank)
         per_class[name] = {**pixel["per_class"][name], **o, "image_dice": dice["per_class"].get(name)}
-    found, total = objects[1:, :2].sum(0).tolist(), objects[1:, 2:].sum(0).tolist()
     return {
         "miou": pixel["miou"],
-        # All defect classes together: "of the defects there were, how many did we find; of the ones we
-        # painted, how many were real".
-        "object_recall": found[1] / found[0] if found[0] else None,
-        "object_precision": total[1] / total[0] if total[0] else None,
+        # All defect classes together, merged before labelling: of the defects there were, how many were
+        # found, and of the ones painted, how many were real.
+        "any_defect": {"iou": defect_iou(conf), **obj["any_defect"]},
+        "object_f1_mean": obj["object_f1_mean"],
+        "right_class": obj["right_class"],
+        "object_confusion": obj["object_confusion"],
         "mdice": pixel["mdice"],
         "mean_dice": dice["mean_dice"],
         "pixel_accuracy": pixel["pixel_accuracy"],
@@ -127,6 +147,10 @@ def split_metrics(conf, objects, rows: list[dict], class_names: list[str]) -> di
     }
 
 
+def _cell(v: float | None) -> str:
+    return "" if v is None else f"{v:.6f}"  # an empty cell: no defect in truth or prediction
+
+
 def write_csv(path: Path, rows: list[dict], class_names: list[str]) -> None:
     defects = class_names[1:]
     header = ["image_id", "source_image", "mean_dice"]
@@ -136,14 +160,19 @@ def write_csv(path: Path, rows: list[dict], class_names: list[str]) -> None:
         w = csv.writer(f)
         w.writerow(header)
         for r in rows:
-            w.writerow([r["image_id"], r["source_image"], f"{r['mean_dice']:.6f}",
-                        *(f"{d:.6f}" for d in r["dice"]), *r["truth_pixels"], *r["pred_pixels"],
+            w.writerow([r["image_id"], r["source_image"], _cell(r["mean_dice"]), *map(_cell, r["dice"]),
+                        *r["truth_pixels"], *r["pred_pixels"],
                         r["ignored_pixels"]])  # fmt: skip
 
 
 def _save_pngs(out: Path, image_id: str, scan: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> None:
+    """predictions/<id>.png (class ids), overlays/<id>.png (errors marked: the report's thumbnail) and
+    side_by_side/<id>.png (truth left, prediction right, full resolution: what the thumbnail opens)."""
     Image.fromarray(pred).save(out / "predictions" / f"{image_id}.png")
-    Image.fromarray(overlay(scan, pred, truth)).save(out / "overlays" / f"{image_id}.png")
+    # zlib level 3: RGB overlays come out about as small as at Pillow's default 6 and encode a few times
+    # faster; every image's are written while the next ones are predicted.
+    Image.fromarray(overlay(scan, pred, truth)).save(out / "overlays" / f"{image_id}.png", compress_level=3)
+    Image.fromarray(side_by_side(scan, pred, truth)).save(out / "side_by_side" / f"{image_id}.png", compress_level=3)
 
 
 def _score_rank(opts: EvalOptions, predictor: Predictor, manifest: dict, out: Path) -> tuple:
@@ -151,7 +180,8 @@ def _score_rank(opts: EvalOptions, predictor: Predictor, manifest: dict, out: Pa
     rank, world = dist.rank(), dist.world_size()
     grid, class_names = predictor.grid, list(manifest["classes"])
     n = len(class_names)
-    conf, objects, rows = np.zeros((n, n), np.int64), np.zeros((n, 4), np.int64), []
+    conf, confusion, rows = np.zeros((n, n), np.int64), np.zeros((n, n), np.int64), []
+    objects = np.zeros((n, len(OBJECT_COLUMNS)), np.float64)
     expected = schema.rank_images(manifest, opts.split, rank, world)
     images = image_loader(manifest, opts.split, rank, world, opts.workers)
     writes: deque[Future] = deque()
@@ -167,6 +197,7 @@ def _score_rank(opts: EvalOptions, predictor: Predictor, manifest: dict, out: Pa
             row["source_image"] = item.meta.get("source_image", "")
             conf += row.pop("confusion")
             objects += row.pop("objects")
+            confusion += row.pop("object_confusion")
             rows.append(row)
             writes.append(pool.submit(_save_pngs, out, item.image_id, scan, pred, truth))
             while len(writes) > MAX_QUEUED_WRITES or (writes and writes[0].done()):
@@ -176,7 +207,7 @@ def _score_rank(opts: EvalOptions, predictor: Predictor, manifest: dict, out: Pa
             f.result()
     if len(rows) != expected:  # unreachable while the shard checks hold; never report a partial split
         raise EvaluateError(f"{manifest['_url']}: rank {rank} scored {len(rows)} of its {expected} images")
-    return conf, objects, rows
+    return conf, objects, confusion, rows
 
 
 def evaluate(opts: EvalOptions) -> dict:
@@ -194,7 +225,7 @@ def evaluate(opts: EvalOptions) -> dict:
     predictor = Predictor(model, grid, opts.blend, opts.batch_size, decision, opts.tta)
     class_names = list(manifest["classes"])
     out = Path(opts.out)
-    for sub in ("predictions", "overlays"):
+    for sub in ("predictions", "overlays", "side_by_side"):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
     error, result = None, None
@@ -205,16 +236,16 @@ def evaluate(opts: EvalOptions) -> dict:
     errors = [e for e in dist.all_gather_object(error) if e]
     if errors:
         raise EvaluateError(errors[0])
-    conf, objects, rows = result
-    conf = dist.all_reduce(torch.from_numpy(conf).to(device)).cpu().numpy()
-    objects = dist.all_reduce(torch.from_numpy(objects).to(device)).cpu().numpy()
+    conf, objects, confusion, rows = result
+    conf, objects, confusion = (dist.all_reduce(torch.from_numpy(a).to(device)).cpu().numpy()
+                                for a in (conf, objects, confusion))  # fmt: skip
     rows = sorted((r for part in dist.all_gather_object(rows) for r in part), key=lambda r: r["image_id"])
     ids = [r["image_id"] for r in rows]
     twice = sorted({i for i, j in zip(ids, ids[1:], strict=False) if i == j})
     if twice:  # in two shards: its files would overwrite each other and it would count double
         raise EvaluateError(f"{manifest['_url']}: image {twice[0]!r} appears twice in split {opts.split!r}")
 
-    metrics = split_metrics(conf, objects, rows, class_names)
+    metrics = split_metrics(conf, objects, confusion, rows, class_names)
     metrics["checkpoint"] = opts.checkpoint
     metrics["decision"] = {"requested": opts.decision, **decision.to_json()}
     metrics["tta"] = opts.tta
@@ -228,8 +259,11 @@ def evaluate(opts: EvalOptions) -> dict:
     if dist.is_main():
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
         write_csv(out / "per_image.csv", rows, class_names)
-        ranked = sorted(rows, key=lambda r: (r["mean_dice"], r["image_id"]))[: opts.worst]
+        # Worst first; an image with no defect in truth or prediction (no Dice) is right and comes last.
+        ranked = sorted(rows, key=lambda r: (r["mean_dice"] is None, r["mean_dice"] or 0.0, r["image_id"]))
+        ranked = ranked[: opts.worst]
         worst = [{"image_id": r["image_id"], "dice": r["mean_dice"],
-                  "overlay_path_relative": f"overlays/{r['image_id']}.png"} for r in ranked]  # fmt: skip
+                  "overlay_path_relative": f"overlays/{r['image_id']}.png",
+                  "side_by_side_path_relative": f"side_by_side/{r['image_id']}.png"} for r in ranked]  # fmt: skip
         metrics["report"] = str(write_report(out, metrics, worst, class_names))
     return metrics

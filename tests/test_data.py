@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from shardgen import schema
 from shardgen.reader import CorruptSample
+from trainer import sampling
 from trainer.config import DataConfig
 from trainer.data import TrainTiles, ValTiles, rank_share, reraise, train_loader, val_loader
 
@@ -177,12 +178,42 @@ def test_train_stream_is_deterministic_with_workers(small):
     assert _stream(small, seed=1, workers=2) != two
 
 
+@pytest.mark.parametrize("share", [0.3, 0.67, 1.0])
+def test_the_pool_gives_the_defect_share_of_each_batch_in_expectation(small, monkeypatch, share):
+    """Samples drawn from the defect pool, counted per batch through the loader: share * 4 in expectation
+    (rounding the count, then streaming a tile ahead of the forced ones, would give 1 of 4 for 0.3 and 3 of 4
+    for 0.67 and 1.0), and all of them for share 1.0 (every tile of ``small`` holds defects: the pool is never
+    empty)."""
+    drawn, draw = [0], sampling.DefectPool.draw
+
+    def counted(pool, rng):
+        pick = draw(pool, rng)
+        drawn[0] += pick is not None
+        return pick
+
+    monkeypatch.setattr(sampling.DefectPool, "draw", counted)
+    cfg = DataConfig(batch_size=4, workers=0, shuffle_buffer=5, defect_share=share)
+    batches = iter(train_loader(small, "train", cfg, seed=0, rank=0, start_step=0, pin=False))
+    per_batch = []
+    for _ in range(500):
+        before = drawn[0]
+        next(batches)
+        per_batch.append(drawn[0] - before)
+    assert set(per_batch) <= {int(share * 4), int(share * 4) + 1}
+    # The mean's standard deviation is at most 0.5 / sqrt(500) = 0.022 samples of a batch.
+    assert abs(np.mean(per_batch) - share * 4) < 0.1
+
+
 def test_corrupt_training_sample_is_skipped_and_counted_but_fails_validation(tmp_path):
     manifest = write_dataset(tmp_path, {"train": [1], "val": [1]}, corrupt={(0, 2)})
-    cfg = DataConfig(batch_size=3, workers=0, shuffle_buffer=2)
-    batches = take(TrainTiles(schema.shard_urls(manifest, "train"), cfg, seed=0, rank=0), 4)
+    urls = schema.shard_urls(manifest, "train")
+    cfg = DataConfig(batch_size=3, workers=0, shuffle_buffer=2, defect_share=0.0)  # the plain stream
+    batches = take(TrainTiles(urls, cfg, seed=0, rank=0), 4)
     assert (0, 2) not in ids(batches)  # 12 tiles drawn from the 3 good ones of 4
     assert sum(skipped for _, _, skipped in batches) >= 3  # one per pass over the shard
+    pooled = DataConfig(batch_size=3, workers=0, shuffle_buffer=2, defect_share=1.0)  # every tile from the pool
+    batches = take(TrainTiles(urls, pooled, seed=0, rank=0), 4)
+    assert (0, 2) not in ids(batches) and sum(skipped for _, _, skipped in batches) >= 1
     with pytest.raises(CorruptSample, match=r"val-000000.tar: sample 'img000_1_0': cannot decode"):
         list(reraise(ValTiles(manifest, "val", cfg, rank=0, world=1)))
 

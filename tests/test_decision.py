@@ -1,5 +1,6 @@
-"""Decisions tuned on validation (trainer.decision): the tuners recover the best threshold and minimum area of
-constructed cases, and a trained checkpoint's decision reaches evaluate's predictions and metrics.json."""
+"""Decisions (trainer.decision): the rule, the per-tile threshold curve training scores itself with, and a
+trained checkpoint's decision reaching evaluate's predictions and metrics.json. Tuning on whole scans:
+test_tune.py."""
 
 from __future__ import annotations
 
@@ -16,19 +17,12 @@ from evaluate.inference import Predictor, load_model
 from evaluate.tiles import iter_images
 from shardgen import schema
 from trainer import checkpoint
-from trainer.decision import AREAS, BINS, PEAKS, AreaTuner, Decision, ThresholdTuner, probabilities
+from trainer.decision import BINS, Decision, ThresholdTuner, probabilities
 
 
 def brute_force_iou(p: np.ndarray, truth: np.ndarray, t: float) -> float:
     pred = p >= t
     return (pred & truth).sum() / (pred | truth).sum()
-
-
-def paint_specks(probs: torch.Tensor, p: float) -> None:
-    """Three false 2x2 specks of probability ``p`` in every (1, 40, 40) tile of ``probs``, away from the
-    defects the tests place."""
-    for y, x in ((20, 20), (30, 5), (2, 30)):
-        probs[:, 0, y : y + 2, x : x + 2] = p
 
 
 def test_threshold_tuner_finds_the_best_binary_threshold():
@@ -67,56 +61,6 @@ def test_threshold_tuner_per_class_and_absent_classes():
     assert thresholds[2] == 0.5 and ious[2] is None
     decision = Decision("tuned", thresholds, [0, 0, 0])
     assert torch.equal(decision.classes(probs), target)
-
-
-def test_area_tuner_drops_specks_and_keeps_defects():
-    """Each tile: one true 6x6 defect and three false 2x2 specks; the best minimum area lies in (4, 36]."""
-    target = torch.zeros((3, 40, 40), dtype=torch.long)
-    probs = torch.zeros((3, 1, 40, 40))
-    target[:, 5:11, 5:11] = 1
-    probs[:, 0, 5:11, 5:11] = 0.9
-    paint_specks(probs, 0.9)
-    tuner = AreaTuner(Decision("tuned", [0.5], [0]), 1)
-    tuner.update(probs, target)
-    ((area, peak),), (iou,) = tuner.best()
-    assert (area, peak) == (min(a for a in AREAS if a > 4), 0.0) and iou == pytest.approx(1.0)
-    pred = Decision("tuned", [0.5], [area])(probs[0])
-    assert np.array_equal(pred, target[0].numpy().astype(np.uint8))
-
-
-def test_area_tuner_keeps_small_true_defects():
-    """A 2x2 pinpoint found exactly and a 6x6 defect: any minimum area above 4 px would lose the pinpoint, so
-    the tuner keeps every component (pixel IoU would hardly tell: the pinpoint is 4 of 40 pixels)."""
-    target = torch.zeros((2, 40, 40), dtype=torch.long)
-    target[:, 5:11, 5:11] = 1
-    target[:, 30:32, 30:32] = 1
-    probs = (target[:, None] == 1).float() * 0.9
-    tuner = AreaTuner(Decision("tuned", [0.5], [0]), 1)
-    tuner.update(probs, target)
-    ((area, peak),), (iou,) = tuner.best()
-    assert area <= 4 and peak == 0.0 and iou == pytest.approx(1.0)
-
-
-def test_peak_rule_keeps_a_sure_pinpoint_and_drops_unsure_specks_of_the_same_size():
-    """Each tile: a true 6x6 defect and a true 2x2 pinpoint the model is sure of (0.99), and three false 2x2
-    specks it half believes (0.7). No minimum area separates pinpoint from specks; a minimum peak does, and
-    the tuner picks one in (0.7, 0.99] with no area rule on top."""
-    target = torch.zeros((3, 40, 40), dtype=torch.long)
-    target[:, 5:11, 5:11] = 1
-    target[:, 30:32, 30:32] = 1
-    probs = (target[:, None] == 1).float() * 0.99
-    paint_specks(probs, 0.7)
-    tuner = AreaTuner(Decision("tuned", [0.5], [0]), 1)
-    tuner.update(probs, target)
-    ((area, peak),), (iou,) = tuner.best()
-    assert area == 0 and 0.7 < peak <= 0.99 and peak == min(p for p in PEAKS if p > 0.7)
-    assert iou == pytest.approx(1.0)
-    decision = Decision("tuned", [0.5], [area], [peak])
-    assert np.array_equal(decision(probs[0]), target[0].numpy().astype(np.uint8))
-    # The same rule in a multiclass model: the peak is the class's own probability.
-    probs3 = torch.cat([1 - probs, probs, torch.zeros_like(probs)], 1)
-    assert np.array_equal(Decision("tuned", [0.5, 0.5], [0, 0], [peak, 0.0])(probs3[0]),
-                          target[0].numpy().astype(np.uint8))
 
 
 def test_a_decision_saved_before_min_peak_loads_with_no_peak_rule():
@@ -265,19 +209,3 @@ def test_argmax_decision_breaks_ties_like_argmax():
     probs = torch.zeros(1, 4, 8, 8)
     probs[:, 1:3] = 0.5  # classes 1 and 2 tie everywhere: argmax keeps the first
     assert torch.equal(Decision.argmax(3).classes(probs), probs.argmax(1)) and bool((probs.argmax(1) == 1).all())
-
-
-@pytest.mark.parametrize("beta, keeps_pinpoint", [(1.0, False), (2.0, True)])
-def test_beta_trades_false_alarms_for_found_defects(beta, keeps_pinpoint):
-    """A 6x6 defect, a true 2x2 pinpoint and three false 2x2 specks, all at 0.7. Keeping every component
-    finds both defects among 5 (precision 0.4, recall 1: F1 0.57, F2 0.77); an area filter keeps the one it
-    is sure of (precision 1, recall 0.5: F1 0.67, F2 0.56). F1 drops the pinpoint, F2 (the default) keeps it."""
-    target = torch.zeros((1, 40, 40), dtype=torch.long)
-    target[:, 5:11, 5:11] = 1
-    target[:, 30:32, 30:32] = 1
-    probs = (target[:, None] == 1).float() * 0.7
-    paint_specks(probs, 0.7)
-    tuner = AreaTuner(Decision("tuned", [0.5], [0]), 1, beta=beta)
-    tuner.update(probs, target)
-    ((area, peak),), _ = tuner.best()
-    assert (area <= 4) == keeps_pinpoint and peak == 0.0

@@ -244,7 +244,7 @@ def test_torchrun_two_ranks_equal_one(evaluated, tiny, tmp_path):
            "--workers", "0", "--decision", "argmax", "--tta", "flips"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=230)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("mIoU:") == 1  # only rank 0 reports
+    assert proc.stdout.count("defect IoU") == 1  # only rank 0 reports
     one = json.loads((evaluated / "metrics.json").read_text())
     two = json.loads((tmp_path / "metrics.json").read_text())
     assert two["confusion_matrix"] == one["confusion_matrix"]
@@ -252,6 +252,7 @@ def test_torchrun_two_ranks_equal_one(evaluated, tiny, tmp_path):
     for image_id, dice in one["per_image_dice"].items():
         assert two["per_image_dice"][image_id] == pytest.approx(dice)
     assert two["per_class"] == one["per_class"]  # the same summed counts give the same numbers
+    assert two["any_defect"] == one["any_defect"] and two["object_confusion"] == one["object_confusion"]
     assert two["config"]["evaluate"]["world_size"] == 2
     assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == sorted(
         p.name for p in (evaluated / "predictions").iterdir()

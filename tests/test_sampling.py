@@ -69,9 +69,23 @@ def classes_in(batches) -> list[int]:
     return [int(m.max()) for _, masks, _ in batches for m in masks]
 
 
-def test_forced_count_rounds_half_up():
-    assert [sampling.forced_count(0.5, b) for b in (1, 2, 3, 4, 8)] == [1, 1, 2, 2, 4]
-    assert sampling.forced_count(0.0, 8) == 0 and sampling.forced_count(1.0, 8) == 8
+@pytest.mark.parametrize("share", [0.3, 0.5, 0.67, 1.0])
+def test_forced_count_is_the_share_in_expectation(share):
+    rng = random.Random(0)
+    counts = np.array([sampling.forced_count(share, 4, rng) for _ in range(4000)])
+    assert set(counts.tolist()) <= {int(share * 4), int(share * 4) + 1}  # floor or ceil, never further
+    # The mean's standard deviation is at most 0.5 / sqrt(4000) = 0.008; rounding 0.67 to 3 of 4 is 0.32 off.
+    assert abs(counts.mean() - share * 4) < 0.04
+
+
+def test_a_whole_forced_count_takes_no_draw():
+    """So a stream without the sampler (share 0) is not perturbed by it."""
+    rng = random.Random(0)
+    state = rng.getstate()
+    assert [sampling.forced_count(s, b, rng) for s, b in ((0.0, 8), (0.5, 4), (1.0, 8))] == [0, 2, 8]
+    assert rng.getstate() == state
+    sampling.forced_count(0.5, 3, rng)  # 1.5 of 3 needs a draw
+    assert rng.getstate() != state
 
 
 def test_without_the_sampler_defect_tiles_come_at_their_rate(urls):
@@ -91,14 +105,26 @@ def test_defect_share_fills_each_batch_and_balances_classes(urls):
     assert 0.35 < np.mean(defects == RARE) < 0.6
 
 
-def test_sampler_stream_is_seeded(urls):
-    a = stream(urls, 20, defect_share=0.5, crop=16)
-    b = stream(urls, 20, defect_share=0.5, crop=16)
+@pytest.mark.parametrize("share", [0.3, 0.67, 1.0])
+def test_defect_tiles_come_at_the_share_in_expectation(urls, share):
+    """Forced tiles all hold a defect, streamed ones 10% of the time: share + (1 - share) / 10 of the tiles hold
+    one (rounding the forced count, then streaming a tile ahead of the forced ones, would give 0.33 for 0.3 and
+    0.78 for 0.67 and 1.0)."""
+    held = np.array(classes_in(stream(urls, 300, defect_share=share))).reshape(300, 4)
+    assert abs(np.mean(held > 0) - (share + (1 - share) / 10)) < 0.025
+    if share == 1.0:  # the pool holds a defect tile before the shuffle buffer fills: no tile is streamed
+        assert (held > 0).all()
+
+
+@pytest.mark.parametrize("share", [0.5, 0.67])  # a fixed and a random forced count per batch
+def test_sampler_stream_is_seeded(urls, share):
+    a = stream(urls, 20, defect_share=share, crop=16)
+    b = stream(urls, 20, defect_share=share, crop=16)
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b, strict=True))
-    whole = stream(urls, 20, defect_share=0.5)  # whole tiles keep their tag pixel
-    c = stream(urls, 20, seed=1, defect_share=0.5)
+    whole = stream(urls, 20, defect_share=share)  # whole tiles keep their tag pixel
+    c = stream(urls, 20, seed=1, defect_share=share)
     assert not all(torch.equal(x[0], y[0]) for x, y in zip(whole, c, strict=True))
-    resumed = stream(urls, 20, start_step=20, defect_share=0.5)  # a resume draws fresh samples
+    resumed = stream(urls, 20, start_step=20, defect_share=share)  # a resume draws fresh samples
     assert not all(torch.equal(x[0], y[0]) for x, y in zip(whole, resumed, strict=True))
 
 

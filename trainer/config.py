@@ -52,7 +52,7 @@ class DataConfig:
     batch_size: int = 8  # samples per rank per step (global batch = batch_size * world_size * accum)
     workers: int = 2  # DataLoader worker processes per rank
     shuffle_buffer: int = 200  # samples held for shuffling in each worker (and per class in the defect pool)
-    defect_share: float = 0.5  # share of each batch drawn from recent tiles holding a defect, class-balanced
+    defect_share: float = 0.5  # share of each batch (in expectation) drawn from recent defect tiles, class-balanced
     crop: int = 0  # train on random crops of this side (0 = whole tiles); forced samples centre a defect
     pin_memory: bool = True  # pinned host batches, copied with non_blocking (ignored on CPU)
     prefetch_factor: int = 2  # batches prefetched per worker

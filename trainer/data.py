@@ -114,20 +114,23 @@ class TrainTiles(IterableDataset):
     def _batches(self):
         worker, _ = _worker()
         rng = random.Random(f"shuffle/{self.seed}/{self.rank}/{worker}/{self.start_step}")
-        size = self.cfg.batch_size
-        forced = sampling.forced_count(self.cfg.defect_share, size)
+        size, share = self.cfg.batch_size, self.cfg.defect_share
+        forced = sampling.forced_count(share, size, rng)  # drawn afresh for every batch
         pool = sampling.DefectPool(self.cfg.shuffle_buffer)
         buffer, batch = [], BatchBuffer(size, _slots(self.cfg))
         for raw in self.samples(worker):  # yields undecoded samples in shard order
-            if forced:
+            if share:
                 pool.add(raw, sampling.defect_classes(raw[2][schema.META_KEY]))
             if len(buffer) < self.cfg.shuffle_buffer:
                 buffer.append(raw)
                 continue
-            k = rng.randrange(len(buffer))  # reservoir-style shuffle: emit a random element, keep the new one
-            buffer[k], raw = raw, buffer[k]
-            self._tile(raw, rng, batch)
-            # The forced share comes last, from the pool; while the pool is empty the stream fills the batch.
+            # The stream gives the batch's first size - forced samples, the pool the rest; while the pool is
+            # empty the stream fills the batch. A sample read while the stream owes the batch nothing is not
+            # shuffled in; it has fed the pool.
+            if batch.count < size - forced or not pool:
+                k = rng.randrange(len(buffer))  # reservoir-style shuffle: emit a random element, keep the new one
+                buffer[k], raw = raw, buffer[k]
+                self._tile(raw, rng, batch)
             while size - forced <= batch.count < size and (drawn := pool.draw(rng)):
                 focus, pooled = drawn
                 if not self._tile(pooled, rng, batch, focus):
@@ -136,6 +139,7 @@ class TrainTiles(IterableDataset):
                 yield from _retries(self)
                 yield batch.take(self.skipped)  # (images, masks, skipped)
                 self.skipped = 0
+                forced = sampling.forced_count(share, size, rng)
 
 
 class ValTiles(IterableDataset):

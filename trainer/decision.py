@@ -1,4 +1,4 @@
-"""Turning probabilities into class maps: the decision rule, and tuning its values on validation.
+"""Turning probabilities into class maps: the decision rule, stored with each checkpoint.
 
 A model's probabilities are calibrated by its loss, not by what an inspector scores, so the rule that turns
 them into defects is chosen on the validation split, as the Severstal steel-defect winners did:
@@ -12,9 +12,9 @@ them into defects is chosen on the validation split, as the Severstal steel-defe
   connected to a strong one): a pinpoint of 14 px that the model is sure of survives, a speck of dust or a
   facet-edge fragment it half believes does not, which no single area or threshold can tell apart.
 
-``ThresholdTuner`` accumulates, per defect class, a histogram of the deciding probability split by whether
-the truth agrees, so every threshold's IoU follows from one pass and sums across ranks. ``AreaTuner`` then
-scores every (minimum area, minimum peak) pair at the chosen thresholds. Without tuned values
+The values are tuned on whole validation scans by ``evaluate.tune``, through the very prediction code that
+applies them. ``ThresholdTuner`` is the cheap per-tile pixel-IoU curve that training uses to score each
+validation step (the best checkpoint is the one with the best tuned IoU). Without tuned values
 ``Decision.argmax`` is the plain rule (argmax, or 0.5 for binary).
 """
 
@@ -28,10 +28,7 @@ from scipy import ndimage
 
 from shardgen.classes import IGNORE_INDEX  # the one ignore value, also in the class map and the shards
 
-BINS = 100  # threshold resolution: 0.01
-AREAS = (0, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # candidate minimum component areas, px
-PEAKS = (0.0, 0.9, 0.95, 0.98, 0.99)  # candidate minimum peak probabilities of a component (0: no such rule)
-CANDIDATES = tuple((a, p) for p in PEAKS for a in AREAS)  # (min area, min peak), the plainest first
+BINS = 100  # threshold resolution of ThresholdTuner: 0.01
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity, as the object metrics use
 
 
@@ -57,6 +54,8 @@ class Decision:
     thresholds: list[float]  # per defect class (one for binary); argmax: unused
     min_area: list[int]  # per defect class; 0 keeps every component
     min_peak: list[float] | None = None  # per defect class; 0 (or None: all 0) keeps every component
+    val_objects: list[int] | None = None  # per defect class: the validation objects it was tuned on
+    borrowed: list[str] | None = None  # classes with too few of them, given the other classes' median values
 
     def __post_init__(self) -> None:
         if self.min_peak is None:
@@ -72,7 +71,8 @@ class Decision:
         d = meta.get("decision")
         if not d:
             return None
-        return cls(d["kind"], list(d["thresholds"]), list(d["min_area"]), list(d.get("min_peak") or []) or None)
+        return cls(d["kind"], list(d["thresholds"]), list(d["min_area"]), list(d.get("min_peak") or []) or None,
+                   d.get("val_objects"), d.get("borrowed"))  # fmt: skip
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -109,11 +109,11 @@ class Decision:
     def __call__(self, probs: torch.Tensor) -> np.ndarray:
         """(K, H, W) probabilities of one image -> (H, W) uint8 class ids, component filters included."""
         pred = self.classes(probs[None])[0].to(torch.uint8).cpu().numpy()
-        confidence = _deciding(probs[None])[1][0].cpu().numpy() if any(self.min_peak) else None
+        confidence = deciding(probs[None])[1][0].cpu().numpy() if any(self.min_peak) else None
         return self.filter_components(pred, confidence)
 
 
-def _deciding(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def deciding(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(class index 0.. among defect classes, its probability) per pixel, the values a threshold compares."""
     if probs.shape[1] == 1:
         return torch.zeros_like(probs[:, 0], dtype=torch.long), probs[:, 0]
@@ -133,7 +133,7 @@ class ThresholdTuner:
     def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
         """probs (B, K, H, W) in [0, 1]; target (B, H, W) class ids with 255 ignored."""
         valid = target != IGNORE_INDEX
-        cls, p = _deciding(probs)
+        cls, p = deciding(probs)
         right = (target == cls + 1) & valid
         b = (p * BINS).long().clamp_(0, BINS - 1)
         index = (cls * 2 + right.long()) * BINS + b
@@ -164,78 +164,3 @@ class ThresholdTuner:
             thresholds.append(b / BINS)
             ious.append(float(iou[c, b]))
         return thresholds, ious
-
-
-class AreaTuner:
-    """At fixed thresholds, per defect class and candidate (minimum area, minimum peak) pair (``CANDIDATES``):
-    the right and wrong pixels of the components that survive, how many survive and touch the truth, and how
-    many truth components a survivor touches. Components are counted per tile, as the object metrics count
-    them per image.
-
-    The pair is chosen by the object F-beta (``beta`` 2 weighs recall four times as much as precision; 1 is
-    F1), not pixel IoU: dropping small or unsure components hardly moves pixel IoU, which is ruled by the
-    large defects, but it decides whether a pinpoint is reported and whether facet-edge specks are; an
-    inspector counts defects found and false alarms."""
-
-    def __init__(self, decision: Decision, n_defect: int, beta: float = 2.0):
-        self.decision, self.n, self.beta = decision, n_defect, beta
-        k = len(CANDIDATES)
-        self.kept = np.zeros((n_defect, k, 2), np.int64)  # [class, candidate, wrong/right] pixels
-        self.objects = np.zeros((n_defect, k, 3), np.int64)  # [class, candidate, kept/matched/found]
-        self.truth = np.zeros((n_defect, 2), np.int64)  # [class, pixels/components]
-
-    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
-        pred = self.decision.classes(probs).cpu().numpy()
-        confidence = _deciding(probs)[1].float().cpu().numpy()
-        target = target.cpu().numpy()
-        areas, peaks = (np.asarray(v)[:, None] for v in zip(*CANDIDATES, strict=True))
-        for p, conf, t in zip(pred, confidence, target, strict=True):
-            valid = t != IGNORE_INDEX
-            for c in range(1, self.n + 1):
-                truth, n_truth = ndimage.label((t == c) & valid, EIGHT)
-                self.truth[c - 1] += (int((truth > 0).sum()), n_truth)
-                labels, count = ndimage.label(p == c, EIGHT)
-                if not count:
-                    continue
-                index = np.arange(1, count + 1)
-                size = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-                peak = np.asarray(ndimage.maximum(conf, labels, index))
-                scored = np.bincount(labels[valid].ravel(), minlength=count + 1)[1:]
-                right = np.bincount(labels.ravel(), weights=(truth > 0).ravel(), minlength=count + 1)[1:]
-                keep = (size >= areas) & (peak >= peaks) & (scored > 0)  # (candidates, components)
-                self.kept[c - 1, :, 0] += (keep * (scored - right)).sum(1).astype(np.int64)
-                self.kept[c - 1, :, 1] += (keep * right).sum(1).astype(np.int64)
-                self.objects[c - 1, :, 0] += keep.sum(1)
-                self.objects[c - 1, :, 1] += (keep & (right > 0)).sum(1)
-                if n_truth:  # a truth component is found by a candidate that keeps a component touching it
-                    both = (truth > 0) & (labels > 0)
-                    pairs = np.unique(truth[both] * (count + 1) + labels[both])  # (truth id, component id)
-                    found = np.zeros((len(CANDIDATES), n_truth + 1), bool)
-                    for tid, lid in zip(pairs // (count + 1), pairs % (count + 1), strict=True):
-                        found[:, tid] |= keep[:, lid - 1]
-                    self.objects[c - 1, :, 2] += found.sum(1)
-
-    def reduce(self, all_reduce) -> None:
-        for name in ("kept", "objects", "truth"):
-            setattr(self, name, all_reduce(torch.from_numpy(getattr(self, name))).numpy())
-
-    def best(self) -> tuple[list[tuple[int, float]], list[float | None]]:
-        """((min area, min peak), the pixel IoU it leaves) per class: the largest object F-beta; on ties the
-        plainer rule (the lower peak, then the smaller area)."""
-        out, ious = [], []
-        for c in range(self.n):
-            pixels, components = self.truth[c]
-            if components == 0:
-                out.append((0, 0.0))
-                ious.append(None)
-                continue
-            kept, matched, found = self.objects[c].T.astype(np.float64)
-            precision = np.where(kept > 0, matched / np.maximum(kept, 1), 1.0)
-            recall = found / components
-            b2 = self.beta**2
-            f = (1 + b2) * precision * recall / np.maximum(b2 * precision + recall, 1e-12)
-            k = int(np.argmax(np.round(f, 6)))
-            out.append(CANDIDATES[k])
-            wrong, right = self.kept[c, k]
-            ious.append(float(right / max(pixels + wrong, 1)))
-        return out, ious

@@ -40,9 +40,8 @@ class LossConfig:
     # Thin and small defects: a defect pixel's (B)CE is weighted by 1 / (the defect share of the window of this
     # odd side around it), capped at object_weight_max, so a needle, a feather stroke or a pinpoint weighs
     # about as much per object as a cloud does; without it the model learns that thin lines are facet edges
-    # and misses every needle (demo, 2-core AMD EPYC, 2026-12-05: test defect IoU 0.56 -> 0.62, object recall
-    # 0.39 -> 0.70 at the same budget; a 31 px window with cap 50 did worse, 0.55 / 0.64). 0 turns it off
-    # (every pixel weighs 1, as in the research code).
+    # and misses needles (bench/quality_bench.py's no-objects arm measures it). 0 turns it off (every pixel
+    # weighs 1, as in the research code).
     object_window: int = 15
     object_weight_max: float = 20.0  # the weight of an isolated pixel, at most
 

@@ -4,9 +4,10 @@ oversampling, adapted to a streamed, resampled dataset).
 Defects cover well under 1% of a scan's pixels, so uniformly drawn tiles teach a network mostly background.
 ``DefectPool`` keeps, per defect class, the most recent training samples holding that class (their raw tar
 members: nothing is decoded until a sample is drawn), chosen from the per-tile ``class_pixels`` that every
-sample's json carries. Each batch then takes a fixed number of "forced" samples from the pool -- a class
-drawn uniformly among the classes in the pool, then a tile holding it -- and the rest from the shuffled
-stream as before. With ``data.crop`` set, every sample is cut to a random ``crop x crop`` window; a forced
+sample's json carries. Each batch then takes ``defect_share`` of its samples, in expectation, as "forced"
+samples from the pool -- a class drawn uniformly among the classes in the pool, then a tile holding it --
+and the rest from the shuffled stream as before (a batch may draw all of its samples from the pool once the
+pool holds any). With ``data.crop`` set, every sample is cut to a random ``crop x crop`` window; a forced
 sample's window is centred on a random *object* of its class (an 8-connected component, drawn uniformly,
 then a random pixel of it in the window's central half), so the defect is seen with context rather than at
 a border. Drawing a pixel of the class uniformly instead (nnU-Net's rule) centres the crops on whatever
@@ -33,9 +34,13 @@ def defect_classes(meta: dict) -> list[int]:
     return [c for c, n in enumerate(meta["class_pixels"]) if c > 0 and n > 0]
 
 
-def forced_count(share: float, batch_size: int) -> int:
-    """Samples of each batch drawn from the defect pool: ``share`` of the batch, rounded half up."""
-    return int(share * batch_size + 0.5)
+def forced_count(share: float, batch_size: int, rng: random.Random) -> int:
+    """Samples of one batch to draw from the defect pool: ``share * batch_size`` in expectation, as its
+    floor plus one more with probability its fraction. Rounding instead would force 3 of 4 for a share of
+    0.67 (0.75). A whole ``share * batch_size`` needs no draw and takes none from ``rng``, so a stream
+    without the sampler (share 0) is not perturbed by it."""
+    whole, frac = divmod(share * batch_size, 1.0)
+    return int(whole) + (frac > 0 and rng.random() < frac)
 
 
 class DefectPool:
@@ -48,6 +53,9 @@ class DefectPool:
     def add(self, sample, classes: list[int]) -> None:
         for c in classes:
             self.by_class.setdefault(c, deque(maxlen=self.per_class)).append(sample)
+
+    def __bool__(self) -> bool:
+        return bool(self.by_class)
 
     def draw(self, rng: random.Random):
         """(class id, sample): the class uniformly among those held, then one of its samples; None if empty."""

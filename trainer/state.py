@@ -20,7 +20,6 @@ from shardgen.reader import StorageUnavailable
 
 from . import checkpoint, dist
 from .config import Config
-from .decision import Decision
 
 log = logging.getLogger("trainer")
 
@@ -58,7 +57,6 @@ class RunState:
     skipped_before: int = 0  # corrupt samples skipped by earlier attempts of this run
     skipped_here: int = 0  # corrupt samples this rank's loader skipped in this attempt
     bad_total: int = 0  # non-finite steps skipped, all attempts
-    decision: Decision | None = None  # thresholds tuned with the current best model, saved in its meta
 
     def resume(self, url: str) -> None:
         """Load the checkpoint at ``url`` into the model, optimizer, scheduler, scaler, counters and RNGs."""
@@ -93,7 +91,8 @@ class RunState:
         upload retries are spent) is raised on every rank."""
         skipped = self.skipped_total()
         rngs = dist.all_gather_object(checkpoint.rng_state())
-        meta = {**self.meta, "decision": self.decision.to_json()} if self.decision is not None else self.meta
+        # No decision: one is tuned for a checkpoint's own weights at the end of the run (train.tune_checkpoints).
+        meta = self.meta
         out, failure = self.cfg.train.out_dir, None
         if dist.is_main():  # uploads get the shard readers' retry policy: the same storage, the same outages
             try:

@@ -28,7 +28,7 @@ from . import checkpoint, dist, runlog
 from .augment import GpuAugment
 from .config import Config, to_dict
 from .data import class_histogram, rank_share, reraise, train_loader, val_loader
-from .decision import AreaTuner, Decision, ThresholdTuner, probabilities
+from .decision import Decision, ThresholdTuner, probabilities
 from .losses import build_loss
 from .metrics import ConfusionMatrix
 from .models import build_model
@@ -79,7 +79,7 @@ def predict(logits: torch.Tensor) -> torch.Tensor:
 def evaluate(model, batches, augment, n_classes, class_names, device, amp, tuner=None) -> dict:
     """Validation metrics from a confusion matrix summed over every rank, plus ``samples`` (tiles seen by all
     ranks together) and ``pixels`` (scored, i.e. not ignored, pixels). ``batches``: ``reraise(val loader)``.
-    ``tuner`` (a decision.ThresholdTuner or AreaTuner) also sees every batch's probabilities and is reduced.
+    ``tuner`` (a decision.ThresholdTuner) also sees every batch's probabilities and is reduced.
     Storage that stays down on any rank raises StorageUnavailable on every rank."""
     model.eval()
     augment.eval()
@@ -119,37 +119,45 @@ def tuned_metrics(metrics: dict, tuner: ThresholdTuner, class_names: list[str]) 
             "tuned_miou": sum(scored) / len(scored) if scored else None}  # fmt: skip
 
 
-def finish_decision(cfg, raw_model, val_batches, augment, n_classes, names, device, amp, step) -> Decision | None:
-    """Minimum component areas and peaks tuned on validation with the best model at its tuned thresholds; the
-    whole decision is stored in ``best.pt`` (and ``last.pt`` when it holds the same step). Loads the best
-    weights into ``raw_model``. None when there is no best checkpoint with tuned thresholds."""
-    url = storage.join(cfg.train.out_dir, "best.pt")
-    try:
-        state = checkpoint.load(url)  # every rank reads it: out_dir is shared by design
-    except checkpoint.CheckpointError:
-        return None
-    found = Decision.from_meta(state["meta"])
-    if found is None:
-        return None
-    raw_model.load_state_dict(state["model"])
-    tuner = AreaTuner(found, len(found.thresholds), cfg.train.decision_beta)
-    evaluate(raw_model, reraise(val_batches), augment, n_classes, names, device, amp, tuner)
-    best = tuner.best()[0]
-    decision = Decision("tuned", found.thresholds, [a for a, _ in best], [p for _, p in best])
+def tune_checkpoints(cfg, val_manifest: dict, device, names: list[str]) -> dict[str, Decision]:
+    """Tune the decision of ``best.pt`` and of ``last.pt``, each for its own weights, on the whole scans of the
+    validation split, predicted exactly as evaluate predicts (``evaluate.tune``), and store it in that
+    checkpoint. Returns ``{name: decision}`` for the checkpoints that exist."""
+    # evaluate builds on trainer; its prediction code is imported where it is used, at the end of a run.
+    from evaluate.inference import load_model
+    from evaluate.tune import tune_model
+
     io = dict(retries=cfg.data.io_retries, backoff=cfg.data.io_backoff, pointer=False)
-    if dist.is_main():
-        state["meta"]["decision"] = decision.to_json()
-        checkpoint.save(cfg.train.out_dir, "best", state, **io)
-        if state["step"] == step:
-            last = checkpoint.load(storage.join(cfg.train.out_dir, "last.pt"))
-            last["meta"]["decision"] = decision.to_json()
-            checkpoint.save(cfg.train.out_dir, "last", last, **io)
-        log.info("decision tuned on %s: thresholds %s, minimum areas %s px, minimum peaks %s", cfg.data.val_split,
-                 dict(zip(names[1:], decision.thresholds, strict=True)),
-                 dict(zip(names[1:], decision.min_area, strict=True)),
-                 dict(zip(names[1:], decision.min_peak, strict=True)))  # fmt: skip
-    dist.barrier()
-    return decision
+    out, done = {}, {}  # done: step -> decision (best and last at one step hold the same weights)
+    for name in ("best", "last"):
+        url = storage.join(cfg.train.out_dir, f"{name}.pt")
+        try:
+            state = checkpoint.load(url)  # every rank reads it: out_dir is shared by design
+        except checkpoint.CheckpointError:
+            continue
+        if state["step"] not in done:
+            model = load_model(url, device)
+            decision, reached = tune_model(model, val_manifest, cfg.data.val_split, cfg.train.decision_beta,
+                                           cfg.data.workers)  # fmt: skip
+            done[state["step"]] = decision
+            if dist.is_main():
+                log.info("decision of %s.pt (step %d) tuned on %d whole scans of %s: %s", name, state["step"],
+                         schema.split_info(val_manifest, cfg.data.val_split)["images"], cfg.data.val_split,
+                         "; ".join(f"{n}: p >= {t:.2f}, >= {a} px, peak >= {k:.3f}"
+                                   for n, t, a, k in zip(names[1:], decision.thresholds, decision.min_area,
+                                                         decision.min_peak, strict=True)))  # fmt: skip
+                log.info("on validation: %s", "; ".join(
+                    f"{n}: {r['found']} of {r['objects']} objects found, {r['kept'] - r['found']} false, "
+                    f"IoU {r['iou']:.3f}" for n, r in reached.items()))  # fmt: skip
+                if decision.borrowed:
+                    log.info("fewer than 5 validation objects, so the other classes' median values: %s",
+                             ", ".join(decision.borrowed))  # fmt: skip
+        out[name] = done[state["step"]]
+        if dist.is_main():
+            state["meta"]["decision"] = out[name].to_json()
+            checkpoint.save(cfg.train.out_dir, name, state, **io)
+        dist.barrier()
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- setup
@@ -262,7 +270,7 @@ def train(cfg: Config) -> dict:
     # start_step=run.step: a resumed run draws fresh samples, not a replay of the first ones.
     batches = reraise(train_loader(manifest, cfg.data.train_split, cfg.data, cfg.train.seed, rank, run.step, pin))
     val_batches = val_loader(val_manifest, cfg.data.val_split, cfg.data, rank, world, pin)
-    val = Validation(val_batches, val_manifest["_url"], cfg.data.val_split, n_val)
+    val = Validation(val_batches, val_manifest, cfg.data.val_split, n_val)
     run.logger = logger = runlog.RunLog(cfg, total, enabled=dist.is_main(), start_step=run.step)
     names = logger.class_names(classes, binary)
     last_metrics = None
@@ -297,7 +305,7 @@ def train(cfg: Config) -> dict:
                 last_metrics = validate(run, val, augment, n_classes, names, amp)
             if step % cfg.train.ckpt_every == 0 or step == total:
                 run.save("last")
-    return finish(cfg, run, batches, val, augment, n_classes, names, amp, last_metrics)
+    return finish(cfg, run, batches, val, names, last_metrics)
 
 
 def accumulate(run: RunState, model, batches, augment, loss_fn, amp) -> tuple[torch.Tensor, float]:
@@ -328,14 +336,16 @@ def accumulate(run: RunState, model, batches, augment, loss_fn, amp) -> tuple[to
 @dataclass
 class Validation:
     loader: object  # this rank's val_loader
-    url: str  # the manifest validated on
+    manifest: dict  # the manifest validated on
     split: str
     samples: int  # tiles of the split, over all ranks
     retries: int = 0  # storage retries of this rank's validation reads (training reads: BatchStream.io_retries)
 
 
 def validate(run: RunState, val: Validation, augment, n_classes: int, names: list[str], amp) -> dict:
-    """Validate, tune the decision thresholds, step a plateau schedule, log, and keep the best checkpoint."""
+    """Validate, step a plateau schedule, log, and keep the best checkpoint (by the IoU at tuned thresholds
+    when tuning: the model is judged by a decision, not by argmax; the decision it is saved with is tuned at
+    the end of the run, on whole scans)."""
     cfg, n_defect = run.cfg, max(1, n_classes - 1)
     stream = reraise(val.loader)
     tuner = ThresholdTuner(n_defect, run.device) if cfg.train.tune_decision else None
@@ -345,24 +355,21 @@ def validate(run: RunState, val: Validation, augment, n_classes: int, names: lis
         raise run.outage(e) from None
     val.retries += stream.io_retries
     if metrics["samples"] != val.samples:  # the dealing to ranks and workers lost or repeated tiles
-        raise TrainError(f"{val.url}: validation saw {metrics['samples']} samples of split {val.split!r}, "
+        raise TrainError(f"{val.manifest['_url']}: validation saw {metrics['samples']} samples of split {val.split!r}, "
                          f"the manifest lists {val.samples}")  # fmt: skip
     if tuner is not None:
         metrics = tuned_metrics(metrics, tuner, names)
-    # The model is judged by the decision it will be used with: tuned thresholds when tuning.
     score = metrics["tuned_miou" if tuner is not None else "miou"] or 0.0
     if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         run.scheduler.step(score)
     run.logger.val(run.step, metrics)
     if score > run.best:
         run.best = score
-        if tuner is not None:
-            run.decision = Decision("tuned", metrics["thresholds"], [0] * n_defect)
         run.save("best")
     return metrics
 
 
-def finish(cfg, run: RunState, batches, val: Validation, augment, n_classes, names, amp, last_metrics) -> dict:
+def finish(cfg, run: RunState, batches, val: Validation, names, last_metrics) -> dict:
     """Totals over ranks, the end row of the logs, the ranks' agreement check and the tuned decision."""
     device = run.device
     skipped = run.skipped_total()
@@ -377,9 +384,8 @@ def finish(cfg, run: RunState, batches, val: Validation, augment, n_classes, nam
         log.warning("ranks disagree: steps %s, parameter digests %s", [s for s, _ in ranks], [d for _, d in ranks])
     elif dist.world_size() > 1:
         log.info("%d ranks took %d steps each and hold identical parameters", dist.world_size(), run.step)
-    decision = run.decision
-    if cfg.train.tune_decision:
-        decision = finish_decision(cfg, run.model, val.loader, augment, n_classes, names, device, amp, run.step)
+    decisions = tune_checkpoints(cfg, val.manifest, device, names) if cfg.train.tune_decision else {}
+    decision = decisions.get("best")
     return {"steps": run.step, "best_miou": run.best, "decision": decision and decision.to_json(),
             "last_val": last_metrics, "skipped_samples": skipped,
             "bad_steps": run.bad_total, "rank_steps": [s for s, _ in ranks], "params_in_sync": in_sync,

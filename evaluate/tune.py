@@ -1,0 +1,193 @@
+"""Tuning the decision on whole validation scans, exactly as evaluate will apply it.
+
+A checkpoint's decision (per defect class: probability threshold, minimum component area, minimum peak; see
+``trainer.decision``) is tuned here, on the validation split's full images: each scan is predicted by
+evaluate's own ``Predictor`` (same normalization, same autocast on that device, same Gaussian blending of the
+overlapping tiles into 1200 px), so an object crossing tile seams is one object, as evaluate counts it.
+
+Every candidate (threshold, area, peak) of a class is scored by the one-to-one object matching of
+``evaluate.metrics`` (found at IoU >= 0.1) summed over the split, and the class takes the candidate with the
+best object F-beta (``train.decision_beta``; 2 counts a missed defect as four false alarms), then the best
+pixel IoU, then the plainer rule (lower peak, smaller area, threshold nearer 0.5). A value chosen at the edge of
+its first window opens the rest of ``GRIDS`` on that side, and the new candidates are scored too. A class with
+fewer than ``MIN_OBJECTS`` validation objects cannot be tuned on them: it takes the median of the other classes'
+tuned values (``Decision.borrowed`` names it; the report shows it).
+
+The deciding class and probability of this rank's validation scans and their truth are kept in memory (6
+bytes a pixel, ~9 MB per scan) while the grid widens; under torchrun every rank scores its own scans and the
+counts are all-reduced.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import statistics
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from shardgen import schema
+from trainer import dist
+from trainer.decision import Decision, deciding
+
+from .blend import reassemble_mask
+from .inference import Model, Predictor
+from .metrics import components, match, pair_iou
+from .tiles import grid_of, image_loader
+
+log = logging.getLogger("evaluate.tune")
+
+MIN_OBJECTS = 5  # a class with fewer validation objects borrows the other classes' median values
+# Candidate values per rule, in order, and the (first, last) indices of the window tried first; a chosen edge
+# opens the rest of that side. Area 0 and peak 0 (no rule) are the plainest ends, so those windows start there.
+GRIDS = {
+    "threshold": ((0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99), (3, 10)),
+    "area": ((0, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512), (0, 5)),
+    "peak": ((0.0, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999), (0, 3)),
+}
+STATS = ("kept", "found", "right", "wrong")  # per candidate: objects kept, truth objects found, their pixels
+
+
+class ScanTuner:
+    """Per defect class and candidate (threshold, area, peak): ``STATS`` summed over scans, computed on demand
+    from the scans given to ``add`` so that a widened grid scores only its new candidates."""
+
+    def __init__(self, n_defect: int, device: torch.device | str = "cpu"):
+        self.n, self.device = n_defect, torch.device(device)  # device: where counts meet across ranks (NCCL: cuda)
+        self.scans: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (class index, probability, truth)
+        self.stats: dict[tuple[int, float, int, float], np.ndarray] = {}  # (class, t, area, peak) -> STATS
+        self.truth = np.zeros((n_defect, 2), np.int64)  # [class, pixels / objects]
+
+    def add(self, probs: torch.Tensor, truth: np.ndarray) -> None:
+        """One scan's blended (K, S, S) probabilities and its (S, S) truth (255 ignored)."""
+        top, p = deciding(probs[None])
+        self.scans.append((top[0].to(torch.uint8).cpu().numpy(), p[0].float().cpu().numpy(), truth))
+        for k in range(self.n):
+            _, area = components(truth == k + 1)
+            self.truth[k] += (int(area.sum()), len(area))
+
+    def score(self, candidates: Sequence[tuple[float, int, float]]) -> None:
+        """Compute the stats of the candidates not yet scored, for every class."""
+        todo = [c for c in candidates if (0, *c) not in self.stats]
+        for c in todo:
+            for k in range(self.n):
+                self.stats[(k, *c)] = np.zeros(len(STATS), np.int64)
+        by_threshold: dict[float, list[tuple[int, float]]] = {}
+        for t, area, peak in todo:
+            by_threshold.setdefault(t, []).append((area, peak))
+        for top, p, truth in self.scans:
+            scored = truth != 255
+            for k in range(self.n):
+                for t, rules in by_threshold.items():
+                    for rule, row in zip(rules, _class_stats(top, p, truth, scored, k, t, rules), strict=True):
+                        self.stats[(k, t, *rule)] += row
+
+    def table(self, candidates: Sequence[tuple[float, int, float]]) -> np.ndarray:
+        """(n_defect, len(candidates), len(STATS)) int64, summed over every rank (a collective)."""
+        self.score(candidates)
+        local = np.stack([[self.stats[(k, *c)] for c in candidates] for k in range(self.n)])
+        return self.reduce(local)
+
+    def reduce(self, counts: np.ndarray) -> np.ndarray:
+        """``counts`` summed over every rank (a collective)."""
+        return dist.all_reduce(torch.from_numpy(counts).to(self.device)).cpu().numpy()
+
+
+def _class_stats(top, p, truth, scored, k: int, t: float, rules) -> list[np.ndarray]:
+    """STATS of class index ``k`` at threshold ``t`` on one scan, for each (area, peak) of ``rules``."""
+    sel = (top == k) & (p >= t)
+    region = sel | (truth == k + 1)
+    if not region.any():
+        return [np.zeros(len(STATS), np.int64) for _ in rules]
+    box = ndimage.find_objects(region.astype(np.int8))[0]  # components never cross their bounding box
+    sel, p, truth, scored = sel[box], p[box], truth[box], scored[box]
+    t_lab, t_area = components(truth == k + 1)
+    labels, s_area = components(sel, scored)
+    n = len(s_area)
+    size = np.bincount(labels.ravel(), minlength=n + 1)[1:]  # the area rule counts every pixel, as the Decision does
+    peak = np.asarray(ndimage.maximum(p, labels, np.arange(1, n + 1))) if n else np.zeros(0)
+    right = np.bincount(labels[truth == k + 1], minlength=n + 1)[1:]
+    iou = pair_iou(t_lab, t_area, labels, s_area, scored)
+    out = []
+    for area, min_peak in rules:
+        keep = (size >= area) & (peak >= min_peak)
+        found = len(match(iou[:, keep])[0])
+        out.append(np.array([keep.sum(), found, right[keep].sum(), (s_area - right)[keep].sum()], np.int64))
+    return out
+
+
+def _window(name: str, lo: int, hi: int) -> list:
+    return list(GRIDS[name][0][lo : hi + 1])
+
+
+def choose(table: np.ndarray, candidates, truth: np.ndarray, beta: float) -> list[int]:
+    """Per class, the index of the candidate with the best object F-beta, then pixel IoU, then the plainest."""
+    out = []
+    for k in range(table.shape[0]):
+        kept, found, right, wrong = table[k].T.astype(np.float64)
+        gt_objects, gt_pixels = truth[k, 1], truth[k, 0]
+        precision = np.where(kept > 0, found / np.maximum(kept, 1), 1.0)
+        recall = found / max(gt_objects, 1)
+        b2 = beta**2
+        f = (1 + b2) * precision * recall / np.maximum(b2 * precision + recall, 1e-12)
+        iou = right / np.maximum(gt_pixels + wrong, 1)
+        keys = [(round(f[i], 6), round(iou[i], 6), -c[2], -c[1], -abs(c[0] - 0.5)) for i, c in enumerate(candidates)]
+        out.append(max(range(len(candidates)), key=keys.__getitem__))
+    return out
+
+
+def tune(tuner: ScanTuner, beta: float, class_names: Sequence[str]) -> tuple[Decision, dict]:
+    """The decision for the scans ``tuner`` holds (every rank's), and per class what it reaches on them."""
+    truth = tuner.reduce(tuner.truth.copy())
+    windows = {name: list(w) for name, (_, w) in GRIDS.items()}
+    while True:
+        grids = [_window(name, *windows[name]) for name in ("threshold", "area", "peak")]
+        candidates = list(itertools.product(*grids))
+        table = tuner.table(candidates)
+        best = choose(table, candidates, truth, beta)
+        widened = False
+        for d, name in enumerate(("threshold", "area", "peak")):
+            values, (lo, hi) = GRIDS[name][0], windows[name]
+            chosen = {candidates[i][d] for k, i in enumerate(best) if truth[k, 1] >= MIN_OBJECTS or tuner.n == 1}
+            # The whole rest of that side at once: one step past an edge may show a plateau before the peak.
+            if values[hi] in chosen and hi + 1 < len(values):
+                windows[name][1] = len(values) - 1
+                widened = True
+            if values[lo] in chosen and lo > 0:
+                windows[name][0] = 0
+                widened = True
+        if not widened:
+            break
+    values = [candidates[i] for i in best]
+    own = [k for k in range(tuner.n) if truth[k, 1] >= MIN_OBJECTS]
+    borrowed = [k for k in range(tuner.n) if k not in own] if own else []
+    for k in borrowed:  # too few objects to tune on: the median of the classes that had enough
+        values[k] = (statistics.median(values[j][0] for j in own), int(statistics.median(values[j][1] for j in own)),
+                     statistics.median(values[j][2] for j in own))  # fmt: skip
+    names = list(class_names[1:])
+    decision = Decision("tuned", [float(v[0]) for v in values], [int(v[1]) for v in values],
+                        [float(v[2]) for v in values], val_objects=[int(v) for v in truth[:, 1]],
+                        borrowed=[names[k] for k in borrowed])  # fmt: skip
+    reached = {}
+    for k in own or range(tuner.n):
+        kept, found, right, wrong = table[k, best[k]].tolist()
+        reached[names[k]] = {"objects": int(truth[k, 1]), "found": found, "kept": kept,
+                             "iou": right / max(truth[k, 0] + wrong, 1)}  # fmt: skip
+    return decision, reached
+
+
+def tune_model(model: Model, manifest: dict, split: str, beta: float, workers: int = 2,
+               batch_size: int = 25, blend: str = "gaussian") -> tuple[Decision, dict]:  # fmt: skip
+    """Predict this rank's scans of ``split`` as evaluate does and tune the decision on all ranks' scans."""
+    if not schema.split_info(manifest, split)["images"]:
+        raise ValueError(f"{manifest['_url']}: split {split!r} has no images to tune the decision on")
+    grid, names = grid_of(manifest), list(manifest["classes"])
+    tuner = ScanTuner(max(1, len(names) - 1), model.device)
+    predictor = Predictor(model, grid, blend, batch_size)
+    images = image_loader(manifest, split, dist.rank(), dist.world_size(), workers)
+    for probs, item in predictor.probabilities((item.images, item) for item in images):
+        tuner.add(probs, reassemble_mask(item.masks.numpy(), grid, item.image_id))
+    return tune(tuner, beta, names)

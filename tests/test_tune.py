@@ -1,0 +1,218 @@
+"""Decisions tuned on whole validation scans (evaluate.tune): constructed cases with known best rules, the
+grid widening past a chosen edge, classes with too few objects, blended scans (a seam-crossing object is one
+object), and best.pt / last.pt each carrying the decision of their own weights."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from test_evaluate import GRID, tiny_dataset
+
+from evaluate.blend import reassemble_mask
+from evaluate.inference import Predictor, load_model
+from evaluate.tiles import iter_images
+from evaluate.tune import GRIDS, MIN_OBJECTS, ScanTuner, tune, tune_model
+from shardgen import schema
+from trainer import checkpoint
+from trainer.config import load_config
+from trainer.decision import EIGHT, Decision, deciding
+from trainer.train import param_digest, tune_checkpoints
+
+
+def tuned(probs: torch.Tensor, target: torch.Tensor, beta: float = 2.0, names=None):
+    """Tune on each (K, H, W) of ``probs`` as one scan with its (H, W) truth."""
+    tuner = ScanTuner(max(1, probs.shape[1] - 1))
+    for p, t in zip(probs, target, strict=True):
+        tuner.add(p, t.numpy().astype(np.uint8))
+    names = names or ["background"] + [f"c{k}" for k in range(tuner.n)]
+    return tune(tuner, beta, names)
+
+
+def paint_specks(probs: torch.Tensor, p: float, size: int = 2) -> None:
+    """Three false ``size`` x ``size`` specks of probability ``p`` in every (1, 40, 40) scan of ``probs``."""
+    for y, x in ((20, 20), (30, 5), (2, 30)):
+        probs[:, 0, y : y + size, x : x + size] = p
+
+
+def applies_exactly(decision: Decision, probs: torch.Tensor, target: torch.Tensor) -> bool:
+    return all(np.array_equal(decision(p), t.numpy().astype(np.uint8)) for p, t in zip(probs, target, strict=True))
+
+
+def test_area_rule_drops_specks_and_keeps_defects():
+    """Each scan: one true 6x6 defect and three false 2x2 specks, all sure: the smallest minimum area above 4."""
+    target = torch.zeros((3, 40, 40), dtype=torch.long)
+    probs = torch.zeros((3, 1, 40, 40))
+    target[:, 5:11, 5:11] = 1
+    probs[:, 0, 5:11, 5:11] = 0.9
+    paint_specks(probs, 0.9)
+    decision, reached = tuned(probs, target)
+    assert decision.min_area == [min(a for a in GRIDS["area"][0] if a > 4)] and decision.min_peak == [0.0]
+    assert reached["c0"] == {"objects": 3, "found": 3, "kept": 3, "iou": 1.0}
+    assert applies_exactly(decision, probs, target)
+
+
+def test_small_true_defects_are_kept():
+    """A 2x2 pinpoint and a 6x6 defect: any minimum area above 4 px would lose the pinpoint."""
+    target = torch.zeros((2, 40, 40), dtype=torch.long)
+    target[:, 5:11, 5:11] = 1
+    target[:, 30:32, 30:32] = 1
+    probs = (target[:, None] == 1).float() * 0.9
+    decision, _ = tuned(probs, target)
+    assert decision.min_area[0] <= 4 and decision.min_peak == [0.0]
+    assert applies_exactly(decision, probs, target)
+
+
+def test_peak_rule_keeps_a_whole_sure_pinpoint_and_drops_unsure_specks():
+    """A 4x4 pinpoint whose core the model is sure of (0.99) and whose rim it half believes (0.7), and three
+    false 4x4 specks at 0.7. No area separates them; a threshold above 0.7 drops the specks but cuts the
+    pinpoint to its core; keeping components with a sure peak keeps the whole pinpoint: same objects, better
+    IoU, so the peak rule wins."""
+    target = torch.zeros((3, 40, 40), dtype=torch.long)
+    target[:, 5:11, 5:11] = 1
+    target[:, 29:33, 29:33] = 1
+    probs = (target[:, None] == 1).float() * 0.99
+    probs[:, 0, 29:33, 29:33] = 0.7
+    probs[:, 0, 30:32, 30:32] = 0.99
+    paint_specks(probs, 0.7, size=4)
+    decision, reached = tuned(probs, target)
+    assert decision.thresholds[0] <= 0.7 and decision.min_peak == [0.9] and decision.min_area == [0]
+    assert reached["c0"]["iou"] == 1.0
+    assert applies_exactly(decision, probs, target)
+    # The same rule in a multiclass model: the peak is the class's own probability.
+    probs3 = torch.cat([1 - probs, probs, torch.zeros_like(probs)], 1)
+    rule = Decision("tuned", [decision.thresholds[0], 0.5], [0, 0], [0.9, 0.0])
+    assert applies_exactly(rule, probs3, target)
+
+
+@pytest.mark.parametrize("beta, keeps_pinpoint", [(1.0, False), (2.0, True)])
+def test_beta_trades_false_alarms_for_found_defects(beta, keeps_pinpoint):
+    """A 6x6 defect, a true 2x2 pinpoint and three false 2x2 specks, all at 0.7. Keeping every component
+    finds both defects among 5 (precision 0.4, recall 1: F1 0.57, F2 0.77); an area filter keeps the one it
+    is sure of (precision 1, recall 0.5: F1 0.67, F2 0.56). F1 drops the pinpoint, F2 (the default) keeps it."""
+    target = torch.zeros((1, 40, 40), dtype=torch.long)
+    target[:, 5:11, 5:11] = 1
+    target[:, 30:32, 30:32] = 1
+    probs = (target[:, None] == 1).float() * 0.7
+    paint_specks(probs, 0.7)
+    decision, _ = tuned(probs, target, beta)
+    assert (decision.min_area[0] <= 4) == keeps_pinpoint and decision.min_peak == [0.0]
+
+
+def test_fragments_count_as_false_alarms_not_as_matches():
+    """A line predicted as 8 separate fragments matches the truth once; the other 7 are false alarms, so the
+    tuner prefers the lower threshold that paints the line whole (one-to-one matching, not any overlap)."""
+    target = torch.zeros((1, 40, 40), dtype=torch.long)
+    target[:, 20, 2:38] = 1
+    probs = torch.zeros((1, 1, 40, 40))
+    probs[:, 0, 20, 2:38] = 0.6
+    probs[:, 0, 20, 2:38:5] = 0.95  # sure beads on an unsure thread
+    probs[:, 0, 20, 3:38:5] = 0.95
+    decision, reached = tuned(probs, target)
+    assert decision.thresholds[0] <= 0.6 and reached["c0"] == {"objects": 1, "found": 1, "kept": 1, "iou": 1.0}
+
+
+def test_a_choice_at_the_edge_of_the_grid_widens_it():
+    """The defect scores 0.995, false specks of its size 0.6, 0.85 and 0.985: the first windows' top values
+    (threshold 0.9, peak 0.98) are their best, so the grids widen and a threshold of 0.99 (a plainer rule than
+    the same peak) drops the last speck."""
+    target = torch.zeros((2, 40, 40), dtype=torch.long)
+    target[:, 5:11, 5:11] = 1
+    probs = (target[:, None] == 1).float() * 0.995
+    for (y, x), p in zip(((20, 20), (30, 5), (2, 30)), (0.6, 0.85, 0.985), strict=True):
+        probs[:, 0, y : y + 6, x : x + 6] = p
+    for name, top in (("threshold", 0.9), ("peak", 0.98)):
+        values, (_, hi) = GRIDS[name]
+        assert values[hi] == top
+    decision, reached = tuned(probs, target)
+    assert decision.thresholds == [0.99] and decision.min_peak == [0.0] and decision.min_area == [0]
+    assert reached["c0"]["kept"] == 2 and applies_exactly(decision, probs, target)
+
+
+def test_a_class_with_too_few_objects_takes_the_median_of_the_others():
+    """Classes 1-3 have 6 objects each and want areas 8 / 8 / 16 (specks of 4 / 4 / 9 px); class 4 has 2 objects
+    and no false alarms (its own choice would be no area rule); it borrows the median, 8, and is named."""
+    target = torch.zeros((6, 40, 40), dtype=torch.long)
+    probs = torch.zeros((6, 5, 40, 40))
+    probs[:, 0] = 1.0
+    speck = {1: 2, 2: 2, 3: 3}
+    for c in (1, 2, 3):
+        y = 4 + 12 * (c - 1)
+        target[:, y : y + 6, 4:10] = c
+        probs[:, :, y : y + 6, 4:10] = 0
+        probs[:, c, y : y + 6, 4:10] = 1.0
+        s = speck[c]
+        probs[:, :, y : y + s, 20 : 20 + s] = 0
+        probs[:, c, y : y + s, 20 : 20 + s] = 1.0
+    target[:2, 30:32, 30:32] = 4
+    probs[:2, :, 30:32, 30:32] = 0
+    probs[:2, 4, 30:32, 30:32] = 1.0
+    decision, reached = tuned(probs, target, names=["background", "a", "b", "c", "d"])
+    assert decision.val_objects == [6, 6, 6, 2] and 2 < MIN_OBJECTS <= 6
+    assert decision.min_area == [8, 8, 16, 8] and decision.borrowed == ["d"]
+    assert set(reached) == {"a", "b", "c"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory)
+
+
+def test_the_decision_is_tuned_on_blended_whole_scans(tiny, monkeypatch):
+    """tune_model scores evaluate's blended 192 px scans, not 64 px tiles: an object crossing tile seams is
+    one object (the tiles of the val split hold more object pieces than its scans hold objects)."""
+    manifest = schema.read_manifest(str(tiny.shards))
+    model = load_model(str(tiny.ckpt), torch.device("cpu"))
+    seen = []
+    monkeypatch.setattr(ScanTuner, "add", lambda self, probs, truth, add=ScanTuner.add: (
+        seen.append((probs.clone(), truth)), add(self, probs, truth))[1])  # fmt: skip
+    decision, _ = tune_model(model, manifest, "val", beta=2.0, workers=0)
+    items = list(iter_images(manifest, "val"))
+    assert len(seen) == len(items) > 0
+    blended = list(Predictor(model, GRID).probabilities((i.images, i) for i in items))
+    whole = tile_pieces = 0
+    for (probs, truth), (expected, item) in zip(seen, blended, strict=True):
+        assert torch.equal(deciding(probs[None])[1], deciding(expected[None])[1])
+        assert np.array_equal(truth, reassemble_mask(item.masks.numpy(), GRID, item.image_id))
+        for c in range(1, 11):
+            whole += ndimage.label(truth == c, EIGHT)[1]
+            tile_pieces += sum(ndimage.label(m == c, EIGHT)[1] for m in item.masks.numpy())
+    assert sum(decision.val_objects) == whole < tile_pieces
+
+
+def test_best_and_last_each_carry_the_decision_of_their_own_weights(tiny, tmp_path):
+    """best.pt from other weights than last.pt: tune_checkpoints tunes each for itself; a checkpoint saved
+    mid-run carries no decision at all (evaluate then says it applies argmax)."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny.ckpt.parent, run)
+    best = checkpoint.load(str(run / "best.pt"))
+    del best["meta"]["decision"]
+    assert "decision" not in best["meta"]
+    torch.manual_seed(1)
+    best["model"] = {k: v + 0.3 * torch.randn_like(v) if v.is_floating_point() else v for k, v in best["model"].items()}
+    best["step"] = 2
+    torch.save(best, run / "best.pt")
+    cfg = load_config(str(tiny.root / "train.yaml"), [f"train.out_dir={run}", "data.workers=0"])
+    manifest = schema.read_manifest(str(tiny.shards))
+    names = list(manifest["classes"])
+    decisions = tune_checkpoints(cfg, manifest, torch.device("cpu"), names)
+    for name in ("best", "last"):
+        url = str(run / f"{name}.pt")
+        model = load_model(url, torch.device("cpu"))
+        own, _ = tune_model(model, manifest, "val", cfg.train.decision_beta, workers=0)
+        assert Decision.from_meta(checkpoint.load(url)["meta"]) == own == decisions[name]
+    digests = {param_digest(load_model(str(run / f"{n}.pt"), torch.device("cpu")).net) for n in ("best", "last")}
+    assert len(digests) == 2
+
+
+def test_a_checkpoint_saved_during_training_carries_no_decision(tiny, tmp_path):
+    from trainer.train import train
+
+    cfg = load_config(str(tiny.root / "train.yaml"), [f"train.out_dir={tmp_path}", "train.steps=2",
+                                                       "train.val_every=2", "train.tune_decision=false"])  # fmt: skip
+    train(cfg)
+    for name in ("best", "last"):
+        assert "decision" not in checkpoint.load(str(tmp_path / f"{name}.pt"))["meta"]
