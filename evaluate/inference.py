@@ -5,8 +5,9 @@ normalization), so nothing about the model has to be repeated on the command lin
 tiles through it in fixed-size batches that may span images, turns logits into probabilities (softmax, or
 sigmoid for a single binary output), optionally averaged over flipped and rotated copies of each tile
 (test-time augmentation, ``TTA``), blends each image's tile probabilities with ``blend_tiles`` and decides
-the class per pixel with a ``trainer.decision.Decision``: the thresholds and minimum component areas tuned
-on validation and stored in the checkpoint (``decision_for``), or plain argmax (0.5 for binary models).
+the class per pixel with a ``trainer.decision.Decision``: the thresholds, minimum component areas and peaks
+tuned on whole validation scans and stored in the checkpoint (``decision_for``, ``evaluate.tune``), or plain
+argmax (0.5 for binary models).
 It is the same preprocessing as validation in training: ``GpuAugment.normalize`` in eval mode, bf16
 autocast on CUDA.
 """

@@ -9,8 +9,8 @@ classes, most of them absent from most scans, counting such pairs as 1 would mak
 
 Object scores count defects, not pixels, and cannot be gamed by painting. An object is an 8-connected
 component: of one class (per-class scores) or of any defect class merged before labelling (``any_defect``).
-Truth and predicted components are matched **one to one**, as StarDist's ``matching`` and panoptic quality
-(Kirillov et al. 2019) do:
+Truth and predicted components are matched **one to one** (as panoptic quality, Kirillov et al. 2019, and
+StarDist's ``matching`` do; StarDist maximizes the number of matches first, this the total IoU):
 
 - *found* (``object_recall``, ``object_precision``, ``object_f1``): the pairs with IoU >= 0.1 that maximize
   the total IoU (Hungarian algorithm). A thin defect is found even when the painted line is a few pixels off,
@@ -150,8 +150,8 @@ def object_tally(pred, target, num_classes: int, ignore_index: int = IGNORE_INDE
     p_lab, p_area = components(pred > 0, scored)
     iou = pair_iou(t_lab, t_area, p_lab, p_area, scored)
     tally[0] = tally_pairs(iou)
-    t_cls = _majority(t_lab, len(t_area), target, num_classes)
-    p_cls = _majority(p_lab, len(p_area), pred, num_classes)
+    t_cls = _majority(t_lab, len(t_area), target, num_classes, scored)
+    p_cls = _majority(p_lab, len(p_area), pred, num_classes, scored)
     ti, pi = match(iou)
     np.add.at(confusion, (t_cls[ti], p_cls[pi]), 1)
     np.add.at(confusion, (t_cls[np.setdiff1d(np.arange(len(t_area)), ti)], 0), 1)  # missed
@@ -167,9 +167,9 @@ def object_tally(pred, target, num_classes: int, ignore_index: int = IGNORE_INDE
     return tally, confusion
 
 
-def _majority(labels: np.ndarray, n: int, classes: np.ndarray, num_classes: int) -> np.ndarray:
-    """The most frequent class id (>= 1) of each component 1..n; ties go to the lower id."""
-    inside = labels > 0
+def _majority(labels: np.ndarray, n: int, classes: np.ndarray, num_classes: int, scored: np.ndarray) -> np.ndarray:
+    """The most frequent class id (>= 1) over the scored pixels of each component 1..n; ties go to the lower id."""
+    inside = (labels > 0) & scored
     votes = np.bincount((labels[inside].astype(np.int64) - 1) * num_classes + classes[inside],
                         minlength=n * num_classes).reshape(n, num_classes)  # fmt: skip
     votes[:, 0] = -1  # a component is a defect: background pixels (ignored or not) never name it

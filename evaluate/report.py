@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from evaluate.overlay import PALETTE, legend_swatches
+from evaluate.tune import MIN_OBJECTS
 
 DASH = "—"
 PIXEL_COLUMNS = (
@@ -257,8 +258,8 @@ def _decision(decision: Mapping | None, class_names: Sequence[str]) -> dict:
                                                     counts, strict=True), start=1)]  # fmt: skip
     line = "tuned on validation scans"
     if borrowed:
-        line += (f"; {', '.join(borrowed)} had fewer than 5 validation objects and borrowed the median of the "
-                 f"other classes' values")  # fmt: skip
+        line += (f"; {', '.join(borrowed)} had fewer than {MIN_OBJECTS} validation objects and took their values "
+                 f"from the other classes (their median, or one rule for all classes pooled when none had enough)")
     return {"line": line, "rows": rows}
 
 

@@ -77,9 +77,13 @@ def select_device(name: str) -> torch.device:
     return dist.setup(name)
 
 
-def decide(model, requested: str):
-    """The checkpoint's decision (see inference.decision_for); rank 0 prints the fallback warning."""
+def decide(model, requested: str, blend: str = "gaussian", tta: str = "none"):
+    """The checkpoint's decision (see inference.decision_for); rank 0 prints the fallback warning, and a
+    warning when the probabilities differ from those the decision was tuned on (evaluate.tune)."""
     decision, warning = decision_for(model, requested)
+    if decision.kind == "tuned" and (blend, tta) != ("gaussian", "none"):
+        warning = (f"the decision was tuned on Gaussian-blended probabilities without test-time augmentation; "
+                   f"--blend {blend} --tta {tta} moves the probabilities it applies to")
     if warning and dist.is_main():
         print(f"evaluate: warning: {warning}", file=sys.stderr)
     return decision
@@ -221,7 +225,7 @@ def evaluate(opts: EvalOptions) -> dict:
     if not schema.split_info(manifest, opts.split)["images"]:
         raise EvaluateError(f"{manifest['_url']}: split {opts.split!r} has no images")
     grid = grid_of(manifest)
-    decision = decide(model, opts.decision)
+    decision = decide(model, opts.decision, opts.blend, opts.tta)
     predictor = Predictor(model, grid, opts.blend, opts.batch_size, decision, opts.tta)
     class_names = list(manifest["classes"])
     out = Path(opts.out)

@@ -11,7 +11,8 @@ best object F-beta (``train.decision_beta``; 2 counts a missed defect as four fa
 pixel IoU, then the plainer rule (lower peak, smaller area, threshold nearer 0.5). A value chosen at the edge of
 its first window opens the rest of ``GRIDS`` on that side, and the new candidates are scored too. A class with
 fewer than ``MIN_OBJECTS`` validation objects cannot be tuned on them: it takes the median of the other classes'
-tuned values (``Decision.borrowed`` names it; the report shows it).
+tuned values (``Decision.borrowed`` names it; the report shows it); when no class has enough, one rule is tuned
+on all classes' objects pooled and given to every class.
 
 The deciding class and probability of this rank's validation scans and their truth are kept in memory (6
 bytes a pixel, ~9 MB per scan) while the grid widens; under torchrun every rank scores its own scans and the
@@ -30,9 +31,11 @@ import torch
 from scipy import ndimage
 
 from shardgen import schema
+from shardgen.classes import IGNORE_INDEX
 from trainer import dist
 from trainer.decision import Decision, deciding
 
+from . import EvaluateError
 from .blend import reassemble_mask
 from .inference import Model, Predictor
 from .metrics import components, match, pair_iou
@@ -79,7 +82,7 @@ class ScanTuner:
         for t, area, peak in todo:
             by_threshold.setdefault(t, []).append((area, peak))
         for top, p, truth in self.scans:
-            scored = truth != 255
+            scored = truth != IGNORE_INDEX
             for k in range(self.n):
                 for t, rules in by_threshold.items():
                     for rule, row in zip(rules, _class_stats(top, p, truth, scored, k, t, rules), strict=True):
@@ -142,16 +145,21 @@ def choose(table: np.ndarray, candidates, truth: np.ndarray, beta: float) -> lis
 def tune(tuner: ScanTuner, beta: float, class_names: Sequence[str]) -> tuple[Decision, dict]:
     """The decision for the scans ``tuner`` holds (every rank's), and per class what it reaches on them."""
     truth = tuner.reduce(tuner.truth.copy())
+    own = [k for k in range(tuner.n) if truth[k, 1] >= MIN_OBJECTS]
+    pooled = not own  # no class has enough objects: one rule for all, tuned on all their objects together
     windows = {name: list(w) for name, (_, w) in GRIDS.items()}
     while True:
         grids = [_window(name, *windows[name]) for name in ("threshold", "area", "peak")]
         candidates = list(itertools.product(*grids))
         table = tuner.table(candidates)
-        best = choose(table, candidates, truth, beta)
+        if pooled:
+            best = choose(table.sum(0, keepdims=True), candidates, truth.sum(0, keepdims=True), beta) * tuner.n
+        else:
+            best = choose(table, candidates, truth, beta)
         widened = False
         for d, name in enumerate(("threshold", "area", "peak")):
             values, (lo, hi) = GRIDS[name][0], windows[name]
-            chosen = {candidates[i][d] for k, i in enumerate(best) if truth[k, 1] >= MIN_OBJECTS or tuner.n == 1}
+            chosen = {candidates[best[k]][d] for k in (own or range(tuner.n))}
             # The whole rest of that side at once: one step past an edge may show a plateau before the peak.
             if values[hi] in chosen and hi + 1 < len(values):
                 windows[name][1] = len(values) - 1
@@ -162,12 +170,21 @@ def tune(tuner: ScanTuner, beta: float, class_names: Sequence[str]) -> tuple[Dec
         if not widened:
             break
     values = [candidates[i] for i in best]
-    own = [k for k in range(tuner.n) if truth[k, 1] >= MIN_OBJECTS]
-    borrowed = [k for k in range(tuner.n) if k not in own] if own else []
-    for k in borrowed:  # too few objects to tune on: the median of the classes that had enough
-        values[k] = (statistics.median(values[j][0] for j in own), int(statistics.median(values[j][1] for j in own)),
-                     statistics.median(values[j][2] for j in own))  # fmt: skip
+    borrowed = [k for k in range(tuner.n) if k not in own] if tuner.n > 1 else []
+    if own:
+        median = [statistics.median(values[j][d] for j in own) for d in range(3)]
+        for k in borrowed:  # too few objects to tune on: the median of the classes that had enough
+            values[k] = (median[0], int(median[1]), median[2])
     names = list(class_names[1:])
+    if dist.is_main():
+        if pooled:
+            log.warning("no class has %d validation objects (%d in all): one decision tuned on all of them",
+                        MIN_OBJECTS, int(truth[:, 1].sum()))  # fmt: skip
+        for d, name in enumerate(("threshold", "area", "peak")):
+            ends = {GRIDS[name][0][-1]} | ({GRIDS[name][0][0]} if name == "threshold" else set())
+            if at := sorted({v[d] for v in values} & ends):
+                log.warning("the tuned %s reached the end of its grid (%s): the scans ask for a rule beyond it",
+                            name, ", ".join(map(str, at)))  # fmt: skip
     decision = Decision("tuned", [float(v[0]) for v in values], [int(v[1]) for v in values],
                         [float(v[2]) for v in values], val_objects=[int(v) for v in truth[:, 1]],
                         borrowed=[names[k] for k in borrowed])  # fmt: skip
@@ -183,11 +200,17 @@ def tune_model(model: Model, manifest: dict, split: str, beta: float, workers: i
                batch_size: int = 25, blend: str = "gaussian") -> tuple[Decision, dict]:  # fmt: skip
     """Predict this rank's scans of ``split`` as evaluate does and tune the decision on all ranks' scans."""
     if not schema.split_info(manifest, split)["images"]:
-        raise ValueError(f"{manifest['_url']}: split {split!r} has no images to tune the decision on")
+        raise EvaluateError(f"{manifest['_url']}: split {split!r} has no images to tune the decision on")
     grid, names = grid_of(manifest), list(manifest["classes"])
     tuner = ScanTuner(max(1, len(names) - 1), model.device)
     predictor = Predictor(model, grid, blend, batch_size)
-    images = image_loader(manifest, split, dist.rank(), dist.world_size(), workers)
-    for probs, item in predictor.probabilities((item.images, item) for item in images):
-        tuner.add(probs, reassemble_mask(item.masks.numpy(), grid, item.image_id))
+    failure = None
+    try:
+        images = image_loader(manifest, split, dist.rank(), dist.world_size(), workers)
+        for probs, item in predictor.probabilities((item.images, item) for item in images):
+            tuner.add(probs, reassemble_mask(item.masks.numpy(), grid, item.image_id))
+    except (EvaluateError, ValueError, OSError) as e:  # bad shards on this rank: every rank stops, none waits
+        failure = str(e)
+    if (failure := dist.any_rank(failure)) is not None:
+        raise EvaluateError(failure)
     return tune(tuner, beta, names)

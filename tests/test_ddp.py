@@ -19,6 +19,8 @@ import torch
 import yaml
 from tiny import build_tiny, scored_pixels
 
+from evaluate.inference import load_model
+from evaluate.tune import tune_model
 from shardgen import schema
 from trainer import checkpoint
 from trainer.models import build_model
@@ -73,6 +75,10 @@ def test_two_ranks_agree_and_validate_every_sample_once(shards, tmp_path):
     state = checkpoint.load(str(out / "last.pt"))
     assert state["step"] == 6
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    # The decision the 2 ranks tuned together, each on its share of the val scans, is one process's on all.
+    model = load_model(str(out / "last.pt"), torch.device("cpu"))
+    alone, _ = tune_model(model, schema.read_manifest(shards), "val", beta=2.0, workers=0)
+    assert state["meta"]["decision"] == alone.to_json()
 
     summary, err = torchrun(str(config), "train.steps=8")  # both ranks resume from step 6
     assert f"resumed from {out / 'last.pt'} at step 6" in err

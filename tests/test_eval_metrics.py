@@ -1,5 +1,6 @@
 """Pixel, per-image and object metrics on hand-made masks with known answers."""
 
+import itertools
 import json
 
 import numpy as np
@@ -10,11 +11,14 @@ from scipy import ndimage
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from evaluate.metrics import (
+    components,
     dice_summary,
     image_confusion,
+    match,
     object_scores,
     object_summary,
     object_tally,
+    pair_iou,
     per_image_dice,
 )
 from trainer.metrics import ConfusionMatrix, summarize
@@ -169,17 +173,33 @@ def test_two_defects_merged_into_one_blob_find_one():
 
 
 def test_the_assignment_maximizes_total_iou():
-    """Truth A and B, predictions P (overlapping A a lot and B a little) and Q (overlapping B only a little):
-    greedy by the best pair would take A-P and leave B unmatched if Q were below 0.1; here the maximum total
-    pairs A-P and B-Q, two matches."""
-    target = np.zeros((10, 40), np.uint8)
-    target[2:6, 2:12] = 1  # A: 40 px
-    target[2:6, 14:24] = 1  # B: 40 px
-    pred = np.zeros_like(target)
-    pred[2:6, 2:13] = 1  # P: covers A and one column next to it
-    pred[2:6, 20:30] = 1  # Q: 4 columns of B and 6 beyond: IoU 16/64
-    s, _ = _any(pred, target)
-    assert s["matched"] == 2 and s["matched_050"] == 1
+    """Truth A, B; predictions P, Q. A greedy matcher takes the best pair (A-P, 0.6) and strands B; the maximum
+    total IoU pairs A-Q and B-P (0.4 + 0.3): two defects found instead of one. (The random maps below check
+    the whole path from pixels against a brute-force search.)"""
+    rows, cols = match(np.array([[0.6, 0.4], [0.3, 0.0]]))
+    assert sorted(zip(rows.tolist(), cols.tolist(), strict=True)) == [(0, 1), (1, 0)]
+    assert len(match(np.array([[0.6, 0.4], [0.3, 0.0]]), at=0.5)[0]) == 1  # only A-P reaches 0.5
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_found_matches_equal_a_brute_force_maximum_total_iou(seed):
+    """Small random maps: the matches at IoU >= 0.1 are those of the best assignment over all permutations."""
+    g = np.random.default_rng(seed)
+    target = (ndimage.gaussian_filter(g.random((16, 16)), 1.5) > 0.53).astype(np.uint8)
+    pred = (ndimage.gaussian_filter(g.random((16, 16)), 1.5) > 0.53).astype(np.uint8)
+    pred[target.astype(bool) & (g.random((16, 16)) < 0.6)] = 1
+    t_lab, t_area = components(target > 0)
+    p_lab, p_area = components(pred > 0, np.ones_like(target, bool))
+    iou = pair_iou(t_lab, t_area, p_lab, p_area, np.ones_like(target, bool))
+    w = np.where(iou >= 0.1, iou, 0.0)
+    n = max(w.shape)
+    if n > 8:
+        pytest.skip("too many components for brute force")
+    square = np.zeros((n, n))
+    square[: w.shape[0], : w.shape[1]] = w
+    best = max(itertools.permutations(range(n)), key=lambda p: sum(square[i, p[i]] for i in range(n)))
+    expected = sum(square[i, best[i]] > 0 for i in range(n))
+    assert object_tally(pred, target, 2)[0][0, 2] == expected
 
 
 def test_a_prediction_on_ignored_pixels_only_is_dropped():

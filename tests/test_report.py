@@ -231,7 +231,7 @@ def test_class_confusion_table_for_multiclass_only(tmp_path):
 
 def test_decision_names_the_classes_that_borrowed_their_values(tmp_path):
     page = write_report(tmp_path, _metrics(), [], NAMES).read_text(encoding="utf-8")
-    assert "borrowed the median of the other classes" in page
+    assert "took their values from the other classes" in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;, Needle had fewer than 5 validation objects" in page
     rows = {r[0]: r for r in _parse(page).tables["decision"][1:]}
     assert rows["Pinpoint"][-2:] == ["12", "own"] and rows["Needle"][-1].startswith("borrowed")

@@ -132,6 +132,23 @@ def test_a_choice_at_the_edge_of_the_grid_widens_it():
     assert reached["c0"]["kept"] == 2 and applies_exactly(decision, probs, target)
 
 
+def test_with_no_class_tuneable_alone_one_rule_is_tuned_on_all_pooled():
+    """Two classes with 3 true 6x6 objects each and 3 false 2x2 specks each: neither has 5 objects, so both get
+    the one rule tuned on all 6 objects and 6 specks (drop the specks), named as borrowed."""
+    target = torch.zeros((3, 40, 40), dtype=torch.long)
+    probs = torch.zeros((3, 3, 40, 40))
+    probs[:, 0] = 1.0
+    for c, y in ((1, 4), (2, 24)):
+        target[:, y : y + 6, 4:10] = c
+        for x0, x1 in ((4, 10), (20, 22)):
+            probs[:, :, y : y + (6 if x1 - x0 == 6 else 2), x0:x1] = 0
+            probs[:, c, y : y + (6 if x1 - x0 == 6 else 2), x0:x1] = 1.0
+    decision, _ = tuned(probs, target, names=["background", "a", "b"])
+    assert decision.val_objects == [3, 3] and decision.borrowed == ["a", "b"]
+    assert decision.min_area == [8, 8] and decision.thresholds[0] == decision.thresholds[1]
+    assert applies_exactly(decision, probs, target)
+
+
 def test_a_class_with_too_few_objects_takes_the_median_of_the_others():
     """Classes 1-3 have 6 objects each and want areas 8 / 8 / 16 (specks of 4 / 4 / 9 px); class 4 has 2 objects
     and no false alarms (its own choice would be no area rule); it borrows the median, 8, and is named."""
@@ -208,11 +225,14 @@ def test_best_and_last_each_carry_the_decision_of_their_own_weights(tiny, tmp_pa
     assert len(digests) == 2
 
 
-def test_a_checkpoint_saved_during_training_carries_no_decision(tiny, tmp_path):
-    from trainer.train import train
+def test_a_checkpoint_saved_during_training_carries_no_decision(tiny, tmp_path, monkeypatch):
+    """Tuning on (the default), the end-of-run pass skipped: what training itself saved has no decision."""
+    from trainer import train as train_module
 
+    monkeypatch.setattr(train_module, "tune_checkpoints", lambda *args: {})
     cfg = load_config(str(tiny.root / "train.yaml"), [f"train.out_dir={tmp_path}", "train.steps=2",
-                                                       "train.val_every=2", "train.tune_decision=false"])  # fmt: skip
-    train(cfg)
+                                                       "train.val_every=2"])  # fmt: skip
+    assert cfg.train.tune_decision
+    train_module.train(cfg)
     for name in ("best", "last"):
         assert "decision" not in checkpoint.load(str(tmp_path / f"{name}.pt"))["meta"]

@@ -114,9 +114,11 @@ class TrainConfig:
     ckpt_every: int = 500  # steps between checkpoints (also at the end)
     resume: str = "auto"  # auto: continue from out_dir's latest checkpoint if any | none | a checkpoint path
     max_bad_steps: int = 5  # abort after this many NaN/inf losses in a row
-    tune_decision: bool = True  # tune per-class thresholds (and at the end minimum areas and peaks) on val
-    # The F-beta of object recall and precision that picks the minimum area and peak: 2 counts a missed defect
-    # as much as four false alarms, the inspector's trade (a false alarm costs a glance, a miss ships).
+    # At the end of a run, tune each checkpoint's per-class thresholds, minimum areas and peaks on the whole
+    # scans of the validation split (evaluate.tune), and store them with it.
+    tune_decision: bool = True
+    # The F-beta of object recall and precision that picks them: 2 counts a missed defect as much as four
+    # false alarms, the inspector's trade (a false alarm costs a glance, a miss ships).
     decision_beta: float = 2.0
 
     def __post_init__(self) -> None:

@@ -122,42 +122,66 @@ def tuned_metrics(metrics: dict, tuner: ThresholdTuner, class_names: list[str]) 
 def tune_checkpoints(cfg, val_manifest: dict, device, names: list[str]) -> dict[str, Decision]:
     """Tune the decision of ``best.pt`` and of ``last.pt``, each for its own weights, on the whole scans of the
     validation split, predicted exactly as evaluate predicts (``evaluate.tune``), and store it in that
-    checkpoint. Returns ``{name: decision}`` for the checkpoints that exist."""
+    checkpoint. Returns ``{name: decision}`` for the checkpoints that exist. Every rank takes part; a failure
+    on any rank stops all of them with the same error instead of leaving the others in a collective.
+
+    The checkpoints are read back and rewritten: the decision belongs to weights that exist only once training
+    has ended, and it is stored with them so that evaluate needs nothing else."""
     # evaluate builds on trainer; its prediction code is imported where it is used, at the end of a run.
+    from evaluate import EvaluateError
     from evaluate.inference import load_model
     from evaluate.tune import tune_model
 
     io = dict(retries=cfg.data.io_retries, backoff=cfg.data.io_backoff, pointer=False)
-    out, done = {}, {}  # done: step -> decision (best and last at one step hold the same weights)
+    out, done = {}, {}  # done: step -> decision; best and last of one step hold the same weights
     for name in ("best", "last"):
         url = storage.join(cfg.train.out_dir, f"{name}.pt")
+        # Every rank makes the same collective calls in the same order: which checkpoints exist is agreed
+        # first, a rank that cannot read one tells the others before any of them predicts, and tune_model
+        # stops every rank alike when a rank's scans are bad.
+        present = dist.all_gather_object(storage.exists(url))
+        if len(set(present)) > 1:
+            raise TrainError(f"{url}: ranks disagree on whether it exists ({present}); is out_dir shared?")
+        if not present[0]:
+            continue
+        state = failure = None
         try:
             state = checkpoint.load(url)  # every rank reads it: out_dir is shared by design
-        except checkpoint.CheckpointError:
-            continue
+        except (checkpoint.CheckpointError, OSError) as e:
+            failure = str(e)
+        if (failure := dist.any_rank(failure)) is not None:
+            raise TrainError(failure)
         if state["step"] not in done:
-            model = load_model(url, device)
-            decision, reached = tune_model(model, val_manifest, cfg.data.val_split, cfg.train.decision_beta,
-                                           cfg.data.workers)  # fmt: skip
-            done[state["step"]] = decision
-            if dist.is_main():
-                log.info("decision of %s.pt (step %d) tuned on %d whole scans of %s: %s", name, state["step"],
-                         schema.split_info(val_manifest, cfg.data.val_split)["images"], cfg.data.val_split,
-                         "; ".join(f"{n}: p >= {t:.2f}, >= {a} px, peak >= {k:.3f}"
-                                   for n, t, a, k in zip(names[1:], decision.thresholds, decision.min_area,
-                                                         decision.min_peak, strict=True)))  # fmt: skip
-                log.info("on validation: %s", "; ".join(
-                    f"{n}: {r['found']} of {r['objects']} objects found, {r['kept'] - r['found']} false, "
-                    f"IoU {r['iou']:.3f}" for n, r in reached.items()))  # fmt: skip
-                if decision.borrowed:
-                    log.info("fewer than 5 validation objects, so the other classes' median values: %s",
-                             ", ".join(decision.borrowed))  # fmt: skip
-        out[name] = done[state["step"]]
+            try:
+                done[state["step"]] = tune_model(load_model(url, device), val_manifest, cfg.data.val_split,
+                                                 cfg.train.decision_beta, cfg.data.workers)  # fmt: skip
+            except EvaluateError as e:
+                raise TrainError(f"tuning the decision of {url}: {e}") from None
+        decision, reached = done[state["step"]]
+        out[name] = decision
         if dist.is_main():
-            state["meta"]["decision"] = out[name].to_json()
-            checkpoint.save(cfg.train.out_dir, name, state, **io)
-        dist.barrier()
+            log_decision(name, state["step"], decision, reached, val_manifest, cfg.data.val_split, names)
+            state["meta"]["decision"] = decision.to_json()
+            try:
+                checkpoint.save(cfg.train.out_dir, name, state, **io)
+            except OSError as e:
+                failure = f"{cfg.train.out_dir}: cannot save {name}.pt with its decision: {e}"
+        if (failure := dist.all_gather_object(failure)[0]) is not None:  # also the barrier
+            raise TrainError(failure)
     return out
+
+
+def log_decision(name, step, decision: Decision, reached: dict, manifest, split: str, names) -> None:
+    log.info("decision of %s.pt (step %d) tuned on %d whole scans of %s: %s", name, step,
+             schema.split_info(manifest, split)["images"], split,
+             "; ".join(f"{n}: p >= {t:.2f}, >= {a} px, peak >= {k:.3f}"
+                       for n, t, a, k in zip(names[1:], decision.thresholds, decision.min_area,
+                                             decision.min_peak, strict=True)))  # fmt: skip
+    log.info("on validation: %s", "; ".join(
+        f"{n}: {r['found']} of {r['objects']} objects found, {r['kept'] - r['found']} false, IoU {r['iou']:.3f}"
+        for n, r in reached.items()))  # fmt: skip
+    if decision.borrowed:
+        log.info("fewer than 5 validation objects, values from the other classes: %s", ", ".join(decision.borrowed))
 
 
 # ------------------------------------------------------------------------------------------------- setup
@@ -385,7 +409,7 @@ def finish(cfg, run: RunState, batches, val: Validation, names, last_metrics) ->
     elif dist.world_size() > 1:
         log.info("%d ranks took %d steps each and hold identical parameters", dist.world_size(), run.step)
     decisions = tune_checkpoints(cfg, val.manifest, device, names) if cfg.train.tune_decision else {}
-    decision = decisions.get("best")
+    decision = decisions.get("best") or decisions.get("last")
     return {"steps": run.step, "best_miou": run.best, "decision": decision and decision.to_json(),
             "last_val": last_metrics, "skipped_samples": skipped,
             "bad_steps": run.bad_total, "rank_steps": [s for s, _ in ranks], "params_in_sync": in_sync,
