@@ -7,12 +7,13 @@ overlapping tiles into 1200 px), so an object crossing tile seams is one object,
 
 Every candidate (threshold, area, peak) of a class is scored by the one-to-one object matching of
 ``evaluate.metrics`` (found at IoU >= 0.1) summed over the split, and the class takes the candidate with the
-best object F-beta (``train.decision_beta``; 2 counts a missed defect as four false alarms), then the best
-pixel IoU, then the plainer rule (lower peak, smaller area, threshold nearer 0.5). A value chosen at the edge of
-its first window opens the rest of ``GRIDS`` on that side, and the new candidates are scored too. A class with
-fewer than ``MIN_OBJECTS`` validation objects cannot be tuned on them: it takes the median of the other classes'
-tuned values (``Decision.borrowed`` names it; the report shows it); when no class has enough, one rule is tuned
-on all classes' objects pooled and given to every class.
+best object F-beta (``train.decision_beta``; 2 counts a missed defect as four false alarms), then the fewest
+kept objects (which only separates rules that find nothing), then the best pixel IoU, then the plainer rule
+(lower peak, smaller area, threshold nearer 0.5). A value chosen at the edge of its first window opens the rest
+of ``GRIDS`` on that side, and the new candidates are scored too. A class with fewer than ``MIN_OBJECTS``
+validation objects cannot be tuned on them: it takes the median of the other classes' tuned values
+(``Decision.borrowed`` names it; the report shows it); when no class has enough, one rule is tuned on all
+classes' objects pooled and given to every class.
 
 The deciding class and probability of this rank's validation scans and their truth are kept in memory (6
 bytes a pixel, ~9 MB per scan) while the grid widens; under torchrun every rank scores its own scans and the
@@ -127,7 +128,8 @@ def _window(name: str, lo: int, hi: int) -> list:
 
 
 def choose(table: np.ndarray, candidates, truth: np.ndarray, beta: float) -> list[int]:
-    """Per class, the index of the candidate with the best object F-beta, then pixel IoU, then the plainest."""
+    """Per class, the index of the candidate with the best object F-beta, then the fewest kept objects, then
+    the best pixel IoU, then the plainest rule."""
     out = []
     for k in range(table.shape[0]):
         kept, found, right, wrong = table[k].T.astype(np.float64)
@@ -137,7 +139,10 @@ def choose(table: np.ndarray, candidates, truth: np.ndarray, beta: float) -> lis
         b2 = beta**2
         f = (1 + b2) * precision * recall / np.maximum(b2 * precision + recall, 1e-12)
         iou = right / np.maximum(gt_pixels + wrong, 1)
-        keys = [(round(f[i], 6), round(iou[i], 6), -c[2], -c[1], -abs(c[0] - 0.5)) for i, c in enumerate(candidates)]
+        # Equal F-beta means equal found and kept objects, except at 0: a class found by no rule then keeps
+        # as few components as it can, rather than the rule whose thousands of specks touch a few true pixels.
+        keys = [(round(f[i], 6), -kept[i], round(iou[i], 6), -c[2], -c[1], -abs(c[0] - 0.5))
+                for i, c in enumerate(candidates)]  # fmt: skip
         out.append(max(range(len(candidates)), key=keys.__getitem__))
     return out
 

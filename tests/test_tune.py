@@ -115,6 +115,19 @@ def test_fragments_count_as_false_alarms_not_as_matches():
     assert decision.thresholds[0] <= 0.6 and reached["c0"] == {"objects": 1, "found": 1, "kept": 1, "iou": 1.0}
 
 
+def test_a_class_no_rule_finds_keeps_nothing_rather_than_specks():
+    """The model misses the defect and paints specks at 0.6, one of them grazing the defect: every rule finds
+    nothing (F 0); the rule that keeps specks has a sliver of pixel IoU, the one that keeps nothing has none.
+    An inspector wants no false alarms from a class the model cannot find."""
+    target = torch.zeros((2, 40, 40), dtype=torch.long)
+    target[:, 5:11, 5:11] = 1
+    probs = torch.zeros((2, 1, 40, 40))
+    paint_specks(probs, 0.6)
+    probs[:, 0, 10:12, 10:12] = 0.6  # a 2x2 speck on the defect's corner: 1 true pixel of 39
+    decision, reached = tuned(probs, target)
+    assert reached["c0"]["kept"] == 0 and decision.thresholds[0] > 0.6
+
+
 def test_a_choice_at_the_edge_of_the_grid_widens_it():
     """The defect scores 0.995, false specks of its size 0.6, 0.85 and 0.985: the first windows' top values
     (threshold 0.9, peak 0.98) are their best, so the grids widen and a threshold of 0.99 (a plainer rule than
