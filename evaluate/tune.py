@@ -34,7 +34,7 @@ from scipy import ndimage
 from shardgen import schema
 from shardgen.classes import IGNORE_INDEX
 from trainer import dist
-from trainer.decision import Decision, deciding
+from trainer.decision import Decision, component_max, deciding
 
 from . import EvaluateError
 from .blend import reassemble_mask
@@ -112,7 +112,7 @@ def _class_stats(top, p, truth, scored, k: int, t: float, rules) -> list[np.ndar
     labels, s_area = components(sel, scored)
     n = len(s_area)
     size = np.bincount(labels.ravel(), minlength=n + 1)[1:]  # the area rule counts every pixel, as the Decision does
-    peak = np.asarray(ndimage.maximum(p, labels, np.arange(1, n + 1))) if n else np.zeros(0)
+    peak = component_max(p, labels, n)
     right = np.bincount(labels[truth == k + 1], minlength=n + 1)[1:]
     iou = pair_iou(t_lab, t_area, labels, s_area, scored)
     out = []

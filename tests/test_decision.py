@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 from test_evaluate import GRID, tiny_dataset
 
 from evaluate.__main__ import main as evaluate_main
@@ -17,7 +18,7 @@ from evaluate.inference import Predictor, load_model
 from evaluate.tiles import iter_images
 from shardgen import schema
 from trainer import checkpoint
-from trainer.decision import BINS, Decision, ThresholdTuner, probabilities
+from trainer.decision import BINS, Decision, ThresholdTuner, component_max, probabilities
 
 
 def brute_force_iou(p: np.ndarray, truth: np.ndarray, t: float) -> float:
@@ -209,3 +210,13 @@ def test_argmax_decision_breaks_ties_like_argmax():
     probs = torch.zeros(1, 4, 8, 8)
     probs[:, 1:3] = 0.5  # classes 1 and 2 tie everywhere: argmax keeps the first
     assert torch.equal(Decision.argmax(3).classes(probs), probs.argmax(1)) and bool((probs.argmax(1) == 1).all())
+
+
+def test_component_max_equals_scipy_maximum():
+    g = np.random.default_rng(0)
+    values = g.random((64, 64)).astype(np.float32)
+    labels, n = ndimage.label(g.random((64, 64)) > 0.6, np.ones((3, 3), bool))
+    assert n > 10
+    expected = np.asarray(ndimage.maximum(values, labels, np.arange(1, n + 1)))
+    assert np.array_equal(component_max(values, labels, n), expected)
+    assert component_max(values, np.zeros_like(labels), 0).shape == (0,)

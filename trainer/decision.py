@@ -101,7 +101,7 @@ class Decision:
             if n:
                 drop = np.bincount(labels.ravel()) < area
                 if peak > 0:
-                    drop |= np.asarray(ndimage.maximum(confidence, labels, np.arange(n + 1))) < peak
+                    drop[1:] |= component_max(confidence, labels, n) < peak
                 drop[0] = False
                 out[drop[labels]] = 0
         return out
@@ -111,6 +111,16 @@ class Decision:
         pred = self.classes(probs[None])[0].to(torch.uint8).cpu().numpy()
         confidence = deciding(probs[None])[1][0].cpu().numpy() if any(self.min_peak) else None
         return self.filter_components(pred, confidence)
+
+
+def component_max(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """(n,) the largest of ``values`` over each component 1..n of ``labels`` (0: none). The same numbers as
+    ``scipy.ndimage.maximum``, which argsorts every pixel of the image: a few components on a 1200 px scan
+    cost it ~60 ms, this a pass over their own pixels."""
+    inside = labels > 0
+    out = np.full(n + 1, -np.inf, np.float64)
+    np.maximum.at(out, labels[inside], values[inside])
+    return out[1:]
 
 
 def deciding(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
