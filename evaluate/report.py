@@ -245,6 +245,14 @@ def _decision(decision: Mapping | None, class_names: Sequence[str]) -> dict:
     threshold, minimum area and peak, its validation objects and whether it borrowed the others' median."""
     if not decision:
         return {"line": "argmax", "rows": []}
+    if decision["kind"] == "objects":
+        (t,), (a,), (k,) = decision["thresholds"], decision["min_area"], decision.get("min_peak") or [0.0]
+        objects = (decision.get("val_objects") or [None])[0]
+        rules = f"components of at least {a} px" + (f" whose peak reaches {k:.3g}" if k else "")
+        return {"line": f"a pixel is a defect where 1 - P(background) >= {t:.3g}; {rules} are kept, and each "
+                        f"takes the defect class with the largest probability summed over its pixels (tuned on "
+                        f"{objects if objects is not None else 'the'} validation defects, all classes merged)",
+                "rows": []}  # fmt: skip
     if decision["kind"] != "tuned":
         fallback = " (the checkpoint has no tuned decision)" if decision.get("requested") == "tuned" else ""
         return {"line": f"argmax{' / 0.5' if len(decision['thresholds']) == 1 else ''}{fallback}", "rows": []}

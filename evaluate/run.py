@@ -81,7 +81,7 @@ def decide(model, requested: str, blend: str = "gaussian", tta: str = "none"):
     """The checkpoint's decision (see inference.decision_for); rank 0 prints the fallback warning, and a
     warning when the probabilities differ from those the decision was tuned on (evaluate.tune)."""
     decision, warning = decision_for(model, requested)
-    if decision.kind == "tuned" and (blend, tta) != ("gaussian", "none"):
+    if decision.kind != "argmax" and (blend, tta) != ("gaussian", "none"):
         warning = (f"the decision was tuned on Gaussian-blended probabilities without test-time augmentation; "
                    f"--blend {blend} --tta {tta} moves the probabilities it applies to")
     if warning and dist.is_main():

@@ -15,6 +15,10 @@ validation objects cannot be tuned on them: it takes the median of the other cla
 (``Decision.borrowed`` names it; the report shows it); when no class has enough, one rule is tuned on all
 classes' objects pooled and given to every class.
 
+A multiclass model's ``objects`` decision (the default; ``trainer.decision``) is one rule on the defect
+probability: it is tuned as a binary model's is, on the defect probability against every truth defect (all
+classes merged), since the class of a kept component is its summed probabilities' argmax, not a rule.
+
 The deciding class and probability of this rank's validation scans and their truth are kept in memory (6
 bytes a pixel, ~9 MB per scan) while the grid widens; under torchrun every rank scores its own scans and the
 counts are all-reduced.
@@ -34,7 +38,7 @@ from scipy import ndimage
 from shardgen import schema
 from shardgen.classes import IGNORE_INDEX
 from trainer import dist
-from trainer.decision import Decision, component_max, deciding
+from trainer.decision import Decision, component_max, deciding, defect_probability
 
 from . import EvaluateError
 from .blend import reassemble_mask
@@ -59,7 +63,8 @@ class ScanTuner:
     """Per defect class and candidate (threshold, area, peak): ``STATS`` summed over scans, computed on demand
     from the scans given to ``add`` so that a widened grid scores only its new candidates."""
 
-    def __init__(self, n_defect: int, device: torch.device | str = "cpu"):
+    def __init__(self, n_defect: int, device: torch.device | str = "cpu", merged: bool = False):
+        self.merged = merged  # score the defect probability against all defects merged (``n_defect`` 1)
         self.n, self.device = n_defect, torch.device(device)  # device: where counts meet across ranks (NCCL: cuda)
         self.scans: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (class index, probability, truth)
         self.stats: dict[tuple[int, float, int, float], np.ndarray] = {}  # (class, t, area, peak) -> STATS
@@ -67,6 +72,9 @@ class ScanTuner:
 
     def add(self, probs: torch.Tensor, truth: np.ndarray) -> None:
         """One scan's blended (K, S, S) probabilities and its (S, S) truth (255 ignored)."""
+        if self.merged:
+            probs = defect_probability(probs[None])
+            truth = np.where(truth == IGNORE_INDEX, IGNORE_INDEX, truth > 0).astype(np.uint8)
         top, p = deciding(probs[None])
         self.scans.append((top[0].to(torch.uint8).cpu().numpy(), p[0].float().cpu().numpy(), truth))
         for k in range(self.n):
@@ -201,13 +209,15 @@ def tune(tuner: ScanTuner, beta: float, class_names: Sequence[str]) -> tuple[Dec
     return decision, reached
 
 
-def tune_model(model: Model, manifest: dict, split: str, beta: float, workers: int = 2,
-               batch_size: int = 25, blend: str = "gaussian") -> tuple[Decision, dict]:  # fmt: skip
-    """Predict this rank's scans of ``split`` as evaluate does and tune the decision on all ranks' scans."""
+def tune_model(model: Model, manifest: dict, split: str, beta: float, workers: int = 2, batch_size: int = 25,
+               blend: str = "gaussian", by_object: bool = True) -> tuple[Decision, dict]:  # fmt: skip
+    """Predict this rank's scans of ``split`` as evaluate does and tune the decision on all ranks' scans.
+    A multiclass model gets the ``objects`` decision, or with ``by_object`` False a rule per class."""
     if not schema.split_info(manifest, split)["images"]:
         raise EvaluateError(f"{manifest['_url']}: split {split!r} has no images to tune the decision on")
     grid, names = grid_of(manifest), list(manifest["classes"])
-    tuner = ScanTuner(max(1, len(names) - 1), model.device)
+    merged = by_object and len(names) > 2
+    tuner = ScanTuner(1 if merged else len(names) - 1, model.device, merged)
     predictor = Predictor(model, grid, blend, batch_size)
     failure = None
     try:
@@ -218,4 +228,8 @@ def tune_model(model: Model, manifest: dict, split: str, beta: float, workers: i
         failure = str(e)
     if (failure := dist.any_rank(failure)) is not None:
         raise EvaluateError(failure)
-    return tune(tuner, beta, names)
+    if not merged:
+        return tune(tuner, beta, names)
+    decision, reached = tune(tuner, beta, [names[0], "any defect"])
+    decision.kind = "objects"
+    return decision, reached

@@ -78,6 +78,34 @@ def test_argmax_decision_is_the_plain_rule():
     assert torch.equal(Decision.argmax(1).classes(binary), (binary[:, 0] >= 0.5).long())
 
 
+def probs_of(classes: np.ndarray, p: np.ndarray, k: int = 4) -> torch.Tensor:
+    """(K, H, W) probabilities: ``p`` on each pixel's class of ``classes`` (0: background), the rest spread."""
+    out = np.zeros((k, *classes.shape), np.float32)
+    out[:] = ((1 - p) / (k - 1))[None]
+    np.put_along_axis(out, classes[None].astype(np.int64), p[None], 0)
+    return torch.from_numpy(out)
+
+
+def test_object_decision_gives_each_defect_one_class_by_its_summed_probability():
+    """One component painted half class 1 (surer) and two thirds class 2 (more pixels) is one object of class 2;
+    a separate object keeps its own class; the defect threshold reads 1 - P(background)."""
+    classes = np.zeros((12, 20), np.uint8)
+    p = np.full(classes.shape, 0.9, np.float32)
+    classes[2:6, 2:6], p[2:6, 2:6] = 1, 0.8  # 16 px, sure
+    classes[2:6, 6:14], p[2:6, 6:14] = 2, 0.6  # 32 px touching it, less sure: 19.2 > 12.8 summed
+    classes[8:11, 16:19], p[8:11, 16:19] = 3, 0.7
+    probs = probs_of(classes, p)
+    out = Decision("objects", [0.5], [0], [0.0])(probs)
+    assert set(np.unique(out[2:6, 2:14])) == {2}
+    assert (out[8:11, 16:19] == 3).all() and out.sum() == 2 * 48 + 3 * 9
+    # Per pixel the same probabilities split the defect into two objects of two classes.
+    assert set(np.unique(Decision("tuned", [0.5] * 3, [0] * 3)(probs)[2:6, 2:14])) == {1, 2}
+    # The area and peak rules apply to whole defects, on the defect probability.
+    assert set(np.unique(Decision("objects", [0.5], [10], [0.0])(probs))) == {0, 2}
+    assert set(np.unique(Decision("objects", [0.5], [0], [0.92])(probs))) == {0, 2}  # peaks 0.93 and 0.9
+    assert not Decision("objects", [0.95], [0], [0.0])(probs).any()
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return tiny_dataset(tmp_path_factory)

@@ -231,3 +231,27 @@ def test_object_window_must_be_odd():
         LossConfig(object_window=16)
     with pytest.raises(ValueError, match="object_weight_max"):
         LossConfig(object_weight_max=0.5)
+
+
+def test_where_what_is_the_binary_loss_on_the_defect_logit_plus_a_class_term_on_defects():
+    """form=where_what: with the right class everywhere the loss is the binary loss of the defect logit
+    logsumexp(z_1..K) - z_0 (object weights included); a wrong defect class costs only the class term,
+    whose background pixels cost nothing."""
+    target = make_target(N, seed=3)
+    logits = torch.randn(2, N, 16, 16, generator=torch.Generator().manual_seed(1))
+    cfg = LossConfig(form="where_what")
+    loss = build_loss(cfg, N)
+    safe = torch.where(target == 255, 0, target)
+    sure = logits.clone()
+    sure[:, 1:] -= 30 * (F.one_hot(safe, N).permute(0, 3, 1, 2)[:, 1:] == 0) * (safe > 0)[:, None]  # right class
+    where = torch.logsumexp(sure[:, 1:], 1, keepdim=True) - sure[:, :1]
+    binary = build_loss(cfg, 1)(where, torch.where(target == 255, 255, (target > 0).to(target.dtype)))
+    assert torch.allclose(loss(sure, target), binary, atol=1e-5)
+    swapped = sure.clone()
+    swapped[:, 1:] = sure[:, 1:].roll(1, 1)  # same defect logit, another class
+    assert torch.allclose(torch.logsumexp(swapped[:, 1:], 1), torch.logsumexp(sure[:, 1:], 1))
+    assert loss(swapped, target) > binary + 1.0
+    background = target == 0
+    flipped = sure.clone()
+    flipped[:, 1:] = torch.where(background[:, None], sure[:, 1:].roll(1, 1), sure[:, 1:])
+    assert torch.allclose(loss(flipped, target), loss(sure, target), atol=1e-5)

@@ -249,3 +249,34 @@ def test_a_checkpoint_saved_during_training_carries_no_decision(tiny, tmp_path, 
     train_module.train(cfg)
     for name in ("best", "last"):
         assert "decision" not in checkpoint.load(str(tmp_path / f"{name}.pt"))["meta"]
+
+
+def test_a_multiclass_model_is_tuned_for_whole_defects_of_any_class(tiny):
+    """tune_model gives a multiclass model the ``objects`` decision: one rule, tuned on the defect probability
+    against all truth defects merged (val_objects counts them all); by_object=False keeps a rule per class."""
+    manifest = schema.read_manifest(str(tiny.shards))
+    model = load_model(str(tiny.ckpt), torch.device("cpu"))
+    merged, reached = tune_model(model, manifest, "val", beta=2.0, workers=0)
+    per_class, _ = tune_model(model, manifest, "val", beta=2.0, workers=0, by_object=False)
+    assert merged.kind == "objects" and len(merged.thresholds) == len(merged.min_area) == 1
+    assert list(reached) == ["any defect"]
+    assert per_class.kind == "tuned" and len(per_class.thresholds) == 10
+    assert merged.val_objects == [sum(per_class.val_objects)]
+
+
+def test_merged_tuning_finds_defects_split_between_classes():
+    """A defect whose pixels are split between two classes is found whole by the merged tuner, and the
+    specks of a third class, surer than the defect, are dropped by the area rule."""
+    probs = torch.zeros(2, 4, 40, 40)
+    probs[:, 0] = 1.0
+    target = torch.zeros(2, 40, 40, dtype=torch.uint8)
+    target[:, 10:20, 10:20] = 2
+    probs[:, 0, 10:20, 10:20], probs[:, 1, 10:20, 10:15], probs[:, 2, 10:20, 15:20] = 0.1, 0.9, 0.9
+    for y, x in ((30, 30), (2, 30), (30, 2)):
+        probs[:, 0, y : y + 2, x : x + 2], probs[:, 3, y : y + 2, x : x + 2] = 0.05, 0.95  # surer than the defect
+    tuner = ScanTuner(1, merged=True)
+    for p, t in zip(probs, target, strict=True):
+        tuner.add(p, t.numpy())
+    decision, reached = tune(tuner, 2.0, ["background", "any defect"])
+    assert reached["any defect"]["found"] == reached["any defect"]["kept"] == 2
+    assert 4 < decision.min_area[0] <= 100

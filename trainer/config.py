@@ -120,9 +120,13 @@ class TrainConfig:
     # The F-beta of object recall and precision that picks them: 2 counts a missed defect as much as four
     # false alarms, the inspector's trade (a false alarm costs a glance, a miss ships).
     decision_beta: float = 2.0
+    # Multiclass: "object" tunes one rule on the defect probability and gives each kept component the class
+    # with the largest summed probability (one defect, one class); "pixel" tunes a rule per class, per pixel.
+    class_decision: str = "object"
 
     def __post_init__(self) -> None:
         _one_of(self, "device", DEVICES)
+        _one_of(self, "class_decision", ("object", "pixel"))
         _one_of(self, "amp", AMP_MODES)
         _at_least(self, 0, "steps")
         if self.decision_beta <= 0:

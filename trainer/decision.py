@@ -4,8 +4,14 @@ A model's probabilities are calibrated by its loss, not by what an inspector sco
 them into defects is chosen on the validation split, as the Severstal steel-defect winners did:
 
 - binary: a pixel is a defect when its probability reaches ``thresholds[0]``;
-- multiclass: a pixel takes the defect class with the highest probability, if that probability reaches
-  the class's threshold, else background;
+- multiclass, ``objects`` (what a tuned multiclass checkpoint carries): first *where*, then *what*. A pixel is
+  a defect when its defect probability (1 - the background's) reaches ``thresholds[0]``; the defect map's
+  connected components (8-connected) pass the area and peak rules below (``min_area[0]``, ``min_peak[0]``),
+  and each kept component takes the defect class with the largest probability summed over its pixels. One
+  defect is one object of one class: a per-pixel class cannot paint a feather half Needle, and its two halves
+  cannot count as two objects, or as a missed Feather and a false Needle;
+- multiclass, ``tuned`` (per pixel, checkpoints of earlier versions): a pixel takes the defect class with the
+  highest probability, if that probability reaches the class's threshold, else background;
 - then connected components (8-connected, per class) smaller than the class's ``min_area`` pixels, in the
   1200x1200 model space, or whose most confident pixel stays below the class's ``min_peak``, become
   background. The second rule is hysteresis thresholding (as Canny's edge detector keeps weak edge pixels
@@ -50,10 +56,11 @@ def probabilities(logits: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
 @dataclass
 class Decision:
-    kind: str  # "tuned" or "argmax"
-    thresholds: list[float]  # per defect class (one for binary); argmax: unused
-    min_area: list[int]  # per defect class; 0 keeps every component
-    min_peak: list[float] | None = None  # per defect class; 0 (or None: all 0) keeps every component
+    kind: str  # "objects" (multiclass: one rule on the defect probability, a class per component), "tuned"
+    # (a rule per class, per pixel) or "argmax"
+    thresholds: list[float]  # per defect class (one for binary and for "objects"); argmax: unused
+    min_area: list[int]  # per defect class (likewise); 0 keeps every component
+    min_peak: list[float] | None = None  # per defect class (likewise); 0 (or None: all 0) keeps every component
     val_objects: list[int] | None = None  # per defect class: the validation objects it was tuned on
     borrowed: list[str] | None = None  # classes with too few of them, given the other classes' median values
 
@@ -108,9 +115,34 @@ class Decision:
 
     def __call__(self, probs: torch.Tensor) -> np.ndarray:
         """(K, H, W) probabilities of one image -> (H, W) uint8 class ids, component filters included."""
+        if self.kind == "objects":
+            return self.by_object(probs)
         pred = self.classes(probs[None])[0].to(torch.uint8).cpu().numpy()
         confidence = deciding(probs[None])[1][0].cpu().numpy() if any(self.min_peak) else None
         return self.filter_components(pred, confidence)
+
+
+    def by_object(self, probs: torch.Tensor) -> np.ndarray:
+        """The ``objects`` rule on (K, H, W) multiclass probabilities: defect components, then their classes."""
+        defect = defect_probability(probs[None])[0].cpu().numpy()
+        labels, n = ndimage.label(defect >= self.thresholds[0], EIGHT)
+        if not n:
+            return np.zeros(defect.shape, np.uint8)
+        keep = np.bincount(labels.ravel(), minlength=n + 1)[1:] >= self.min_area[0]
+        if self.min_peak[0] > 0:
+            keep &= component_max(defect, labels, n) >= self.min_peak[0]
+        inside = torch.from_numpy(labels > 0)
+        lab = labels[inside.numpy()]
+        kept = probs[1:, inside.to(probs.device)].float().cpu().numpy()  # (K - 1, pixels in components)
+        sums = np.stack([np.bincount(lab, weights=row, minlength=n + 1)[1:] for row in kept])  # (K - 1, n)
+        lut = np.zeros(n + 1, np.uint8)
+        lut[1:] = np.where(keep, sums.argmax(0) + 1, 0)
+        return lut[labels]
+
+
+def defect_probability(probs: torch.Tensor) -> torch.Tensor:
+    """(B, K, H, W) probabilities -> (B, H, W) probability of any defect: 1 - background's (binary: its own)."""
+    return probs[:, 0] if probs.shape[1] == 1 else 1 - probs[:, 0]
 
 
 def component_max(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:

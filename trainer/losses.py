@@ -6,6 +6,12 @@
 - two or more channels (multiclass): ``ce_weight * CrossEntropy(class weights) + dice_weight *
   Dice(softmax)``, the Dice averaged over the defect classes present in the batch (background is left to
   the cross-entropy); class weights are the gentle inverse square root of the frequency by default.
+- multiclass with ``form: where_what``: the same softmax read as *where* (defect vs background: the defect
+  logit ``logsumexp(z_1..K) - z_0`` gets exactly the binary loss above, object weights included) times *what*
+  (which defect class: a cross-entropy over the defect logits alone, on defect pixels only, with the same
+  object weights). The probabilities are the usual softmax, so evaluation reads them unchanged; the loss no
+  longer trades "is it a defect" against "which one": a feather mistaken for a needle costs nothing of the
+  defect map, and the background's share of the cross-entropy no longer depends on class weights.
 - a list/tuple of outputs (U2-Net: fused map + 6 side maps) gets the loss of each, summed, as the official
   U2-Net ``muti_bce_loss_fusion`` does.
 Dice is computed over the whole batch (not per tile), so tiles without defects do not each count as a
@@ -24,6 +30,7 @@ from torch import nn
 from shardgen.classes import IGNORE_INDEX  # the one ignore value, also in the class map and the shards
 
 CLASS_WEIGHTINGS = ("median_freq", "inv_sqrt", "none")
+LOSS_FORMS = ("joint", "where_what")
 
 
 @dataclass
@@ -44,8 +51,13 @@ class LossConfig:
     # weighs 1, as in the research code).
     object_window: int = 15
     object_weight_max: float = 20.0  # the weight of an isolated pixel, at most
+    # Multiclass: "joint" (the research code's: one weighted cross-entropy + Dice over all classes) or
+    # "where_what" (a binary loss on the defect probability plus a class cross-entropy on defect pixels).
+    form: str = "joint"
 
     def __post_init__(self) -> None:
+        if self.form not in LOSS_FORMS:
+            raise ValueError(f"loss config: form must be one of {LOSS_FORMS}, got {self.form!r}")
         if self.class_weighting not in CLASS_WEIGHTINGS:
             raise ValueError(f"loss config: class_weighting must be one of {CLASS_WEIGHTINGS}, "
                              f"got {self.class_weighting!r}")
@@ -215,6 +227,31 @@ class MulticlassDiceCELoss(_DeepSupervisedLoss):
         return self.ce_weight * ce + self.dice_weight * dice
 
 
+class WhereWhatLoss(_DeepSupervisedLoss):
+    """N >= 2 logit channels read as *where* (binary Dice + BCE on the defect logit) and *what* (cross-entropy
+    over the defect classes on defect pixels); target 0..N-1 and 255 (ignore)."""
+
+    def __init__(self, cfg: LossConfig, n_classes: int) -> None:
+        super().__init__(cfg)
+        self.n_channels = n_classes
+
+    def single(self, logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        valid = (target != IGNORE_INDEX)[:, None].to(logits.dtype)
+        defect = ((target > 0) & (target != IGNORE_INDEX))[:, None]
+        t = defect.to(logits.dtype)
+        where = torch.logsumexp(logits[:, 1:], 1, keepdim=True) - logits[:, :1]  # log P(defect) / P(background)
+        bce = F.binary_cross_entropy_with_logits(where, t, reduction="none")
+        w = weights if weights is not None else torch.ones_like(t)
+        bce = (bce * w * valid).sum() / valid.sum().clamp_min(1.0)
+        dice = _soft_dice_loss(torch.sigmoid(where), t, valid, self.smooth)
+        # What: the class among defect classes, on defect pixels only, object-weighted like the BCE.
+        what_target = torch.where(defect[:, 0], target - 1, IGNORE_INDEX)
+        what = F.cross_entropy(logits[:, 1:], what_target, ignore_index=IGNORE_INDEX, reduction="none")
+        dw = (w * t)[:, 0]
+        what = (what * dw).sum() / dw.sum().clamp_min(1.0)
+        return self.ce_weight * (bce + what) + self.dice_weight * dice
+
+
 def build_loss(cfg: LossConfig, n_classes: int, class_hist: Sequence[int] | None = None) -> nn.Module:
     """The training loss for a model with ``n_classes`` output channels.
 
@@ -226,6 +263,8 @@ def build_loss(cfg: LossConfig, n_classes: int, class_hist: Sequence[int] | None
         return BinaryDiceBCELoss(cfg)
     if n_classes < 1:
         raise ValueError(f"loss: n_classes must be >= 1, got {n_classes}")
+    if cfg.form == "where_what":
+        return WhereWhatLoss(cfg, n_classes)
     if cfg.class_weighting == "none":
         weights = torch.ones(n_classes)
     elif class_hist is None:

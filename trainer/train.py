@@ -154,7 +154,8 @@ def tune_checkpoints(cfg, val_manifest: dict, device, names: list[str]) -> dict[
         if state["step"] not in done:
             try:
                 done[state["step"]] = tune_model(load_model(url, device), val_manifest, cfg.data.val_split,
-                                                 cfg.train.decision_beta, cfg.data.workers)  # fmt: skip
+                                                 cfg.train.decision_beta, cfg.data.workers,
+                                                 by_object=cfg.train.class_decision == "object")  # fmt: skip
             except EvaluateError as e:
                 raise TrainError(f"tuning the decision of {url}: {e}") from None
         decision, reached = done[state["step"]]
@@ -175,8 +176,10 @@ def log_decision(name, step, decision: Decision, reached: dict, manifest, split:
     log.info("decision of %s.pt (step %d) tuned on %d whole scans of %s: %s", name, step,
              schema.split_info(manifest, split)["images"], split,
              "; ".join(f"{n}: p >= {t:.2f}, >= {a} px, peak >= {k:.3f}"
-                       for n, t, a, k in zip(names[1:], decision.thresholds, decision.min_area,
-                                             decision.min_peak, strict=True)))  # fmt: skip
+                       for n, t, a, k in zip(["defect probability, each component then takes its most probable "
+                                              "class"] if decision.kind == "objects" else names[1:],
+                                             decision.thresholds, decision.min_area, decision.min_peak,
+                                             strict=True)))  # fmt: skip
     log.info("on validation: %s", "; ".join(
         f"{n}: {r['found']} of {r['objects']} objects found, {r['kept'] - r['found']} false, IoU {r['iou']:.3f}"
         for n, r in reached.items()))  # fmt: skip
