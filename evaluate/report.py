@@ -245,15 +245,7 @@ def _decision(decision: Mapping | None, class_names: Sequence[str]) -> dict:
     threshold, minimum area and peak, its validation objects and whether it borrowed the others' median."""
     if not decision:
         return {"line": "argmax", "rows": []}
-    if decision["kind"] == "objects":
-        (t,), (a,), (k,) = decision["thresholds"], decision["min_area"], decision.get("min_peak") or [0.0]
-        objects = (decision.get("val_objects") or [None])[0]
-        rules = f"components of at least {a} px" + (f" whose peak reaches {k:.3g}" if k else "")
-        return {"line": f"a pixel is a defect where 1 - P(background) >= {t:.3g}; {rules} are kept, and each "
-                        f"takes the defect class with the largest probability summed over its pixels (tuned on "
-                        f"{objects if objects is not None else 'the'} validation defects, all classes merged)",
-                "rows": []}  # fmt: skip
-    if decision["kind"] != "tuned":
+    if decision["kind"] not in ("tuned", "objects"):
         fallback = " (the checkpoint has no tuned decision)" if decision.get("requested") == "tuned" else ""
         return {"line": f"argmax{' / 0.5' if len(decision['thresholds']) == 1 else ''}{fallback}", "rows": []}
     names = class_names[1:]
@@ -265,10 +257,19 @@ def _decision(decision: Mapping | None, class_names: Sequence[str]) -> dict:
             for c, (n, t, a, k, v) in enumerate(zip(names, decision["thresholds"], decision["min_area"], peaks,
                                                     counts, strict=True), start=1)]  # fmt: skip
     line = "tuned on validation scans"
+    if decision["kind"] == "objects":
+        explain = ("A pixel is a defect when its defect probability (1 − P(background)) reaches the threshold, the "
+                   "same for every class; each connected defect takes the class with the largest probability "
+                   "summed over its pixels, and is dropped when it is smaller than that class's minimum area or "
+                   "its highest defect probability stays below the class's minimum peak.")
+    else:
+        explain = ("A pixel takes its most likely defect class when that probability reaches the class's "
+                   "threshold; a component smaller than the minimum area, or whose highest probability stays "
+                   "below the minimum peak, is dropped.")
     if borrowed:
         line += (f"; {', '.join(borrowed)} had fewer than {MIN_OBJECTS} validation objects and took their values "
                  f"from the other classes (their median, or one rule for all classes pooled when none had enough)")
-    return {"line": line, "rows": rows}
+    return {"line": line, "rows": rows, "explain": explain}
 
 
 def write_report(

@@ -15,9 +15,11 @@ validation objects cannot be tuned on them: it takes the median of the other cla
 (``Decision.borrowed`` names it; the report shows it); when no class has enough, one rule is tuned on all
 classes' objects pooled and given to every class.
 
-A multiclass model's ``objects`` decision (the default; ``trainer.decision``) is one rule on the defect
-probability: it is tuned as a binary model's is, on the defect probability against every truth defect (all
-classes merged), since the class of a kept component is its summed probabilities' argmax, not a rule.
+A multiclass model's ``objects`` decision (``train.class_decision: object``; see ``trainer.decision``) has one
+threshold on the defect probability for all classes, and an area and a peak rule per class that apply to the
+components that class won (by summed probability). At each threshold every class takes its best (area, peak)
+as above; the threshold is the one whose classes together find the most objects with the right class (the
+F-beta of the found, kept and truth objects summed over the classes tuned on their own), then keep the fewest.
 
 The deciding class and probability of this rank's validation scans and their truth are kept in memory (6
 bytes a pixel, ~9 MB per scan) while the grid widens; under torchrun every rank scores its own scans and the
@@ -38,7 +40,7 @@ from scipy import ndimage
 from shardgen import schema
 from shardgen.classes import IGNORE_INDEX
 from trainer import dist
-from trainer.decision import Decision, component_max, deciding, defect_probability
+from trainer.decision import Decision, component_max, deciding, defect_probability, object_classes
 
 from . import EvaluateError
 from .blend import reassemble_mask
@@ -63,8 +65,9 @@ class ScanTuner:
     """Per defect class and candidate (threshold, area, peak): ``STATS`` summed over scans, computed on demand
     from the scans given to ``add`` so that a widened grid scores only its new candidates."""
 
-    def __init__(self, n_defect: int, device: torch.device | str = "cpu", merged: bool = False):
-        self.merged = merged  # score the defect probability against all defects merged (``n_defect`` 1)
+    def __init__(self, n_defect: int, device: torch.device | str = "cpu", objects: bool = False):
+        # objects: the ``objects`` decision: components of the defect probability, each of its summed class
+        self.objects = objects
         self.n, self.device = n_defect, torch.device(device)  # device: where counts meet across ranks (NCCL: cuda)
         self.scans: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (class index, probability, truth)
         self.stats: dict[tuple[int, float, int, float], np.ndarray] = {}  # (class, t, area, peak) -> STATS
@@ -72,11 +75,12 @@ class ScanTuner:
 
     def add(self, probs: torch.Tensor, truth: np.ndarray) -> None:
         """One scan's blended (K, S, S) probabilities and its (S, S) truth (255 ignored)."""
-        if self.merged:
-            probs = defect_probability(probs[None])
-            truth = np.where(truth == IGNORE_INDEX, IGNORE_INDEX, truth > 0).astype(np.uint8)
-        top, p = deciding(probs[None])
-        self.scans.append((top[0].to(torch.uint8).cpu().numpy(), p[0].float().cpu().numpy(), truth))
+        if self.objects:  # the classes depend on the threshold: all probabilities kept (float16, 22 bytes/px)
+            d = defect_probability(probs[None])[0].float().cpu().numpy()
+            self.scans.append((probs.to(torch.float16).cpu().numpy(), d, truth))
+        else:
+            top, p = deciding(probs[None])
+            self.scans.append((top[0].to(torch.uint8).cpu().numpy(), p[0].float().cpu().numpy(), truth))
         for k in range(self.n):
             _, area = components(truth == k + 1)
             self.truth[k] += (int(area.sum()), len(area))
@@ -92,9 +96,13 @@ class ScanTuner:
             by_threshold.setdefault(t, []).append((area, peak))
         for top, p, truth in self.scans:
             scored = truth != IGNORE_INDEX
-            for k in range(self.n):
-                for t, rules in by_threshold.items():
-                    for rule, row in zip(rules, _class_stats(top, p, truth, scored, k, t, rules), strict=True):
+            for t, rules in by_threshold.items():
+                top_t = top
+                if self.objects:  # each pixel of a component: the component's class index; the rest unused
+                    labels, _, cls = object_classes(top, p, t)
+                    top_t = np.concatenate([[0], cls - 1])[labels]
+                for k in range(self.n):
+                    for rule, row in zip(rules, _class_stats(top_t, p, truth, scored, k, t, rules), strict=True):
                         self.stats[(k, t, *rule)] += row
 
     def table(self, candidates: Sequence[tuple[float, int, float]]) -> np.ndarray:
@@ -155,6 +163,25 @@ def choose(table: np.ndarray, candidates, truth: np.ndarray, beta: float) -> lis
     return out
 
 
+def shared_threshold(table: np.ndarray, candidates, truth: np.ndarray, beta: float, own: list[int]) -> list[int]:
+    """``choose`` per class among the candidates of one threshold, for the threshold whose choices find the
+    best F-beta over the ``own`` classes together (found, kept and truth objects summed), then keep the
+    fewest objects, then lie nearest 0.5."""
+    by_t: dict[float, list[int]] = {}
+    for i, c in enumerate(candidates):
+        by_t.setdefault(c[0], []).append(i)
+    options = []
+    for t, index in by_t.items():
+        picks = [index[j] for j in choose(table[:, index], [candidates[i] for i in index], truth, beta)]
+        kept = sum(table[k, picks[k], 0] for k in own)
+        found = sum(table[k, picks[k], 1] for k in own)
+        objects = sum(truth[k, 1] for k in own)
+        precision, recall = (found / kept if kept else 1.0), found / max(objects, 1)
+        f = (1 + beta**2) * precision * recall / max(beta**2 * precision + recall, 1e-12)
+        options.append(((round(f, 6), -kept, -abs(t - 0.5)), picks))
+    return max(options, key=lambda o: o[0])[1]
+
+
 def tune(tuner: ScanTuner, beta: float, class_names: Sequence[str]) -> tuple[Decision, dict]:
     """The decision for the scans ``tuner`` holds (every rank's), and per class what it reaches on them."""
     truth = tuner.reduce(tuner.truth.copy())
@@ -167,6 +194,8 @@ def tune(tuner: ScanTuner, beta: float, class_names: Sequence[str]) -> tuple[Dec
         table = tuner.table(candidates)
         if pooled:
             best = choose(table.sum(0, keepdims=True), candidates, truth.sum(0, keepdims=True), beta) * tuner.n
+        elif tuner.objects:
+            best = shared_threshold(table, candidates, truth, beta, own)
         else:
             best = choose(table, candidates, truth, beta)
         widened = False
@@ -210,14 +239,14 @@ def tune(tuner: ScanTuner, beta: float, class_names: Sequence[str]) -> tuple[Dec
 
 
 def tune_model(model: Model, manifest: dict, split: str, beta: float, workers: int = 2, batch_size: int = 25,
-               blend: str = "gaussian", by_object: bool = True) -> tuple[Decision, dict]:  # fmt: skip
+               blend: str = "gaussian", by_object: bool = False) -> tuple[Decision, dict]:  # fmt: skip
     """Predict this rank's scans of ``split`` as evaluate does and tune the decision on all ranks' scans.
-    A multiclass model gets the ``objects`` decision, or with ``by_object`` False a rule per class."""
+    A multiclass model gets a rule per class, or with ``by_object`` the ``objects`` decision."""
     if not schema.split_info(manifest, split)["images"]:
         raise EvaluateError(f"{manifest['_url']}: split {split!r} has no images to tune the decision on")
     grid, names = grid_of(manifest), list(manifest["classes"])
-    merged = by_object and len(names) > 2
-    tuner = ScanTuner(1 if merged else len(names) - 1, model.device, merged)
+    objects = by_object and len(names) > 2
+    tuner = ScanTuner(max(1, len(names) - 1), model.device, objects)
     predictor = Predictor(model, grid, blend, batch_size)
     failure = None
     try:
@@ -228,8 +257,7 @@ def tune_model(model: Model, manifest: dict, split: str, beta: float, workers: i
         failure = str(e)
     if (failure := dist.any_rank(failure)) is not None:
         raise EvaluateError(failure)
-    if not merged:
-        return tune(tuner, beta, names)
-    decision, reached = tune(tuner, beta, [names[0], "any defect"])
-    decision.kind = "objects"
+    decision, reached = tune(tuner, beta, names)
+    if objects:
+        decision.kind = "objects"
     return decision, reached

@@ -95,15 +95,18 @@ def test_object_decision_gives_each_defect_one_class_by_its_summed_probability()
     classes[2:6, 6:14], p[2:6, 6:14] = 2, 0.6  # 32 px touching it, less sure: 19.2 > 12.8 summed
     classes[8:11, 16:19], p[8:11, 16:19] = 3, 0.7
     probs = probs_of(classes, p)
-    out = Decision("objects", [0.5], [0], [0.0])(probs)
+    out = Decision("objects", [0.5] * 3, [0] * 3)(probs)
     assert set(np.unique(out[2:6, 2:14])) == {2}
     assert (out[8:11, 16:19] == 3).all() and out.sum() == 2 * 48 + 3 * 9
     # Per pixel the same probabilities split the defect into two objects of two classes.
     assert set(np.unique(Decision("tuned", [0.5] * 3, [0] * 3)(probs)[2:6, 2:14])) == {1, 2}
-    # The area and peak rules apply to whole defects, on the defect probability.
-    assert set(np.unique(Decision("objects", [0.5], [10], [0.0])(probs))) == {0, 2}
-    assert set(np.unique(Decision("objects", [0.5], [0], [0.92])(probs))) == {0, 2}  # peaks 0.93 and 0.9
-    assert not Decision("objects", [0.95], [0], [0.0])(probs).any()
+    # The area and peak rules apply to whole defects, with the values of the class each one took; the peak
+    # is read on the defect probability.
+    assert set(np.unique(Decision("objects", [0.5] * 3, [0, 0, 10])(probs))) == {0, 2}
+    assert set(np.unique(Decision("objects", [0.5] * 3, [0, 50, 0])(probs))) == {0, 3}
+    assert set(np.unique(Decision("objects", [0.5] * 3, [0] * 3, [0.0, 0.0, 0.92])(probs))) == {0, 2}  # 0.9
+    assert set(np.unique(Decision("objects", [0.5] * 3, [0] * 3, [0.92, 0.95, 0.0])(probs))) == {0, 3}  # 0.93
+    assert not Decision("objects", [0.95] * 3, [0] * 3)(probs).any()
 
 
 @pytest.fixture(scope="module")

@@ -92,8 +92,9 @@ def write_two_looks(root, images: int, seed: int) -> None:
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_the_demo_recipe_tells_two_looks_apart(tmp_path):
-    """Multiclass: the demo's recipe (where/what loss, one decision per component) names each ellipse by its
-    look after a short CPU run; a model that found "a defect" without its class scores half of them right."""
+    """Multiclass: the demo's recipe names each ellipse by its look after a short CPU run (seed 5: every one
+    found, every one right). The same run on scans whose two classes look alike finds them all too, but names
+    0.69 of them right: the class is what this test asserts."""
     from evaluate.__main__ import main as evaluate_main
 
     write_two_looks(tmp_path / "raw", 16, seed=5)
@@ -107,7 +108,7 @@ def test_the_demo_recipe_tells_two_looks_apart(tmp_path):
                                "optim.warmup_steps=10", f"train.out_dir={tmp_path / 'run'}", "train.steps=300",
                                "train.log_every=100", "train.val_every=300", "train.ckpt_every=300"])  # fmt: skip
     summary = train(cfg)
-    assert summary["decision"]["kind"] == "objects"
+    assert summary["decision"]["kind"] == "tuned"
     assert evaluate_main(["--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", shards, "--split", "val",
                           "--out", str(tmp_path / "eval"), "--device", "cpu", "--workers", "0",
                           "--worst", "0"]) == 0  # fmt: skip
@@ -115,4 +116,4 @@ def test_the_demo_recipe_tells_two_looks_apart(tmp_path):
     found = {c: m["per_class"][c]["object_recall"] for c in LOOKS}
     assert m["any_defect"]["object_recall"] >= 0.6, m["any_defect"]
     assert m["right_class"] >= 0.85, (m["right_class"], m["object_confusion"])
-    assert min(found.values()) >= 0.5, found
+    assert min(found.values()) >= 0.8, found

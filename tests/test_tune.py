@@ -251,32 +251,39 @@ def test_a_checkpoint_saved_during_training_carries_no_decision(tiny, tmp_path, 
         assert "decision" not in checkpoint.load(str(tmp_path / f"{name}.pt"))["meta"]
 
 
-def test_a_multiclass_model_is_tuned_for_whole_defects_of_any_class(tiny):
-    """tune_model gives a multiclass model the ``objects`` decision: one rule, tuned on the defect probability
-    against all truth defects merged (val_objects counts them all); by_object=False keeps a rule per class."""
+def test_a_multiclass_model_gets_the_objects_decision(tiny):
+    """tune_model(by_object=True) gives a multiclass model the ``objects`` decision: one threshold shared by
+    every class, an area and a peak rule per class; by default a rule per class, per pixel."""
     manifest = schema.read_manifest(str(tiny.shards))
     model = load_model(str(tiny.ckpt), torch.device("cpu"))
-    merged, reached = tune_model(model, manifest, "val", beta=2.0, workers=0)
-    per_class, _ = tune_model(model, manifest, "val", beta=2.0, workers=0, by_object=False)
-    assert merged.kind == "objects" and len(merged.thresholds) == len(merged.min_area) == 1
-    assert list(reached) == ["any defect"]
+    objects, _ = tune_model(model, manifest, "val", beta=2.0, workers=0, by_object=True)
+    per_class, _ = tune_model(model, manifest, "val", beta=2.0, workers=0)
+    assert objects.kind == "objects" and len(set(objects.thresholds)) == 1
+    assert len(objects.min_area) == len(objects.min_peak) == 10
     assert per_class.kind == "tuned" and len(per_class.thresholds) == 10
-    assert merged.val_objects == [sum(per_class.val_objects)]
+    assert objects.val_objects == per_class.val_objects
 
 
-def test_merged_tuning_finds_defects_split_between_classes():
-    """A defect whose pixels are split between two classes is found whole by the merged tuner, and the
-    specks of a third class, surer than the defect, are dropped by the area rule."""
-    probs = torch.zeros(2, 4, 40, 40)
+def test_objects_tuning_finds_a_defect_split_between_classes_as_one_of_its_class():
+    """Each scan: a class-2 defect whose pixels lean to class 1 on its left and class 2 (more of them) on its
+    right, a class-3 defect and class-3 specks. Tuned for objects, the split defect is one class-2 object in
+    every scan and class 3's area rule drops the specks; per pixel it is two objects of two classes."""
+    probs = torch.zeros(6, 4, 40, 40)
     probs[:, 0] = 1.0
-    target = torch.zeros(2, 40, 40, dtype=torch.uint8)
-    target[:, 10:20, 10:20] = 2
-    probs[:, 0, 10:20, 10:20], probs[:, 1, 10:20, 10:15], probs[:, 2, 10:20, 15:20] = 0.1, 0.9, 0.9
-    for y, x in ((30, 30), (2, 30), (30, 2)):
-        probs[:, 0, y : y + 2, x : x + 2], probs[:, 3, y : y + 2, x : x + 2] = 0.05, 0.95  # surer than the defect
-    tuner = ScanTuner(1, merged=True)
+    target = torch.zeros(6, 40, 40, dtype=torch.uint8)
+    target[:, 10:20, 10:22] = 2
+    probs[:, 0, 10:20, 10:22], probs[:, 1, 10:20, 10:15], probs[:, 2, 10:20, 15:22] = 0.1, 0.9, 0.9
+    target[:, 26:32, 28:34] = 3
+    probs[:, 0, 26:32, 28:34], probs[:, 3, 26:32, 28:34] = 0.05, 0.95
+    for y, x in ((2, 30), (30, 2), (2, 2)):
+        probs[:, 0, y : y + 2, x : x + 2], probs[:, 3, y : y + 2, x : x + 2] = 0.05, 0.95
+    tuner = ScanTuner(3, objects=True)
     for p, t in zip(probs, target, strict=True):
         tuner.add(p, t.numpy())
-    decision, reached = tune(tuner, 2.0, ["background", "any defect"])
-    assert reached["any defect"]["found"] == reached["any defect"]["kept"] == 2
-    assert 4 < decision.min_area[0] <= 100
+    decision, reached = tune(tuner, 2.0, ["background", "c1", "c2", "c3"])
+    decision.kind = "objects"
+    assert reached["c2"]["found"] == reached["c2"]["kept"] == reached["c3"]["kept"] == 6
+    assert 4 < decision.min_area[2] <= 36
+    assert applies_exactly(decision, probs, target)
+    per_pixel, _ = tuned(probs, target)
+    assert not applies_exactly(per_pixel, probs, target)

@@ -120,9 +120,9 @@ class TrainConfig:
     # The F-beta of object recall and precision that picks them: 2 counts a missed defect as much as four
     # false alarms, the inspector's trade (a false alarm costs a glance, a miss ships).
     decision_beta: float = 2.0
-    # Multiclass: "object" tunes one rule on the defect probability and gives each kept component the class
-    # with the largest summed probability (one defect, one class); "pixel" tunes a rule per class, per pixel.
-    class_decision: str = "object"
+    # Multiclass: "pixel" tunes a rule per class, per pixel; "object" one threshold on the defect probability,
+    # each component taking the class of largest summed probability, then per-class area and peak rules.
+    class_decision: str = "pixel"
 
     def __post_init__(self) -> None:
         _one_of(self, "device", DEVICES)

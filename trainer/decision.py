@@ -4,13 +4,14 @@ A model's probabilities are calibrated by its loss, not by what an inspector sco
 them into defects is chosen on the validation split, as the Severstal steel-defect winners did:
 
 - binary: a pixel is a defect when its probability reaches ``thresholds[0]``;
-- multiclass, ``objects`` (what a tuned multiclass checkpoint carries): first *where*, then *what*. A pixel is
-  a defect when its defect probability (1 - the background's) reaches ``thresholds[0]``; the defect map's
-  connected components (8-connected) pass the area and peak rules below (``min_area[0]``, ``min_peak[0]``),
-  and each kept component takes the defect class with the largest probability summed over its pixels. One
-  defect is one object of one class: a per-pixel class cannot paint a feather half Needle, and its two halves
-  cannot count as two objects, or as a missed Feather and a false Needle;
-- multiclass, ``tuned`` (per pixel, checkpoints of earlier versions): a pixel takes the defect class with the
+- multiclass, ``objects`` (``train.class_decision: object``): first *where*, then *what*. A pixel is
+  a defect when its defect probability (1 - the background's) reaches ``thresholds[0]`` (the same value for
+  every class); each connected component (8-connected) of that map takes the defect class with the largest
+  probability summed over its pixels; then the area and peak rules below apply with that class's values
+  (the peak read on the defect probability). One defect is one object of one class: a per-pixel class
+  cannot paint a feather half Needle, and its two halves cannot count as two objects, or as a missed
+  Feather and a false Needle;
+- multiclass, ``tuned`` (per pixel, the default): a pixel takes the defect class with the
   highest probability, if that probability reaches the class's threshold, else background;
 - then connected components (8-connected, per class) smaller than the class's ``min_area`` pixels, in the
   1200x1200 model space, or whose most confident pixel stays below the class's ``min_peak``, become
@@ -125,19 +126,32 @@ class Decision:
     def by_object(self, probs: torch.Tensor) -> np.ndarray:
         """The ``objects`` rule on (K, H, W) multiclass probabilities: defect components, then their classes."""
         defect = defect_probability(probs[None])[0].cpu().numpy()
-        labels, n = ndimage.label(defect >= self.thresholds[0], EIGHT)
+        labels, n, cls = object_classes(probs, defect, self.thresholds[0])
         if not n:
             return np.zeros(defect.shape, np.uint8)
-        keep = np.bincount(labels.ravel(), minlength=n + 1)[1:] >= self.min_area[0]
-        if self.min_peak[0] > 0:
-            keep &= component_max(defect, labels, n) >= self.min_peak[0]
-        inside = torch.from_numpy(labels > 0)
-        lab = labels[inside.numpy()]
-        kept = probs[1:, inside.to(probs.device)].float().cpu().numpy()  # (K - 1, pixels in components)
-        sums = np.stack([np.bincount(lab, weights=row, minlength=n + 1)[1:] for row in kept])  # (K - 1, n)
+        keep = np.bincount(labels.ravel(), minlength=n + 1)[1:] >= np.asarray(self.min_area)[cls - 1]
+        if any(self.min_peak):
+            keep &= component_max(defect, labels, n) >= np.asarray(self.min_peak)[cls - 1]
         lut = np.zeros(n + 1, np.uint8)
-        lut[1:] = np.where(keep, sums.argmax(0) + 1, 0)
+        lut[1:] = np.where(keep, cls, 0)
         return lut[labels]
+
+
+def object_classes(probs: torch.Tensor, defect: np.ndarray, threshold: float) -> tuple[np.ndarray, int, np.ndarray]:
+    """(labels (H, W) of the components of ``defect >= threshold``, their number n, (n,) class id 1.. of each:
+    the defect class of largest probability summed over its pixels) for one image's (K, H, W) ``probs``
+    (torch, or a numpy array such as the float16 copy evaluate.tune keeps)."""
+    labels, n = ndimage.label(defect >= threshold, EIGHT)
+    if not n:
+        return labels, 0, np.zeros(0, np.int64)
+    inside = labels > 0
+    lab = labels[inside]
+    if isinstance(probs, torch.Tensor):
+        kept = probs[1:, torch.from_numpy(inside).to(probs.device)].float().cpu().numpy()
+    else:
+        kept = probs[1:, inside].astype(np.float32)  # (K - 1, pixels in components)
+    sums = np.stack([np.bincount(lab, weights=row, minlength=n + 1)[1:] for row in kept])  # (K - 1, n)
+    return labels, n, sums.argmax(0) + 1
 
 
 def defect_probability(probs: torch.Tensor) -> torch.Tensor:

@@ -176,10 +176,11 @@ def log_decision(name, step, decision: Decision, reached: dict, manifest, split:
     log.info("decision of %s.pt (step %d) tuned on %d whole scans of %s: %s", name, step,
              schema.split_info(manifest, split)["images"], split,
              "; ".join(f"{n}: p >= {t:.2f}, >= {a} px, peak >= {k:.3f}"
-                       for n, t, a, k in zip(["defect probability, each component then takes its most probable "
-                                              "class"] if decision.kind == "objects" else names[1:],
-                                             decision.thresholds, decision.min_area, decision.min_peak,
-                                             strict=True)))  # fmt: skip
+                       for n, t, a, k in zip(names[1:], decision.thresholds, decision.min_area,
+                                             decision.min_peak, strict=True)))  # fmt: skip
+    if decision.kind == "objects":
+        log.info("(p: the defect probability, 1 - P(background); each component takes the class of largest summed "
+                 "probability, then that class's area and peak rules apply)")
     log.info("on validation: %s", "; ".join(
         f"{n}: {r['found']} of {r['objects']} objects found, {r['kept'] - r['found']} false, IoU {r['iou']:.3f}"
         for n, r in reached.items()))  # fmt: skip
