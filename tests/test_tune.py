@@ -15,7 +15,7 @@ from test_evaluate import GRID, tiny_dataset
 from evaluate.blend import reassemble_mask
 from evaluate.inference import Predictor, load_model
 from evaluate.tiles import iter_images
-from evaluate.tune import GRIDS, MIN_OBJECTS, ScanTuner, tune, tune_model
+from evaluate.tune import GRIDS, MIN_OBJECTS, ScanTuner, choose, together, tune, tune_model
 from shardgen import schema
 from trainer import checkpoint
 from trainer.config import load_config
@@ -287,3 +287,17 @@ def test_objects_tuning_finds_a_defect_split_between_classes_as_one_of_its_class
     assert applies_exactly(decision, probs, target)
     per_pixel, _ = tuned(probs, target)
     assert not applies_exactly(per_pixel, probs, target)
+
+
+def test_classes_are_tuned_together_so_a_class_of_false_alarms_keeps_none():
+    """Class 1's best rule on its own finds 1 of its 5 objects among 77 kept (F2 0.05 > 0); with class 0
+    finding 9 of 10 with 10 kept, that rule halves the F2 of all objects together, so tuned together class 1
+    keeps nothing. A class whose rule is worth its false alarms keeps it."""
+    candidates = [(0.5, 0, 0.0), (0.9, 512, 0.999)]
+    truth = np.array([[100, 10], [50, 5]])
+    spray = np.array([[[10, 9, 90, 10], [0, 0, 0, 0]], [[77, 1, 10, 500], [0, 0, 0, 0]]])
+    assert choose(spray, candidates, truth, 2.0) == [0, 0]
+    assert together(spray, candidates, truth, 2.0, [0, 1]) == [0, 1]
+    useful = spray.copy()
+    useful[1, 0] = [6, 4, 40, 10]
+    assert together(useful, candidates, truth, 2.0, [0, 1]) == [0, 0]
