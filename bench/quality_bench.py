@@ -4,6 +4,11 @@
     python bench/quality_bench.py                                  # every arm, 3 seeds each (~2.5 h on 2 cores)
     python bench/quality_bench.py --mode multiclass --arms demo fp32
     python bench/quality_bench.py --device cuda --images 200 --steps 20000   # a GPU's budget
+    python bench/quality_bench.py --mode multiclass --arms demo --set loss.form=where_what   # try a change
+
+``--mode multiclass`` (what ``make demo`` trains) adds mIoU, the mean per-class object F1 and the share of found
+defects with the right class, and a table of the multiclass goals (held-out median, and the worst seed at 0.8 of
+each). ``--keep DIR`` keeps the data, runs and evaluations; a later run with the same ``--keep`` reuses its data.
 
 Data, as ``make demo`` builds it: 40 synthetic scans of seed 0 split 24/8/8 exactly. Every arm trains on its
 train split and tunes its decision on its validation split (as the trainer does, on whole scans); nothing is
