@@ -22,8 +22,9 @@ as above; the threshold is the one whose classes together find the most objects 
 F-beta of the found, kept and truth objects summed over the classes tuned on their own), then keep the fewest.
 
 The deciding class and probability of this rank's validation scans and their truth are kept in memory (6
-bytes a pixel, ~9 MB per scan) while the grid widens; under torchrun every rank scores its own scans and the
-counts are all-reduced.
+bytes a pixel, ~9 MB per 1200 px scan; for the ``objects`` decision every defect class's probability in
+float16 instead, 25 bytes a pixel with ten classes, ~36 MB) while the grid widens; under torchrun every rank
+scores its own scans and the counts are all-reduced.
 """
 
 from __future__ import annotations
@@ -75,9 +76,9 @@ class ScanTuner:
 
     def add(self, probs: torch.Tensor, truth: np.ndarray) -> None:
         """One scan's blended (K, S, S) probabilities and its (S, S) truth (255 ignored)."""
-        if self.objects:  # the classes depend on the threshold: all probabilities kept (float16, 22 bytes/px)
+        if self.objects:  # the classes depend on the threshold: every defect class's probability kept
             d = defect_probability(probs[None])[0].float().cpu().numpy()
-            self.scans.append((probs.to(torch.float16).cpu().numpy(), d, truth))
+            self.scans.append((probs[1:].to(torch.float16).cpu().numpy(), d, truth))
         else:
             top, p = deciding(probs[None])
             self.scans.append((top[0].to(torch.uint8).cpu().numpy(), p[0].float().cpu().numpy(), truth))
@@ -216,7 +217,8 @@ def shared_threshold(table: np.ndarray, candidates, truth: np.ndarray, beta: flo
 
 
 def tune(tuner: ScanTuner, beta: float, class_names: Sequence[str], jointly: bool = True) -> tuple[Decision, dict]:
-    """The decision for the scans ``tuner`` holds (every rank's), and per class what it reaches on them."""
+    """The decision for the scans ``tuner`` holds (every rank's), and per class what it reaches on them.
+    ``jointly``: the per-class rules chosen ``together`` (an ``objects`` tuner always chooses them so)."""
     truth = tuner.reduce(tuner.truth.copy())
     own = [k for k in range(tuner.n) if truth[k, 1] >= MIN_OBJECTS]
     pooled = not own  # no class has enough objects: one rule for all, tuned on all their objects together
@@ -262,8 +264,9 @@ def tune(tuner: ScanTuner, beta: float, class_names: Sequence[str], jointly: boo
             if at := sorted({v[d] for v in values} & ends):
                 log.warning("the tuned %s reached the end of its grid (%s): the scans ask for a rule beyond it",
                             name, ", ".join(map(str, at)))  # fmt: skip
-    decision = Decision("tuned", [float(v[0]) for v in values], [int(v[1]) for v in values],
-                        [float(v[2]) for v in values], val_objects=[int(v) for v in truth[:, 1]],
+    decision = Decision("objects" if tuner.objects else "tuned", [float(v[0]) for v in values],
+                        [int(v[1]) for v in values], [float(v[2]) for v in values],
+                        val_objects=[int(v) for v in truth[:, 1]],
                         borrowed=[names[k] for k in borrowed])  # fmt: skip
     reached = {}
     for k in own or range(tuner.n):
@@ -292,7 +295,4 @@ def tune_model(model: Model, manifest: dict, split: str, beta: float, workers: i
         failure = str(e)
     if (failure := dist.any_rank(failure)) is not None:
         raise EvaluateError(failure)
-    decision, reached = tune(tuner, beta, names)
-    if objects:
-        decision.kind = "objects"
-    return decision, reached
+    return tune(tuner, beta, names)

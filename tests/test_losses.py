@@ -255,3 +255,5 @@ def test_where_what_is_the_binary_loss_on_the_defect_logit_plus_a_class_term_on_
     flipped = sure.clone()
     flipped[:, 1:] = torch.where(background[:, None], sure[:, 1:].roll(1, 1), sure[:, 1:])
     assert torch.allclose(loss(flipped, target), loss(sure, target), atol=1e-5)
+    # pos_weight weighs the defect pixels of the where term, as in the binary loss.
+    assert build_loss(LossConfig(form="where_what", pos_weight=50.0), N)(logits, target) > loss(logits, target)

@@ -281,7 +281,7 @@ def test_objects_tuning_finds_a_defect_split_between_classes_as_one_of_its_class
     for p, t in zip(probs, target, strict=True):
         tuner.add(p, t.numpy())
     decision, reached = tune(tuner, 2.0, ["background", "c1", "c2", "c3"])
-    decision.kind = "objects"
+    assert decision.kind == "objects"
     assert reached["c2"]["found"] == reached["c2"]["kept"] == reached["c3"]["kept"] == 6
     assert 4 < decision.min_area[2] <= 36
     assert applies_exactly(decision, probs, target)

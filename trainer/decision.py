@@ -89,6 +89,8 @@ class Decision:
         """Probabilities (B, K, H, W) -> class ids (B, H, W) int64, before the area filter."""
         if probs.shape[1] == 1:
             return (probs[:, 0] >= (self.thresholds[0] if self.kind == "tuned" else 0.5)).long()
+        if self.kind == "objects":
+            raise ValueError("an 'objects' decision classes whole components: call the decision, not classes()")
         if self.kind != "tuned":
             return probs.max(1).indices  # same ties as argmax(1), ~12x faster on CPU over dim 1 (torch 2.14)
         top_p, top = probs[:, 1:].max(1)
@@ -126,7 +128,7 @@ class Decision:
     def by_object(self, probs: torch.Tensor) -> np.ndarray:
         """The ``objects`` rule on (K, H, W) multiclass probabilities: defect components, then their classes."""
         defect = defect_probability(probs[None])[0].cpu().numpy()
-        labels, n, cls = object_classes(probs, defect, self.thresholds[0])
+        labels, n, cls = object_classes(probs[1:], defect, self.thresholds[0])
         if not n:
             return np.zeros(defect.shape, np.uint8)
         keep = np.bincount(labels.ravel(), minlength=n + 1)[1:] >= np.asarray(self.min_area)[cls - 1]
@@ -137,19 +139,20 @@ class Decision:
         return lut[labels]
 
 
-def object_classes(probs: torch.Tensor, defect: np.ndarray, threshold: float) -> tuple[np.ndarray, int, np.ndarray]:
+def object_classes(class_probs, defect: np.ndarray, threshold: float) -> tuple[np.ndarray, int, np.ndarray]:
     """(labels (H, W) of the components of ``defect >= threshold``, their number n, (n,) class id 1.. of each:
-    the defect class of largest probability summed over its pixels) for one image's (K, H, W) ``probs``
-    (torch, or a numpy array such as the float16 copy evaluate.tune keeps)."""
+    the defect class of largest probability summed over its pixels) for one image's (K - 1, H, W) defect-class
+    probabilities (torch, or a numpy array such as the float16 copy evaluate.tune keeps: its sums may differ
+    from the float32 ones in a near-tie)."""
     labels, n = ndimage.label(defect >= threshold, EIGHT)
     if not n:
         return labels, 0, np.zeros(0, np.int64)
     inside = labels > 0
     lab = labels[inside]
-    if isinstance(probs, torch.Tensor):
-        kept = probs[1:, torch.from_numpy(inside).to(probs.device)].float().cpu().numpy()
+    if isinstance(class_probs, torch.Tensor):
+        kept = class_probs[:, torch.from_numpy(inside).to(class_probs.device)].float().cpu().numpy()
     else:
-        kept = probs[1:, inside].astype(np.float32)  # (K - 1, pixels in components)
+        kept = class_probs[:, inside].astype(np.float32)  # (K - 1, pixels in components)
     sums = np.stack([np.bincount(lab, weights=row, minlength=n + 1)[1:] for row in kept])  # (K - 1, n)
     return labels, n, sums.argmax(0) + 1
 

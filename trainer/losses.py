@@ -234,13 +234,14 @@ class WhereWhatLoss(_DeepSupervisedLoss):
     def __init__(self, cfg: LossConfig, n_classes: int) -> None:
         super().__init__(cfg)
         self.n_channels = n_classes
+        self.register_buffer("pos_weight", torch.tensor([cfg.pos_weight]), persistent=False)
 
     def single(self, logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         valid = (target != IGNORE_INDEX)[:, None].to(logits.dtype)
         defect = ((target > 0) & (target != IGNORE_INDEX))[:, None]
         t = defect.to(logits.dtype)
         where = torch.logsumexp(logits[:, 1:], 1, keepdim=True) - logits[:, :1]  # log P(defect) / P(background)
-        bce = F.binary_cross_entropy_with_logits(where, t, reduction="none")
+        bce = F.binary_cross_entropy_with_logits(where, t, pos_weight=self.pos_weight, reduction="none")
         w = weights if weights is not None else torch.ones_like(t)
         bce = (bce * w * valid).sum() / valid.sum().clamp_min(1.0)
         dice = _soft_dice_loss(torch.sigmoid(where), t, valid, self.smooth)
