@@ -67,10 +67,11 @@ class ScanTuner:
     from the scans given to ``add`` so that a widened grid scores only its new candidates."""
 
     def __init__(self, n_defect: int, device: torch.device | str = "cpu", objects: bool = False):
-        # objects: the ``objects`` decision: components of the defect probability, each of its summed class
-        self.objects = objects
+        self.objects = objects  # score the ``objects`` decision (trainer.decision) rather than per-pixel rules
         self.n, self.device = n_defect, torch.device(device)  # device: where counts meet across ranks (NCCL: cuda)
-        self.scans: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (class index, probability, truth)
+        # (deciding class index, its probability, truth); objects: (defect classes' probabilities, defect
+        # probability, truth)
+        self.scans: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.stats: dict[tuple[int, float, int, float], np.ndarray] = {}  # (class, t, area, peak) -> STATS
         self.truth = np.zeros((n_defect, 2), np.int64)  # [class, pixels / objects]
 
@@ -148,15 +149,11 @@ def class_keys(table_k: np.ndarray, candidates, truth_k: np.ndarray, beta: float
     """One class's sort key per candidate: object F-beta, then the fewest kept objects, then the best pixel
     IoU, then the plainest rule (larger is better)."""
     kept, found, right, wrong = table_k.T.astype(np.float64)
-    gt_objects, gt_pixels = truth_k[1], truth_k[0]
-    precision = np.where(kept > 0, found / np.maximum(kept, 1), 1.0)
-    recall = found / max(gt_objects, 1)
-    b2 = beta**2
-    f = (1 + b2) * precision * recall / np.maximum(b2 * precision + recall, 1e-12)
-    iou = right / np.maximum(gt_pixels + wrong, 1)
+    f = f_beta(found, kept, truth_k[1], beta)
+    iou = right / np.maximum(truth_k[0] + wrong, 1)
     # Equal F-beta means equal found and kept objects, except at 0: a class found by no rule then keeps
     # as few components as it can, rather than the rule whose thousands of specks touch a few true pixels.
-    return [(round(f[i], 6), -kept[i], round(iou[i], 6), -c[2], -c[1], -abs(c[0] - 0.5))
+    return [(f[i], -kept[i], round(iou[i], 6), -c[2], -c[1], -abs(c[0] - 0.5))
             for i, c in enumerate(candidates)]  # fmt: skip
 
 
@@ -216,9 +213,9 @@ def shared_threshold(table: np.ndarray, candidates, truth: np.ndarray, beta: flo
     return max(options, key=lambda o: o[0])[1]
 
 
-def tune(tuner: ScanTuner, beta: float, class_names: Sequence[str], jointly: bool = True) -> tuple[Decision, dict]:
-    """The decision for the scans ``tuner`` holds (every rank's), and per class what it reaches on them.
-    ``jointly``: the per-class rules chosen ``together`` (an ``objects`` tuner always chooses them so)."""
+def tune(tuner: ScanTuner, beta: float, class_names: Sequence[str]) -> tuple[Decision, dict]:
+    """The decision for the scans ``tuner`` holds (every rank's), and per class what it reaches on them; the
+    classes' rules are chosen ``together``."""
     truth = tuner.reduce(tuner.truth.copy())
     own = [k for k in range(tuner.n) if truth[k, 1] >= MIN_OBJECTS]
     pooled = not own  # no class has enough objects: one rule for all, tuned on all their objects together
@@ -231,10 +228,8 @@ def tune(tuner: ScanTuner, beta: float, class_names: Sequence[str], jointly: boo
             best = choose(table.sum(0, keepdims=True), candidates, truth.sum(0, keepdims=True), beta) * tuner.n
         elif tuner.objects:
             best = shared_threshold(table, candidates, truth, beta, own)
-        elif jointly:
-            best = together(table, candidates, truth, beta, own)
         else:
-            best = choose(table, candidates, truth, beta)
+            best = together(table, candidates, truth, beta, own)
         widened = False
         for d, name in enumerate(("threshold", "area", "peak")):
             values, (lo, hi) = GRIDS[name][0], windows[name]

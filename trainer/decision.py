@@ -57,11 +57,10 @@ def probabilities(logits: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
 @dataclass
 class Decision:
-    kind: str  # "objects" (multiclass: one rule on the defect probability, a class per component), "tuned"
-    # (a rule per class, per pixel) or "argmax"
-    thresholds: list[float]  # per defect class (one for binary and for "objects"); argmax: unused
-    min_area: list[int]  # per defect class (likewise); 0 keeps every component
-    min_peak: list[float] | None = None  # per defect class (likewise); 0 (or None: all 0) keeps every component
+    kind: str  # "tuned" (a rule per class, per pixel), "objects" (multiclass: a class per component) or "argmax"
+    thresholds: list[float]  # per defect class (one for binary; "objects": all equal); argmax: unused
+    min_area: list[int]  # per defect class; 0 keeps every component
+    min_peak: list[float] | None = None  # per defect class; 0 (or None: all 0) keeps every component
     val_objects: list[int] | None = None  # per defect class: the validation objects it was tuned on
     borrowed: list[str] | None = None  # classes with too few of them, given the other classes' median values
 
@@ -123,7 +122,6 @@ class Decision:
         pred = self.classes(probs[None])[0].to(torch.uint8).cpu().numpy()
         confidence = deciding(probs[None])[1][0].cpu().numpy() if any(self.min_peak) else None
         return self.filter_components(pred, confidence)
-
 
     def by_object(self, probs: torch.Tensor) -> np.ndarray:
         """The ``objects`` rule on (K, H, W) multiclass probabilities: defect components, then their classes."""
