@@ -129,6 +129,33 @@ def test_unet_channels_kwarg_builds_narrow_model():
     assert model(torch.randn(1, 1, 36, 36)).shape == (1, 2, 36, 36)
 
 
+def _reach(model: torch.nn.Module, size: int = 129) -> int:
+    """Width of the input window that moves the centre output pixel (its receptive field, cut by the input)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, size, size, requires_grad=True)
+    model.eval()(x)[0, :, size // 2, size // 2].sum().backward()
+    cols = (x.grad[0, 0].abs().sum(0) > 0).nonzero()
+    return int(cols.max() - cols.min() + 1)
+
+
+def test_unet_stem_2_runs_at_half_resolution_sees_twice_as_far_and_returns_full_size():
+    """stem=2 (the demo's model): a stride-2 stem, every level at half resolution, logits back at the
+    input's size (odd sizes too); the same channels reach about twice as far into the scan."""
+    half = UNet(1, 3, channels=(4, 8, 8), stem=2)
+    assert half.stem[0].stride == (2, 2)
+    for size in (64, 65, 41):
+        assert half(torch.randn(2, 1, size, size)).shape == (2, 3, size, size)
+    # Without a norm (InstanceNorm's statistics would let every input pixel move every output).
+    reach_half = _reach(UNet(1, 3, channels=(4, 8, 8), stem=2, norm="none"))
+    reach_full = _reach(UNet(1, 3, channels=(4, 8, 8), norm="none"))
+    assert reach_half >= 1.8 * reach_full
+    deep = UNet(1, 3, channels=(4, 8, 8), stem=2, deep_supervision=True).train()
+    assert all(o.shape == (1, 3, 50, 50) for o in deep(torch.randn(1, 1, 50, 50)))
+    assert build_model("unet", 1, 3, channels=(4, 8), stem=2)(torch.randn(1, 1, 33, 33)).shape == (1, 3, 33, 33)
+    with pytest.raises(ValueError, match="stem must be 1 or 2, got 4"):
+        UNet(1, 2, channels=(4, 8), stem=4)
+
+
 def test_unknown_model_name_lists_valid_names():
     with pytest.raises(KeyError) as err:
         build_model("segformer", 3, 2)

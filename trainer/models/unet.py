@@ -13,6 +13,13 @@ and 0.07 for BatchNorm, whose batch statistics from 4 crops are too noisy.
 ``forward`` returns ``(main, side, ...)`` (the trainer's loss sums their losses, as for U^2-Net's side
 outputs), in eval mode the main logits only.
 
+``stem``: 1 (the classic U-Net, every level's first conv at the input's resolution) or 2: a stride-2 3x3 conv
+(``channels[0]`` wide, norm, ReLU) first, so every level runs at half resolution and the logits are
+upsampled bilinearly to the input's size. On a CPU the narrow full-resolution layers cost most of a step;
+at half resolution the same levels see twice as far (the receptive field and the crop's reach double), for
+1.7x the samples per second at equal channels. The masks' thinnest strokes (3 px polylines, 5 px points) stay
+recoverable from the upsampled logits.
+
 Upsampling targets the skip's exact size, so any input size works:
 a 400x400 tile pools to 200/100/50/25, and an odd size like 25 pools to 12 and comes back to 25.
 """
@@ -54,7 +61,7 @@ class UNet(nn.Module):
 
     def __init__(
         self, in_channels: int, n_classes: int, channels: tuple[int, ...] = DEFAULT_CHANNELS,
-        norm: str = "instance", deep_supervision: bool = False,
+        norm: str = "instance", deep_supervision: bool = False, stem: int = 1,
     ) -> None:
         super().__init__()
         channels = tuple(channels)
@@ -62,8 +69,15 @@ class UNet(nn.Module):
             raise ValueError(f"UNet needs at least 2 levels of channels, got {channels}")
         if norm not in NORMS:
             raise ValueError(f"UNet norm must be one of {', '.join(NORMS)}, got {norm!r}")
-        self.down = nn.ModuleList()
+        if stem not in (1, 2):
+            raise ValueError(f"UNet stem must be 1 or 2, got {stem!r}")
         prev = in_channels
+        self.stem = nn.Identity()
+        if stem == 2:
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, channels[0], 3, stride=2, padding=1, bias=False),
+                                      NORMS[norm](channels[0]), nn.ReLU(inplace=True))
+            prev = channels[0]
+        self.down = nn.ModuleList()
         for ch in channels:
             self.down.append(DoubleConv(prev, ch, norm))
             prev = ch
@@ -79,6 +93,8 @@ class UNet(nn.Module):
         ) if deep_supervision else nn.ModuleList()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        size = x.shape[-2:]
+        x = self.stem(x)
         skips = []
         for i, block in enumerate(self.down):
             if i > 0:
@@ -94,7 +110,8 @@ class UNet(nn.Module):
             if self.training and level < len(self.side_heads):
                 sides.append(self.side_heads[level](x))
         out = self.head(x)
+        if out.shape[-2:] != size:
+            out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
         if not sides:
             return out
-        size = out.shape[-2:]
         return (out, *(F.interpolate(s, size=size, mode="bilinear", align_corners=False) for s in sides))
