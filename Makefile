@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m shardgen synth --out $(DEMO)/raw --images 40 --seed 0 --workers 2
+	$(PY) -m shardgen synth --out $(DEMO)/raw --images 60 --seed 0 --workers 2
 	$(PY) -m shardgen build --annotations $(DEMO)/raw/annotations --images $(DEMO)/raw/images \
 		--out $(DEMO)/shards --mode multiclass --split-method exact --split-ratios train=0.6,val=0.2,test=0.2 \
 		--workers 2

@@ -10,7 +10,7 @@
 defects with the right class, and a table of the multiclass goals (held-out median, and the worst seed at 0.8 of
 each). ``--keep DIR`` keeps the data, runs and evaluations; a later run with the same ``--keep`` reuses its data.
 
-Data, as ``make demo`` builds it: 40 synthetic scans of seed 0 split 24/8/8 exactly. Every arm trains on its
+Data, as ``make demo`` builds it: 60 synthetic scans of seed 0 split 36/12/12 exactly. Every arm trains on its
 train split and tunes its decision on its validation split (as the trainer does, on whole scans); nothing is
 scored on its test split. Two scores per model:
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=3, help="training seeds per arm (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--mode", default="binary", choices=("binary", "multiclass"))
-    p.add_argument("--images", type=int, default=40, help="synthetic scans of the training data (split 60/20/20)")
+    p.add_argument("--images", type=int, default=60, help="synthetic scans of the training data (split 60/20/20)")
     p.add_argument("--held-out-images", type=int, default=40, help="scans of the held-out synthetic set")
     p.add_argument("--steps", type=int, default=0, help="training steps of every arm (0: the demo's)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
