@@ -322,12 +322,14 @@ def test_a_group_that_fails_to_form_is_retried_without_a_restart(tmp_path):
 @pytest.mark.s3
 @pytest.mark.timeout(240)
 def test_killed_s3_build_resumes_to_the_bytes_of_an_uninterrupted_build(s3_env, s3_server, tmp_path, capsys):
-    n_images = 6
+    n_images = 8
     raw = tmp_path / "raw"
     write_synthetic(raw, n_images, seed=2, size_range=(180, 230))
-    # One image per shard and 600 px crops: enough work left after the first shard to kill the build mid-way.
+    # One image per shard (11 x 11 tiles) and 1200 px crops: after the first shard, seconds of work are left for
+    # the kill to land mid-way, even when listing the bucket is slow (600 px crops of 6 images sometimes all
+    # finished between two listings on a loaded 2-core machine).
     args = ["build", "--annotations", str(raw / "annotations"), "--images", str(raw / "images"),
-            "--image-size", "600", "--tile", "200", "--stride", "100", "--shard-size", "25",
+            "--image-size", "1200", "--tile", "200", "--stride", "100", "--shard-size", "121",
             "--split-ratios", "train=0.5,val=0.25,test=0.25", "--quiet"]  # fmt: skip
     reference = tmp_path / "reference"
     assert shardgen_main([*args, "--out", str(reference)]) == 0
