@@ -319,17 +319,25 @@ def test_a_group_that_fails_to_form_is_retried_without_a_restart(tmp_path):
 # ------------------------------------------------------------------------------------ killed S3 shard build
 
 
+SLOW_SCANS = """
+import sys, time
+import shardgen.distribute as distribute
+from shardgen.__main__ import main
+process_image = distribute.process_image
+distribute.process_image = lambda *a: (time.sleep(1.5), process_image(*a))[1]
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.s3
 @pytest.mark.timeout(240)
 def test_killed_s3_build_resumes_to_the_bytes_of_an_uninterrupted_build(s3_env, s3_server, tmp_path, capsys):
-    n_images = 8
+    n_images = 6
     raw = tmp_path / "raw"
     write_synthetic(raw, n_images, seed=2, size_range=(180, 230))
-    # One image per shard (11 x 11 tiles) and 1200 px crops: after the first shard, seconds of work are left for
-    # the kill to land mid-way, even when listing the bucket is slow (600 px crops of 6 images sometimes all
-    # finished between two listings on a loaded 2-core machine).
+    # One image per shard, 600 px crops.
     args = ["build", "--annotations", str(raw / "annotations"), "--images", str(raw / "images"),
-            "--image-size", "1200", "--tile", "200", "--stride", "100", "--shard-size", "121",
+            "--image-size", "600", "--tile", "200", "--stride", "100", "--shard-size", "25",
             "--split-ratios", "train=0.5,val=0.25,test=0.25", "--quiet"]  # fmt: skip
     reference = tmp_path / "reference"
     assert shardgen_main([*args, "--out", str(reference)]) == 0
@@ -342,7 +350,10 @@ def test_killed_s3_build_resumes_to_the_bytes_of_an_uninterrupted_build(s3_env, 
             return sorted(p.rsplit("/", 1)[1] for p in fs.ls(path, detail=False, refresh=True))
         return []
 
-    cmd = [sys.executable, "-m", "shardgen", *args, "--out", url, "--workers", "2"]
+    # Each scan takes 1.5 s longer (the pool's forked workers inherit the patch), so seconds of work are left
+    # after the first shard for the kill to land mid-way however slow listing the bucket is: a full suite's
+    # S3 server answered too late to see 6 fast shards finish one by one.
+    cmd = [sys.executable, "-c", SLOW_SCANS, *args, "--out", url, "--workers", "2"]
     env = subprocess_env(**s3_server.env())
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)  # fmt: skip
