@@ -319,12 +319,21 @@ def test_a_group_that_fails_to_form_is_retried_without_a_restart(tmp_path):
 # ------------------------------------------------------------------------------------ killed S3 shard build
 
 
+# The build to kill: scans dispatched in build order (not the last ones largest first, whose results wait for
+# the smallest and all land at once) and each 1.5 s slower, with a mark per scan in $SLOW_SCANS_LOG (the forked
+# pool workers inherit the patch; the test checks the marks, so a patch that stopped applying fails it).
 SLOW_SCANS = """
-import sys, time
+import os, sys, time
 import shardgen.distribute as distribute
 from shardgen.__main__ import main
 process_image = distribute.process_image
-distribute.process_image = lambda *a: (time.sleep(1.5), process_image(*a))[1]
+def slow(*a):
+    with open(os.environ["SLOW_SCANS_LOG"], "a") as f:
+        f.write("scan\\n")
+    time.sleep(1.5)
+    return process_image(*a)
+distribute.process_image = slow
+distribute._dispatch_order = lambda todo, workers: list(range(len(todo)))
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -350,11 +359,11 @@ def test_killed_s3_build_resumes_to_the_bytes_of_an_uninterrupted_build(s3_env, 
             return sorted(p.rsplit("/", 1)[1] for p in fs.ls(path, detail=False, refresh=True))
         return []
 
-    # Each scan takes 1.5 s longer (the pool's forked workers inherit the patch), so seconds of work are left
-    # after the first shard for the kill to land mid-way however slow listing the bucket is: a full suite's
-    # S3 server answered too late to see 6 fast shards finish one by one.
+    # SLOW_SCANS: shards land one by one, ~0.75 s apart, so the kill lands mid-way however slowly the bucket
+    # is listed (a full suite's S3 server listed too late to see 6 fast shards land).
     cmd = [sys.executable, "-c", SLOW_SCANS, *args, "--out", url, "--workers", "2"]
-    env = subprocess_env(**s3_server.env())
+    marks = tmp_path / "slow_scans.log"
+    env = subprocess_env(**s3_server.env(), SLOW_SCANS_LOG=str(marks))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)  # fmt: skip
     try:
@@ -368,6 +377,7 @@ def test_killed_s3_build_resumes_to_the_bytes_of_an_uninterrupted_build(s3_env, 
         proc.wait()
         proc.stderr.close()
     finished = len(listed("_build"))
+    assert marks.read_text().count("scan") >= finished  # the slow patch ran in the pool workers
     assert 1 <= finished < n_images
     assert "manifest.json" not in listed()  # an incomplete build has no manifest to read
 
