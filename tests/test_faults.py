@@ -319,20 +319,25 @@ def test_a_group_that_fails_to_form_is_retried_without_a_restart(tmp_path):
 # ------------------------------------------------------------------------------------ killed S3 shard build
 
 
-# The build to kill: scans dispatched in build order (not the last ones largest first, whose results wait for
-# the smallest and all land at once) and each 1.5 s slower, with a mark per scan in $SLOW_SCANS_LOG (the forked
-# pool workers inherit the patch; the test checks the marks, so a patch that stopped applying fails it).
+# The build to kill: scans dispatched in build order, and only the first two ever finish (each claims one of
+# two slot files in $SLOW_SCANS_DIR; every later scan waits forever), so one or two shards land and the build
+# then stands still until the kill, however fast or slowly a loaded machine runs it and its S3 server lists the
+# bucket. The forked pool workers inherit the patch; the test checks the slot files, so a patch that stopped
+# applying fails it.
 SLOW_SCANS = """
 import os, sys, time
 import shardgen.distribute as distribute
 from shardgen.__main__ import main
 process_image = distribute.process_image
-def slow(*a):
-    with open(os.environ["SLOW_SCANS_LOG"], "a") as f:
-        f.write("scan\\n")
-    time.sleep(1.5)
-    return process_image(*a)
-distribute.process_image = slow
+def gated(*a):
+    for slot in range(2):
+        try:
+            os.close(os.open(os.path.join(os.environ["SLOW_SCANS_DIR"], f"slot{slot}"), os.O_CREAT | os.O_EXCL))
+            return process_image(*a)
+        except FileExistsError:
+            continue
+    time.sleep(3600)  # killed before it wakes
+distribute.process_image = gated
 distribute._dispatch_order = lambda todo, workers: list(range(len(todo)))
 sys.exit(main(sys.argv[1:]))
 """
@@ -359,11 +364,11 @@ def test_killed_s3_build_resumes_to_the_bytes_of_an_uninterrupted_build(s3_env, 
             return sorted(p.rsplit("/", 1)[1] for p in fs.ls(path, detail=False, refresh=True))
         return []
 
-    # SLOW_SCANS: shards land one by one, ~0.75 s apart, so the kill lands mid-way however slowly the bucket
-    # is listed (a full suite's S3 server listed too late to see 6 fast shards land).
+    # SLOW_SCANS: the build finishes the shards of its first two scans, then stands still until killed.
     cmd = [sys.executable, "-c", SLOW_SCANS, *args, "--out", url, "--workers", "2"]
-    marks = tmp_path / "slow_scans.log"
-    env = subprocess_env(**s3_server.env(), SLOW_SCANS_LOG=str(marks))
+    slots = tmp_path / "slots"
+    slots.mkdir()
+    env = subprocess_env(**s3_server.env(), SLOW_SCANS_DIR=str(slots))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)  # fmt: skip
     try:
@@ -371,14 +376,14 @@ def test_killed_s3_build_resumes_to_the_bytes_of_an_uninterrupted_build(s3_env, 
         while not listed("_build"):
             assert proc.poll() is None, f"build exited before the kill: {proc.stderr.read().decode()}"
             assert time.monotonic() < deadline, "no shard finished in 120 s"
-            time.sleep(0.02)
+            time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the build and its pool workers, like an OOM kill of the job
         proc.wait()
         proc.stderr.close()
     finished = len(listed("_build"))
-    assert marks.read_text().count("scan") >= finished  # the slow patch ran in the pool workers
-    assert 1 <= finished < n_images
+    assert sorted(p.name for p in slots.iterdir()) == ["slot0", "slot1"]  # the gate ran in the pool workers
+    assert 1 <= finished <= 2
     assert "manifest.json" not in listed()  # an incomplete build has no manifest to read
 
     assert shardgen_main([*args, "--out", url, "--workers", "2"]) == 0
