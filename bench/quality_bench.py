@@ -1,6 +1,6 @@
 """Quality of the demo recipe and of one-change variants of it, over several training seeds, side by side.
 
-    python bench/quality_bench.py --arms demo                      # the README's figure: 3 seeds, ~25 min on 2 cores
+    python bench/quality_bench.py --arms demo                      # bench/README.md's figure: 3 seeds, ~25 min
     python bench/quality_bench.py                                  # every arm, 3 seeds each (~2.5 h on 2 cores)
     python bench/quality_bench.py --mode multiclass --arms demo fp32
     python bench/quality_bench.py --device cuda --images 200 --steps 20000   # a GPU's budget

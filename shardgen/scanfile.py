@@ -2,7 +2,7 @@
 
 ``read_scan`` returns the scan's colour channels as they are stored (uint8, uint16 or float32; (H, W) grey
 or (H, W, 3) colour), upright, so that the crust can be judged on the source values (exact zero) before
-``to_8bit`` scales them. The rules, also in the README:
+``to_8bit`` scales them. The rules, also in docs/data-format.md:
 
 - Formats: PNG, JPEG (also MPO), TIFF and BMP; any other file is a ``ScanError`` naming its format.
 - Size: checked from the header before anything is decoded. A scan of more than ``max_pixels`` pixels is a

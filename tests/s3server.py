@@ -6,7 +6,7 @@ It is started in its own process group and stopped with SIGKILL: weed ignores SI
 time, and a hard kill is also what the outage tests want to simulate. `restart()` reuses the same
 data directory and ports, so objects written before a kill are readable after it.
 
-As a script it gives any command a local S3 (``make s3-demo`` uses it; see README, "Try it on a local S3"):
+As a script it gives any command a local S3 (``make s3-demo`` uses it; see docs/storage-and-failures.md):
 
     python tests/s3server.py [--dir DIR] [--bucket NAME] -- COMMAND [ARG ...]
 
