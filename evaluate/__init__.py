@@ -13,3 +13,13 @@ tiles of each image out of the shards, checked complete), ``run`` (the evaluate 
 
 class EvaluateError(ValueError):
     """Bad input to evaluate or predict; the message names the file and the reason, on one line."""
+
+
+DECISIONS = ("tuned", "argmax")
+# Test-time augmentation: (quarter turns, horizontal flip) pairs; "flips" is {identity, h, v, h+v}, "d4" the
+# square's whole symmetry group. Scans have no preferred orientation, so every view is equally valid.
+TTA = {
+    "none": ((0, False),),
+    "flips": ((0, False), (0, True), (2, True), (2, False)),
+    "d4": tuple((k, f) for k in range(4) for f in (False, True)),
+}

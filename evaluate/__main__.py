@@ -21,11 +21,11 @@ import sys
 
 from shardgen.scanfile import DEFAULT_MAX_PIXELS, max_pixels_arg
 
+from . import DECISIONS, TTA
 from .blend import BLEND_MODES
 from .contours import DEFAULT_SIMPLIFY, MASK_POLICIES
 
-DECISIONS = ("tuned", "argmax")  # evaluate.inference.DECISIONS, named here so that argument errors come before
-TTA_MODES = ("none", "flips", "d4")  # the model code loads (evaluate.inference.TTA); a test keeps them equal
+TTA_MODES = tuple(TTA)
 
 DEVICES = ("auto", "cuda", "cpu")
 

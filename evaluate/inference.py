@@ -31,17 +31,9 @@ from trainer.decision import Decision, probabilities
 from trainer.models import build_model
 from trainer.precision import autocast
 
-from . import EvaluateError
+from . import DECISIONS, TTA, EvaluateError
 from .blend import blend_tiles
 
-DECISIONS = ("tuned", "argmax")
-# Test-time augmentation: (quarter turns, horizontal flip) pairs; "flips" is {identity, h, v, h+v}, "d4" the
-# square's whole symmetry group. Scans have no preferred orientation, so every view is equally valid.
-TTA = {
-    "none": ((0, False),),
-    "flips": ((0, False), (0, True), (2, True), (2, False)),
-    "d4": tuple((k, f) for k in range(4) for f in (False, True)),
-}
 META_KEYS = ("model", "in_channels", "n_classes", "classes", "mode", "config")
 
 

@@ -107,7 +107,7 @@ def check_scans(url: str, scans: list[tuple[str, str]], max_pixels: int) -> None
 
 
 def load_scan(
-    url: str, path: str, name: str, channels: int, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+    url: str, path: str, channels: int, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[np.ndarray, np.ndarray, Geometry]:
     """(scan at its own size, crust crop resized to ``size`` square, geometry); (H, W) or (H, W, 3) uint8."""
     fs, _ = storage.fs_for(url)
@@ -154,9 +154,7 @@ def predict_scans(opts: PredictOptions) -> dict:
 
     def inputs():
         for name, path in scans:
-            original, resized, geom = load_scan(
-                opts.images, path, name, model.in_channels, grid.image_size, opts.max_pixels
-            )
+            original, resized, geom = load_scan(opts.images, path, model.in_channels, grid.image_size, opts.max_pixels)
             yield tiles_of(resized, grid), (name, original, geom)
 
     annotations, below, upscaled = [], Counter(), []

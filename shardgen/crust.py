@@ -9,7 +9,7 @@ can be mapped back onto the original scan (``uncrop``); evaluate imports this mo
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -42,9 +42,6 @@ class Geometry:
     def upscale(self) -> float:
         """How much the crop is enlarged along its shorter side (below 1: it is reduced)."""
         return max(self.scale)
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "box": list(self.box), "scale": list(self.scale)}
 
 
 def crust_box(pixels: np.ndarray) -> tuple[int, int, int, int] | None:

@@ -87,5 +87,4 @@ def process_image(job: ImageJob, opts: BuildOptions) -> dict:
         "warnings": stats.warnings,
         "upscaled": upscaled,
         "skipped": dict(stats.skipped),
-        "geometry": geom,
     }

@@ -221,13 +221,6 @@ def test_scored_predictions_decide_like_predict_and_score_the_tta_probabilities(
             np.testing.assert_allclose(confidence, expect, atol=1e-6)
 
 
-def test_the_command_line_offers_exactly_the_decisions_and_tta_modes_inference_knows():
-    import evaluate.__main__ as cli
-    from evaluate import inference
-
-    assert cli.DECISIONS == inference.DECISIONS and cli.TTA_MODES == tuple(inference.TTA)
-
-
 def test_in_place_probabilities_equal_the_out_of_place_ones():
     logits = torch.randn(2, 5, 8, 8, generator=torch.Generator().manual_seed(0)) * 20
     expected = torch.softmax(logits, 1)

@@ -239,7 +239,7 @@ def test_predict_preprocesses_like_shardgen(predicted, tiny):
     images = str(tiny.raw / "images")
     for pred, item in predictor.predict((item.images, item) for item in items):
         name = item.meta["source_image"]
-        _, resized, geom = load_scan(images, str(tiny.raw / "images" / name), name, 1, GRID.image_size)
+        _, resized, geom = load_scan(images, str(tiny.raw / "images" / name), 1, GRID.image_size)
         assert torch.equal(tiles_of(resized, GRID), item.images)
         assert geom == geometry_from_meta(item.meta)
         np.testing.assert_array_equal(np.asarray(Image.open(predicted / "masks" / name)), uncrop(pred, geom))

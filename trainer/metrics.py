@@ -110,9 +110,6 @@ class ConfusionMatrix:
             )
         self.mat += torch.bincount(t * n + p, minlength=n * n).reshape(n, n)
 
-    def reset(self) -> None:
-        self.mat.zero_()
-
     def reduce_from_all_processes(self) -> None:
         """Sum the matrix over DDP ranks in place (no-op in a single process)."""
         dist.all_reduce(self.mat)
@@ -120,9 +117,3 @@ class ConfusionMatrix:
     def compute(self) -> dict:
         """``summarize`` of the accumulated matrix."""
         return summarize(self.mat, self.class_names)
-
-    def __str__(self) -> str:
-        s = self.compute()
-        fmt = lambda v: "—" if v is None else f"{100 * v:.1f}"  # noqa: E731
-        ious = ", ".join(f"{name} {fmt(d['iou'])}" for name, d in s["per_class"].items())
-        return f"mIoU {fmt(s['miou'])} | pixel acc {fmt(s['pixel_accuracy'])} | IoU: {ious}"

@@ -31,7 +31,6 @@ class RunLog:
     def __init__(self, cfg: Config, total_steps: int, enabled: bool, start_step: int = 0):
         self.cfg, self.total, self.enabled = cfg, total_steps, enabled
         self.rows: list[dict] = []
-        self.last_val: dict | None = None
         self._loss, self._n, self._time, self._wait, self._samples = 0.0, 0, 0.0, 0.0, 0
         self.tb = None
         self._tb_stage: str | None = None  # local folder of events bound for a remote tb folder
@@ -114,7 +113,6 @@ class RunLog:
     def val(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        self.last_val = metrics
         ious = {f"iou_{k}": v["iou"] for k, v in metrics["per_class"].items()}
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         log.info("val step %d: mIoU %s | %s", step, fmt(metrics["miou"]),
