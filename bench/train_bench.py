@@ -126,7 +126,7 @@ def streamed_tiles(manifest: dict, cfg: Config, batches: int, warmup: int) -> li
     for _ in range(warmup):
         next(stream)
     return [by_pixels[image.numpy().tobytes() + mask.numpy().tobytes()]
-            for images, masks, _ in (next(stream) for _ in range(batches))
+            for images, masks in (next(stream) for _ in range(batches))
             for image, mask in zip(images, masks, strict=True)]  # fmt: skip
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shardgen import schema
 from shardgen.reader import CorruptSample, iter_shard
 from shardgen.tiling import TileGrid
-from trainer.carry import carry, uncarry
+from trainer.batch import carry, uncarry
 
 from . import EvaluateError
 
@@ -163,7 +163,7 @@ def iter_images(
 
 class _Images(IterableDataset):
     """``iter_images`` for one rank, shards dealt to DataLoader workers. An EvaluateError travels as an item
-    (trainer.carry) so the main process reports it in one line instead of a worker traceback."""
+    (trainer.batch) so the main process reports it in one line instead of a worker traceback."""
 
     def __init__(self, manifest: dict, split: str, rank: int, world: int):
         self.manifest, self.split, self.rank, self.world = manifest, split, rank, world

@@ -14,9 +14,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
+from helpers import (
+    HAND,
+    LEFT,
+    SCAN_H,
+    SCAN_W,
+    SIDE,
+    TOP,
+    UPSCALED_LINE,
+    assemble,
+    build_args,
+    cli,
+    content,
+    files,
+    huge_png,
+    line_of,
+    png,
+    read_split,
+    rect,
+    tiny_scan_case,
+    write_scan,
+    write_xml,
+)
 from PIL import Image
-from scanwriters import huge_png
 
 from shardgen import schema
 from shardgen.__main__ import main
@@ -30,75 +50,9 @@ REPO = Path(__file__).resolve().parents[1]
 N_SYNTH = 12
 SMALL = ["--image-size", "192", "--tile", "64", "--stride", "32", "--split-ratios", "train=0.5,val=0.25,test=0.25"]
 SMALL_RATIOS = {"train": 0.5, "val": 0.25, "test": 0.25}
-# Hand-made scans: 64x64 content in an uneven black crust, cropped at scale 1 into 2x2 tiles of 32.
-LEFT, TOP, RIGHT, BOTTOM = 3, 7, 11, 5
-SIDE = 64
-HAND = ["--image-size", "64", "--tile", "32", "--stride", "32", "--split-ratios", "train=1,val=0,test=0", "--quiet"]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def build_args(data: Path, out: Path, *extra) -> list[str]:
-    return ["build", "--annotations", data / "annotations", "--images", data / "images", "--out", out, *extra]
-
-
-def read_split(out: Path, split: str) -> list[dict]:
-    """Raw samples (bytes, no decoding) of one split, in shard order."""
-    urls = schema.shard_urls(schema.read_manifest(str(out)), split)
-    return list(wds.WebDataset(urls, shardshuffle=False)) if urls else []
-
-
-def png(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im)
-
-
-def files(out: Path) -> dict[str, bytes]:
-    """Every shard and the manifest, by name."""
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
-
-
-def content(seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(1, 256, (SIDE, SIDE, 3), dtype=np.uint8)
-
-
-def write_scan(path: Path, pixels: np.ndarray | None = None) -> None:
-    """A scan: ``pixels`` (default: random content) inside a crust of different widths on each side."""
-    pixels = content() if pixels is None else pixels
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.pad(pixels, ((TOP, BOTTOM), (LEFT, RIGHT), (0, 0)))).save(path)
-
-
-SCAN_W, SCAN_H = LEFT + SIDE + RIGHT, TOP + SIDE + BOTTOM
-
-
-def write_xml(path: Path, images: list[tuple[str, list[str]]], size=(SCAN_W, SCAN_H)) -> Path:
-    """A CVAT for images 1.1 file with one ``<image>`` per (name, shape elements)."""
-    lines = ['<?xml version="1.0" encoding="utf-8"?>', "<annotations>", "  <version>1.1</version>"]
-    for k, (name, shapes) in enumerate(images):
-        lines.append(f'  <image id="{k}" name="{name}" width="{size[0]}" height="{size[1]}">')
-        lines += [f"    {s}" for s in shapes]
-        lines.append("  </image>")
-    lines.append("</annotations>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def line_of(path: Path, needle: str) -> int:
-    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if needle in line)
-
-
-def rect(label: str, x0: int, y0: int, x1: int, y1: int) -> str:
-    """A polygon over source columns x0..x1 and rows y0..y1 inclusive (the rasterizer's convention)."""
-    return f'<polygon label="{label}" points="{x0},{y0};{x1},{y0};{x1},{y1};{x0},{y1}" z_order="0"/>'
 
 
 def hand_case(tmp_path: Path, shapes: list[str], name="a.png", pixels=None) -> tuple[Path, Path]:
@@ -106,17 +60,6 @@ def hand_case(tmp_path: Path, shapes: list[str], name="a.png", pixels=None) -> t
     data = tmp_path / "data"
     write_scan(data / "images" / name, pixels)
     return data, write_xml(data / "annotations" / "ann.xml", [(name, shapes)])
-
-
-def assemble(samples: list[dict], member: str) -> np.ndarray:
-    """Reassemble the scale-1 crop of one hand-made image from its 2x2 tiles."""
-    full = None
-    for s in samples:
-        meta, tile = json.loads(s["json"]), png(s[member])
-        if full is None:
-            full = np.zeros((SIDE, SIDE, *tile.shape[2:]), np.uint8)
-        full[meta["y"] : meta["y"] + 32, meta["x"] : meta["x"] + 32] = tile
-    return full
 
 
 def crop(mask: np.ndarray) -> np.ndarray:
@@ -594,20 +537,6 @@ def test_xml_files_naming_no_images_are_refused(tmp_path, capsys):
     rc, _, err = cli(capsys, *build_args(data, tmp_path / "out", *HAND, "--skip-missing"))
     assert rc == 2 and "all 1 images named in the XML are missing" in err
     assert not (tmp_path / "out").exists()
-
-
-def tiny_scan_case(tmp_path: Path) -> tuple[Path, Path]:
-    """A normal scan and a 20x20 one whose crust crop is upscaled 3.2x to 64x64: (data dir, tiny scan)."""
-    data = tmp_path / "data"
-    write_scan(data / "images" / "big.png")
-    small = np.random.default_rng(5).integers(1, 256, (20, 20, 3), dtype=np.uint8)
-    Image.fromarray(np.pad(small, ((4, 4), (2, 2), (0, 0)))).save(data / "images" / "tiny.png")
-    write_xml(data / "annotations" / "a.xml", [("big.png", [])])
-    write_xml(data / "annotations" / "b.xml", [("tiny.png", [rect("Pit", 5, 6, 8, 9)])], size=(24, 28))
-    return data, data / "images" / "tiny.png"
-
-
-UPSCALED_LINE = "upscaled: 1 scans whose crust crop is enlarged more than 2x: tiny.png (3.2x)"
 
 
 def test_upscaled_tiny_scans_are_named_and_counted_in_the_summary(tmp_path, capsys):

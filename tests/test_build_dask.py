@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from dask_cluster import DaskCluster
-from test_build import HAND, UPSCALED_LINE, build_args, cli, content, files, tiny_scan_case, write_scan, write_xml
+from helpers import HAND, UPSCALED_LINE, build_args, cli, content, files, tiny_scan_case, write_scan, write_xml
 
 from shardgen import schema, storage
 from shardgen.__main__ import main

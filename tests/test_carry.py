@@ -1,4 +1,4 @@
-"""trainer.carry: an error raised in a DataLoader worker reaches the main process with its type and message,
+"""trainer.batch.carry: an error raised in a DataLoader worker reaches the main process with its type and message,
 for the trainer's loaders and evaluate's alike (torch alone would wrap it in a RuntimeError and a traceback)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from evaluate import EvaluateError
 from shardgen.reader import CorruptSample, StorageUnavailable
-from trainer.carry import carry, uncarry
+from trainer.batch import carry, uncarry
 
 
 class _Failing(IterableDataset):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from datumaro_render import datumaro_import, datumaro_render
+from helpers import CLASS_OF, EXACT, NAMES, handmade_mask, image_iou, shardgen_render
 from scipy import ndimage
 
 from evaluate.contours import (
@@ -20,44 +21,8 @@ from evaluate.contours import (
     mask_shapes,
     outline,
 )
-from shardgen.classes import ClassMap
 from shardgen.cvat import ImageAnnotation, parse_cvat, write_cvat
 from shardgen.raster import rasterize
-
-CMAP = ClassMap.load()
-NAMES = CMAP.names
-CLASS_OF = {name: c for c, name in enumerate(NAMES)}
-EXACT = ShapeOptions(simplify=0)
-
-
-def handmade_mask(h: int = 170, w: int = 150, top: int = 11, left: int = 7) -> np.ndarray:
-    """Blobs, holes (one holding another class, one holding a ring holding a dot, one enclosed by diagonal
-    contacts only), touching classes, 1-px lines, a Y, a staircase, 1- and 2-pixel specks."""
-    yy, xx = np.mgrid[:h, :w]
-    m = np.zeros((h, w), np.uint8)
-    r2 = (yy - 60) ** 2 + (xx - 60) ** 2
-    m[r2 <= 25**2] = 2  # Crystal disc ...
-    m[r2 <= 5**2] = 0  # ... with a small hole ...
-    m[r2 <= 2**2] = 1  # ... holding a Pinpoint
-    m[50:70, 86:96] = 8  # Nick touching the crystal
-    for k in range(30):
-        m[100 + k, 10 + k] = 3  # Needle: a 1-px diagonal line
-    m[140, 20:70] = 3  # and a horizontal one
-    m[110:130, 80] = 4  # Feather: a Y of 1-px strokes
-    for k in range(10):
-        m[110 - k, 80 - k] = m[110 - k, 80 + k] = 4
-    m[top : top + 12, left : left + 15] = 6  # Cloud in the content's top-left corner
-    for k in range(12):
-        m[150 - k, 100 + k] = m[150 - k, 101 + k] = 10  # Burn_mark: a 2-px staircase
-    m[150:160, 120:130] = 9  # Pit block, plus a 1-px and a 2-px speck
-    m[145, 135] = 9
-    m[155, 140:142] = 9
-    ring = np.abs(np.hypot(yy - 30, xx - 120) - 14) <= 1.5  # Internal_graining: a ring along an outline ...
-    m[ring] = 5
-    m[np.abs(np.hypot(yy - 30, xx - 120) - 7) <= 0.8] = 7  # ... holding a thin Twinning_wisp ring ...
-    m[29:32, 119:122] = 1  # ... holding a Pinpoint
-    m[np.abs(yy - 95) + np.abs(xx - 140) == 2] = 9  # a diamond of diagonal contacts, enclosing 5 pixels
-    return m
 
 
 def random_masks(n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -83,15 +48,6 @@ def write_xml(masks: dict[str, np.ndarray], path, options: ShapeOptions = EXACT,
         anns.append(ImageAnnotation(name, mask.shape[1], mask.shape[0], tuple(shapes), "", 0))
     write_cvat(path, anns, NAMES[1:], source="auto", attributes=[SCORE])
     return anns
-
-
-def shardgen_render(path) -> dict[str, np.ndarray]:
-    return {a.name: rasterize(a, lambda s: CLASS_OF[s.label]) for a in parse_cvat(path)}
-
-
-def image_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Class-aware IoU of two class maps over their defect pixels."""
-    return ((a == b) & (a > 0)).sum() / ((a > 0) | (b > 0)).sum()
 
 
 def test_outline_follows_pixel_edges():

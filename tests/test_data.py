@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import build_tiny
 from PIL import Image
-from tiny import build_tiny
 from torch.utils.data import DataLoader
 
 from shardgen import schema
@@ -85,7 +85,7 @@ def write_dataset(root: Path, shards: dict[str, list[int]], tiles: int = 4, side
 
 def ids(batches) -> list[tuple[int, int]]:
     """(image, tile) of every tile in ``batches``, read from the tag pixels."""
-    return [(int(img[0, 0, 0]), int(img[0, 0, 1])) for images, _, _ in batches for img in images]
+    return [(int(img[0, 0, 0]), int(img[0, 0, 1])) for images, _ in batches for img in images]
 
 
 def take(loader, k: int) -> list:
@@ -94,7 +94,7 @@ def take(loader, k: int) -> list:
 
 
 def _check_masks(batches, side: int) -> None:
-    for images, masks, _ in batches:
+    for images, masks in batches:
         for img, mask in zip(images, masks, strict=True):
             assert np.array_equal(mask.numpy(), tile_pixels(int(img[0, 0, 0]), int(img[0, 0, 1]), side)[1])
 
@@ -123,14 +123,14 @@ def _masks_in_shards(manifest: dict, split: str) -> list[np.ndarray]:
 def test_shardgen_masks_arrive_exactly_as_stored(built):
     expected = _masks_in_shards(built, "val")
     cfg = DataConfig(batch_size=7, workers=1)
-    got = [m.numpy() for _, masks, _ in val_loader(built, "val", cfg, 0, 1, pin=False) for m in masks]
+    got = [m.numpy() for _, masks in val_loader(built, "val", cfg, 0, 1, pin=False) for m in masks]
     assert len(got) == len(expected) == built["splits"]["val"]["samples"]
     for a, b in zip(got, expected, strict=True):
         assert a.dtype == np.uint8 and np.array_equal(a, b)
     # The shuffled, resampled training stream only ever yields stored masks, unchanged.
     stored = {m.tobytes() for m in _masks_in_shards(built, "train")}
     labels = set()
-    for _, masks, _ in take(train_loader(built, "train", cfg, seed=0, rank=0, start_step=0, pin=False), 12):
+    for _, masks in take(train_loader(built, "train", cfg, seed=0, rank=0, start_step=0, pin=False), 12):
         for m in masks.numpy():
             assert m.tobytes() in stored
             labels |= set(np.unique(m).tolist())
@@ -145,8 +145,8 @@ def test_every_label_and_ignore_survive_the_loader(tmp_path, workers):
     train = take(train_loader(manifest, "train", cfg, seed=0, rank=0, start_step=0, pin=False), 6)
     for batches in (val, train):
         _check_masks(batches, side=16)
-        assert set(np.unique(np.concatenate([m.numpy().ravel() for _, m, _ in batches]))) == set(LABELS.tolist())
-        assert all(i.dtype == m.dtype == torch.uint8 for i, m, _ in batches)
+        assert set(np.unique(np.concatenate([m.numpy().ravel() for _, m in batches]))) == set(LABELS.tolist())
+        assert all(i.dtype == m.dtype == torch.uint8 for i, m in batches)
 
 
 # ------------------------------------------------------------------------------------- training stream
@@ -208,12 +208,14 @@ def test_corrupt_training_sample_is_skipped_and_counted_but_fails_validation(tmp
     manifest = write_dataset(tmp_path, {"train": [1], "val": [1]}, corrupt={(0, 2)})
     urls = schema.shard_urls(manifest, "train")
     cfg = DataConfig(batch_size=3, workers=0, shuffle_buffer=2, defect_share=0.0)  # the plain stream
-    batches = take(TrainTiles(urls, cfg, seed=0, rank=0), 4)
+    tiles = TrainTiles(urls, cfg, seed=0, rank=0)
+    batches = take(tiles, 4)
     assert (0, 2) not in ids(batches)  # 12 tiles drawn from the 3 good ones of 4
-    assert sum(skipped for _, _, skipped in batches) >= 3  # one per pass over the shard
+    assert tiles.counts.skipped >= 3  # one per pass over the shard
     pooled = DataConfig(batch_size=3, workers=0, shuffle_buffer=2, defect_share=1.0)  # every tile from the pool
-    batches = take(TrainTiles(urls, pooled, seed=0, rank=0), 4)
-    assert (0, 2) not in ids(batches) and sum(skipped for _, _, skipped in batches) >= 1
+    tiles = TrainTiles(urls, pooled, seed=0, rank=0)
+    batches = take(tiles, 4)
+    assert (0, 2) not in ids(batches) and tiles.counts.skipped >= 1
     with pytest.raises(CorruptSample, match=r"val-000000.tar: sample 'img000_1_0': cannot decode"):
         list(reraise(ValTiles(manifest, "val", cfg, rank=0, world=1)))
 
@@ -292,7 +294,7 @@ def test_a_broken_first_tile_does_not_set_the_batch_shape():
     with pytest.raises(CorruptSample, match="does not fit"):
         batch.decode("u", "k2", sample(20, 2))  # another size than the batch's first tile
     batch.decode("u", "k3", sample(16, 3))
-    images, masks, _ = batch.take(0)
+    images, masks = batch.take()
     assert [int(i[0, 0, 0]) for i in images] == [1, 3]
     assert all(np.array_equal(m.numpy(), tile_pixels(n, 0, 16)[1]) for n, m in zip((1, 3), masks, strict=True))
 
@@ -300,12 +302,25 @@ def test_a_broken_first_tile_does_not_set_the_batch_shape():
 @pytest.mark.parametrize("read_ahead", [False, True])
 def test_a_worker_streams_the_pixels_of_the_in_process_stream(small, monkeypatch, read_ahead):
     """With and without the read-ahead thread a worker yields the same batches, pixel for pixel, as the
-    stream run in this process (all 8 kept: the worker's slots run out and it uses fresh memory)."""
+    stream run in this process."""
     monkeypatch.setattr("trainer.data.spare_core", lambda: read_ahead)  # the forked worker inherits the patch
     cfg = DataConfig(batch_size=3, shuffle_buffer=5, workers=0)
     inproc = take(train_loader(small, "train", cfg, 0, 0, 0, pin=False), 8)
     cfg = DataConfig(batch_size=3, shuffle_buffer=5, workers=1)
     worker = take(train_loader(small, "train", cfg, 0, 0, 0, pin=False), 8)
-    for (i0, m0, _), (i1, m1, _) in zip(inproc, worker, strict=True):
+    for (i0, m0), (i1, m1) in zip(inproc, worker, strict=True):
         assert torch.equal(i0, i1) and torch.equal(m0, m1)
     _check_masks(worker, side=16)
+
+
+def test_worker_counts_reach_the_main_process_beside_the_batches(tmp_path):
+    """What workers skip is counted in shared memory, not in the batches: the stream's total sees both
+    workers' skips, and every batch is pixels only."""
+    manifest = write_dataset(tmp_path, {"train": [1, 1]}, corrupt={(0, 2), (1, 1)})
+    cfg = DataConfig(batch_size=3, workers=2, shuffle_buffer=2, defect_share=0.0)
+    stream = reraise(train_loader(manifest, "train", cfg, seed=0, rank=0, start_step=0, pin=False))
+    batches = [next(stream) for _ in range(8)]
+    assert all(len(batch) == 2 for batch in batches)  # (images, masks)
+    assert (0, 2) not in ids(batches) and (1, 1) not in ids(batches)
+    stream.close()
+    assert stream.skipped >= 2 and stream.io_retries == 0

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import build_tiny, scored_pixels
+from helpers import build_tiny, scored_pixels
 
 from evaluate.inference import load_model
 from evaluate.tune import tune_model

@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import GRID, tiny_dataset
 from PIL import Image
 from scipy import ndimage
-from test_evaluate import GRID, tiny_dataset
 
 from evaluate.__main__ import main as evaluate_main
 from evaluate.inference import Predictor, load_model

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_build import HAND, build_args, cli, files, line_of, write_scan, write_xml
+from helpers import HAND, build_args, cli, files, line_of, write_scan, write_xml
 
 from shardgen import schema, storage
 from shardgen.__main__ import main

@@ -11,12 +11,12 @@ import sys
 import tarfile
 from html.parser import HTMLParser
 from pathlib import Path
-from types import SimpleNamespace
 from urllib.parse import unquote
 
 import numpy as np
 import pytest
 import torch
+from helpers import GRID, build_shards, tiny_dataset
 from monai.inferers import sliding_window_inference
 from PIL import Image
 
@@ -24,14 +24,9 @@ from evaluate.__main__ import main
 from evaluate.inference import Model, Predictor, load_model
 from evaluate.metrics import per_image_dice
 from shardgen import schema
-from shardgen.build import BuildOptions, build
-from shardgen.synth import write_synthetic
 from shardgen.tiling import TileGrid
 
 ROOT = Path(__file__).resolve().parent.parent
-GRID = TileGrid(192, 64, 32)
-# Stones 1, 2 and 5 hash into test (2 shards of <= 2 images), 6 into val, the rest into train.
-RATIOS = {"train": 0.2, "val": 0.2, "test": 0.6}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,39 +35,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def build_shards(raw: Path, out: Path, mode: str = "multiclass") -> None:
-    opts = BuildOptions(mode=mode, image_size=GRID.image_size, tile=GRID.tile, stride=GRID.stride,
-                        shard_size=50, split_ratios=RATIOS)  # fmt: skip
-    build(raw / "annotations", raw / "images", str(out), opts, progress=False)
-
-
-def tiny_dataset(tmp_path_factory) -> SimpleNamespace:
-    """8 synthetic scans, their 64-px-tile shards and a 4-step narrow U-Net checkpoint, built once per session
-    (test_predict.py uses the same files)."""
-    root = tmp_path_factory.getbasetemp() / "evaluate_tiny"
-    ns = SimpleNamespace(root=root, raw=root / "raw", shards=root / "shards", ckpt=root / "run" / "last.pt")
-    if ns.ckpt.is_file():
-        return ns
-    from trainer.config import load_config
-    from trainer.train import train
-
-    write_synthetic(ns.raw, 8, seed=0, size_range=(180, 230))
-    build_shards(ns.raw, ns.shards)
-    config = root / "train.yaml"
-    config.write_text(json.dumps({
-        "data": {"train": str(ns.shards), "batch_size": 4, "workers": 0, "shuffle_buffer": 10,
-                 "pin_memory": False},
-        "model": {"name": "unet", "kwargs": {"channels": [4, 6, 8, 10, 12]}},
-        "optim": {"lr": 0.01, "warmup_steps": 1},
-        # Plain per-pixel BCE: the 4-step model's ragged masks, on which the predict tests' outline fidelity
-        # (IoU >= 0.99 at --simplify 1) was sized; object weighting makes them noisier still (0.9875).
-        "loss": {"object_window": 0},
-        "train": {"out_dir": str(root / "run"), "steps": 4, "device": "cpu", "val_every": 4, "ckpt_every": 4},
-    }))  # fmt: skip
-    train(load_config(str(config)))
-    return ns
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ the trainer and evaluate boundary.
   uninterrupted build, and no manifest ever lists a partial shard.
 - Bad inputs to evaluate (the trainer's side is in test_train.py) are one-line errors with exit code 2.
 
-The data are test_evaluate.py's tiny synthetic shards (64 px tiles) and its 4-step narrow U-Net.
+The data are helpers.tiny_dataset's tiny synthetic shards (64 px tiles) and its 4-step narrow U-Net.
 """
 
 from __future__ import annotations
@@ -35,9 +35,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from test_evaluate import tiny_dataset
-from tiny import NARROW
-from tiny import write_config as tiny_write_config
+from helpers import NARROW, tiny_dataset
+from helpers import write_config as tiny_write_config
 
 from evaluate.__main__ import main as evaluate_main
 from shardgen import schema, storage
@@ -70,7 +69,7 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def write_config(path: Path, dataset: str, out: Path, **sections) -> str:
-    """``tests/tiny.py``'s ``write_config`` with a smaller shuffle buffer and validation only at the checkpoints."""
+    """``helpers.write_config`` with a smaller shuffle buffer and validation only at the checkpoints."""
     sections["data"] = {"shuffle_buffer": 10, **sections.get("data", {})}
     sections["train"] = {"val_every": 4, "ckpt_every": 4, **sections.get("train", {})}
     return tiny_write_config(path, dataset, out, **sections)

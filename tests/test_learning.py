@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from tiny import TINY_GRID
+from helpers import TINY_GRID
 
 from shardgen.__main__ import main as shardgen_main
 from shardgen.synth import write_synthetic

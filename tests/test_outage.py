@@ -28,7 +28,7 @@ import aiohttp
 import pytest
 import yaml
 from botocore.exceptions import EndpointConnectionError, NoCredentialsError, ReadTimeoutError
-from tiny import build_tiny
+from helpers import build_tiny
 
 from shardgen import schema, storage
 from shardgen.reader import CorruptSample, StorageUnavailable, is_transient, retry_call

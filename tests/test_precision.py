@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import fixed_batch_losses
+from helpers import fixed_batch_losses
 
 from trainer import precision
 from trainer.models import build_model

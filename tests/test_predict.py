@@ -11,16 +11,14 @@ import numpy as np
 import pytest
 import torch
 from datumaro_render import datumaro_render
+from helpers import CLASS_OF, EXACT, GRID, NAMES, handmade_mask, image_iou, png16, shardgen_render, tiny_dataset
 from lxml import etree
 from PIL import Image
-from scanwriters import png16
 from scipy import ndimage
-from test_contours import CLASS_OF, EIGHT_CONNECTED, EXACT, NAMES, handmade_mask, image_iou, shardgen_render
-from test_evaluate import GRID, tiny_dataset
 
 from evaluate.__main__ import main
 from evaluate.blend import reassemble_mask
-from evaluate.contours import mask_shapes
+from evaluate.contours import EIGHT_CONNECTED, mask_shapes
 from evaluate.inference import Predictor, decision_for, load_model
 from evaluate.predict import load_scan, tiles_of
 from evaluate.tiles import iter_images

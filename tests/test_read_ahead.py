@@ -1,4 +1,4 @@
-"""shardgen.reader.read_ahead: a helper thread's items arrive in order, errors at their place, and closing
+"""trainer.data.read_ahead: a helper thread's items arrive in order, errors at their place, and closing
 the consumer stops the producer."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from shardgen.reader import read_ahead
+from trainer.data import read_ahead
 
 
 def test_items_arrive_in_order():

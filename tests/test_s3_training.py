@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny import tb_scalars
+from helpers import tb_scalars
 
 from shardgen import schema, storage
 from shardgen.synth import write_synthetic

@@ -66,7 +66,7 @@ def stream(urls, batches: int, seed: int = 0, start_step: int = 0, **cfg) -> lis
 
 def classes_in(batches) -> list[int]:
     """The defect class held by each tile of ``batches`` (0: none)."""
-    return [int(m.max()) for _, masks, _ in batches for m in masks]
+    return [int(m.max()) for _, masks in batches for m in masks]
 
 
 @pytest.mark.parametrize("share", [0.3, 0.5, 0.67, 1.0])
@@ -131,7 +131,7 @@ def test_sampler_stream_is_seeded(urls, share):
 def test_forced_crops_hold_their_defect(urls):
     """16 px crops of 32 px tiles whose 4 px defect sits off-centre: forced crops always keep it."""
     batches = stream(urls, 100, defect_share=0.5, crop=16)
-    assert all(images.shape[-2:] == (16, 16) and masks.shape[-2:] == (16, 16) for images, masks, _ in batches)
+    assert all(images.shape[-2:] == (16, 16) and masks.shape[-2:] == (16, 16) for images, masks in batches)
     held = np.array(classes_in(batches)).reshape(100, 4)
     assert (np.count_nonzero(held[10:], axis=1) >= 2).all()
     plain = np.array(classes_in(stream(urls, 100, defect_share=0.0, crop=16)))
@@ -183,5 +183,8 @@ def test_json_without_class_pixels_is_skipped_and_counted(tmp_path):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    batches = stream([str(path)], 6, batch_size=2, shuffle_buffer=2, defect_share=0.5)
-    assert sum(skipped for _, _, skipped in batches) >= 8  # 4 per pass over the shard, 12 tiles drawn
+    tiles = TrainTiles([str(path)], DataConfig(batch_size=2, workers=0, shuffle_buffer=2, defect_share=0.5), 0, 0)
+    it = iter(tiles)
+    for _ in range(6):
+        next(it)
+    assert tiles.counts.skipped >= 8  # 4 per pass over the shard, 12 tiles drawn

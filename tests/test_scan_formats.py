@@ -9,9 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
-from scanwriters import png16, tiff16
-from test_build import (
+from helpers import (
     BOTTOM,
     HAND,
     LEFT,
@@ -23,10 +21,13 @@ from test_build import (
     assemble,
     build_args,
     cli,
+    png16,
     read_split,
     rect,
+    tiff16,
     write_xml,
 )
+from PIL import Image, ImageOps
 
 RNG = np.random.default_rng(13)
 CRUST = ((TOP, BOTTOM), (LEFT, RIGHT))

@@ -8,7 +8,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from shardgen.tarstream import TarError, regular_members
+from shardgen.reader import TarError, regular_members
 
 LONG = "deep/" * 30 + "stone_00001_0_0.image.png"  # 175 characters: needs a pax, GNU or ustar-prefix name
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import NARROW, build_tiny, fixed_batch_losses, scored_pixels, tb_scalars, write_config
+from helpers import NARROW, build_tiny, fixed_batch_losses, scored_pixels, tb_scalars, write_config
 
 from shardgen import schema
 from trainer import __main__ as cli
@@ -72,7 +72,7 @@ def read_csv(path: Path) -> list[dict]:
 def test_loss_halves_on_a_fixed_batch(shards, name, kwargs, lr, steps, batch, crop):
     torch.manual_seed(0)
     manifest = schema.read_manifest(shards)
-    images, masks, _ = next(iter(val_loader(manifest, "val", DataConfig(batch_size=batch, workers=0), 0, 1, False)))
+    images, masks = next(iter(val_loader(manifest, "val", DataConfig(batch_size=batch, workers=0), 0, 1, False)))
     x, y = GpuAugment(AugmentConfig(), NormalizeConfig()).eval()(images, masks)
     x, y = x[..., :crop, :crop], y[..., :crop, :crop]
     model = build_model(name, 1, len(manifest["classes"]), **kwargs)

@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import GRID, tiny_dataset
 from scipy import ndimage
-from test_evaluate import GRID, tiny_dataset
 
 from evaluate.blend import reassemble_mask
 from evaluate.inference import Predictor, load_model

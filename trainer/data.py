@@ -9,33 +9,40 @@ Validation: images are dealt to ranks round-robin and shards to workers, so ever
 once across the job. Ranks may hold unequal counts; validation runs no collective until the confusion
 matrices are summed, so it cannot hang.
 
-Decoding happens in the DataLoader workers, straight into the batch's uint8 tensors (``BatchBuffer``, in
-a worker's reusable shared-memory slots, handed back by the loader's iterator: see trainer.batch); masks
-are decoded by PIL as stored, so label values are exact. Batches
-are (images uint8 (B, C, H, W), masks uint8 (B, H, W), skipped), where ``skipped`` counts the corrupt
-training samples the worker dropped since its previous batch. Storage retries (see shardgen.reader)
-travel the same way, as an `IoRetries` item ahead of the batch they delayed; `reraise` totals them.
+Decoding happens in the DataLoader workers, straight into the batch's uint8 tensors (``BatchBuffer``);
+masks are decoded by PIL as stored, so label values are exact. Batches are (images uint8 (B, C, H, W), masks
+uint8 (B, H, W)). The corrupt training samples a worker skipped and the storage retries it made (see
+shardgen.reader) are counted beside the batches, in the dataset's shared ``Counts``; ``BatchStream`` reads
+the totals.
+
+The whole path from shard bytes to a batch on the device: shardgen/storage.py opens a shard URL,
+shardgen/reader.py streams its tar members with retries, shardgen/schema.py decodes a sample's PNGs, this
+module draws and deals samples (with trainer/sampling.py's defect-aware draws and crops) and runs the
+loaders, and trainer/batch.py fills the batches and counts; trainer/train.py moves them to the device.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import random
+import threading
 from collections.abc import Iterator
+from typing import TypeVar
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shardgen import schema
-from shardgen.reader import CorruptSample, StorageUnavailable, iter_shard, read_ahead
+from shardgen.reader import CorruptSample, StorageUnavailable, iter_shard
 
 from . import sampling
-from .batch import BatchBuffer, Lent, SlotBatch, decode, spare_core
-from .carry import carry, uncarry
+from .batch import BatchBuffer, Counts, carry, decode, spare_core, uncarry
 from .config import DataConfig
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 READ_AHEAD = 16  # training samples read ahead of the decoder by a thread, where a core is spare (a few MB)
 
 
@@ -49,8 +56,7 @@ class TrainTiles(IterableDataset):
 
     def __init__(self, urls: list[str], cfg: DataConfig, seed: int, rank: int, start_step: int = 0):
         self.urls, self.cfg, self.seed, self.rank, self.start_step = urls, cfg, seed, rank, start_step
-        self.skipped = 0  # corrupt samples dropped in this worker and not yet reported with a batch
-        self.retries = self.retries_reported = 0  # storage retries in this worker, and those reported
+        self.counts = Counts(cfg.workers)  # corrupt samples skipped, storage retries
 
     def shards(self, worker: int) -> Iterator[str]:
         """Shard URLs drawn with replacement, one epoch's worth per RNG."""
@@ -92,7 +98,7 @@ class TrainTiles(IterableDataset):
 
     def _skip(self, e: CorruptSample) -> None:
         log.warning("skipping corrupt sample: %s", e)
-        self.skipped += 1
+        self.counts.add(Counts.SKIPPED)
 
     def _tile(self, raw, rng: random.Random, batch: BatchBuffer, focus: int | None = None) -> bool:
         """A raw sample decoded, cropped (``data.crop``) and added to ``batch``; False, counted, if it
@@ -117,7 +123,7 @@ class TrainTiles(IterableDataset):
         size, share = self.cfg.batch_size, self.cfg.defect_share
         forced = sampling.forced_count(share, size, rng)  # drawn afresh for every batch
         pool = sampling.DefectPool(self.cfg.shuffle_buffer)
-        buffer, batch = [], BatchBuffer(size, _slots(self.cfg))
+        buffer, batch = [], BatchBuffer(size)
         for raw in self.samples(worker):  # yields undecoded samples in shard order
             if share:
                 pool.add(raw, sampling.defect_classes(raw[2][schema.META_KEY]))
@@ -136,9 +142,7 @@ class TrainTiles(IterableDataset):
                 if not self._tile(pooled, rng, batch, focus):
                     pool.discard(pooled)
             if batch.full:
-                yield from _retries(self)
-                yield batch.take(self.skipped)  # (images, masks, skipped)
-                self.skipped = 0
+                yield batch.take()
                 forced = sampling.forced_count(share, size, rng)
 
 
@@ -154,14 +158,14 @@ class ValTiles(IterableDataset):
         self.urls = schema.shard_urls(manifest, split)
         self.offsets = schema.image_offsets(manifest, split)
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.retries = self.retries_reported = 0
+        self.counts = Counts(cfg.workers)  # storage retries (nothing is skipped)
 
     def __iter__(self):
         return carry(self._batches(), (CorruptSample, StorageUnavailable))
 
     def _batches(self):
         worker, workers = _worker()
-        batch = BatchBuffer(self.cfg.batch_size, _slots(self.cfg))
+        batch = BatchBuffer(self.cfg.batch_size)
         for url, offset in list(zip(self.urls, self.offsets, strict=True))[worker::workers]:
             index, current = offset - 1, None
             for key, parts in _read(self, url):
@@ -172,51 +176,26 @@ class ValTiles(IterableDataset):
                     continue
                 batch.decode(url, key, parts)
                 if batch.full:
-                    yield from _retries(self)
-                    yield batch.take(0)
-        yield from _retries(self)
+                    yield batch.take()
         if batch.count:
-            yield batch.take(0)
-
-
-def _slots(cfg: DataConfig) -> int:
-    """A worker's batch slots: its prefetched batches, the one it fills, the consumer's current and previous
-    ones (handed back a batch late), and one to spare."""
-    return cfg.prefetch_factor + 3
+            yield batch.take()
 
 
 def _read(ds: TrainTiles | ValTiles, url: str):
-    """Samples of one shard with the configured retry policy; each retry is counted in ``ds.retries``."""
+    """Samples of one shard with the configured retry policy; each retry is counted in ``ds.counts``."""
 
     def count(_url, _attempt, _error) -> None:
-        ds.retries += 1
+        ds.counts.add(Counts.RETRIES)
 
     return iter_shard(url, retries=ds.cfg.io_retries, backoff=ds.cfg.io_backoff, on_retry=count)
 
 
-class IoRetries:
-    """Storage retries a worker made since its previous batch (the reader logged each one)."""
-
-    def __init__(self, count: int):
-        self.count = count
-
-
-def _retries(ds: TrainTiles | ValTiles):
-    # ``retries`` only grows (in the read-ahead thread when training), ``retries_reported`` is only written
-    # here: no update can be lost between the two threads.
-    if ds.retries > ds.retries_reported:
-        retries = ds.retries
-        yield IoRetries(retries - ds.retries_reported)
-        ds.retries_reported = retries
-
-
 class BatchStream:
-    """A loader's batches, with the errors its workers carried raised (see trainer.carry) and their storage
-    retries totalled in ``io_retries``."""
+    """A loader's batches, with the errors its workers carried raised (see trainer.batch); ``skipped`` and
+    ``io_retries`` are its dataset's totals so far, over every worker."""
 
     def __init__(self, loader):
         self.loader, self.items = loader, None
-        self.io_retries = 0
 
     def __iter__(self):
         return self
@@ -224,12 +203,19 @@ class BatchStream:
     def __next__(self):
         if self.items is None:  # workers start on the first batch asked for, as with a plain loop
             self.items = iter(self.loader)
-        while True:
-            item = uncarry(next(self.items))
-            if isinstance(item, IoRetries):
-                self.io_retries += item.count
-                continue
-            return item
+        return uncarry(next(self.items))
+
+    def close(self) -> None:
+        """Stop the workers (their prefetching too), so the totals stay what the consumed batches cost."""
+        self.items = None
+
+    @property
+    def skipped(self) -> int:
+        return self.loader.dataset.counts.skipped
+
+    @property
+    def io_retries(self) -> int:
+        return self.loader.dataset.counts.retries
 
 
 def reraise(loader) -> BatchStream:
@@ -242,28 +228,13 @@ def rank_share(manifest: dict, split: str, rank: int, world: int) -> int:
     return schema.rank_images(manifest, split, rank, world) * manifest["tiles_per_image"]
 
 
-class TileLoader(DataLoader):
-    """A DataLoader whose iterator hands the workers' batch slots back once the consumer lets go of their
-    batches (trainer.batch); it yields plain (images, masks, skipped) tuples."""
-
-    def __iter__(self):
-        lent, items = Lent(), super().__iter__()
-        while True:
-            lent.hand_back()  # before waiting for the next batch, so its worker can reuse the slots sooner
-            item = next(items, None)
-            if item is None:
-                return
-            yield lent.track(item) if isinstance(item, SlotBatch) else item
-            del item  # a batch the consumer dropped is handed back at the next call
-
-
 def _loader(ds: IterableDataset, cfg: DataConfig, workers: int, pin: bool) -> DataLoader:
     kw = dict(prefetch_factor=cfg.prefetch_factor, persistent_workers=False) if workers else {}
-    return TileLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin, collate_fn=_as_is, **kw)
+    return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin, collate_fn=_as_is, **kw)
 
 
 def _as_is(item):
-    """The loaders' items as the datasets yield them (the default would turn a SlotBatch into a list)."""
+    """The loaders' items as the datasets yield them (the default would turn the tuples into lists)."""
     return item
 
 
@@ -279,3 +250,52 @@ def val_loader(manifest: dict, split: str, cfg: DataConfig, rank: int, world: in
 
 def class_histogram(manifest: dict, split: str) -> np.ndarray:
     return np.asarray(schema.split_info(manifest, split)["class_pixels"], dtype=np.int64)
+
+
+def read_ahead(items: Iterator[T], depth: int) -> Iterator[T]:
+    """``items``, produced by a helper thread up to ``depth`` items ahead of the consumer, in order.
+
+    Reading a shard is mostly system calls that release the GIL, so the thread copies the next samples'
+    bytes while the consumer decodes (which releases it too): reading leaves the consumer's core. An error
+    raised by ``items`` is raised to the consumer at its place in the stream. Closing the returned
+    generator stops the thread and closes ``items``.
+    """
+    out: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((True, _END))
+        except BaseException as e:  # raised in the consumer instead
+            put((False, e))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    threading.Thread(target=produce, name="read-ahead", daemon=True).start()
+    try:
+        while True:
+            ok, item = out.get()
+            if not ok:
+                raise item
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+_END = object()

@@ -87,7 +87,7 @@ def evaluate(model, batches, augment, n_classes, class_names, device, amp, tuner
     samples = torch.zeros((), dtype=torch.int64, device=device)
     failure = None
     try:
-        for images, masks, _ in batches:
+        for images, masks in batches:
             x, y = augment(images.to(device, non_blocking=True), masks.to(device, non_blocking=True))
             with amp:
                 logits = model(x)
@@ -343,11 +343,11 @@ def accumulate(run: RunState, model, batches, augment, loss_fn, amp) -> tuple[to
     for micro in range(accum):
         tw = time.perf_counter()
         try:
-            images, masks, skipped = next_batch(batches)  # uint8 (B, C, H, W), uint8 (B, H, W)
+            images, masks = next_batch(batches)  # uint8 (B, C, H, W), uint8 (B, H, W)
         except StorageUnavailable as e:
             raise run.outage(e) from None
         wait += time.perf_counter() - tw
-        run.skipped_here += skipped
+        run.skipped_here = batches.skipped
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
         x, y = augment(images, masks)  # kornia on the device: float (B, C, H, W), long (B, H, W)
         if cfg.train.channels_last:
@@ -367,7 +367,7 @@ class Validation:
     manifest: dict  # the manifest validated on
     split: str
     samples: int  # tiles of the split, over all ranks
-    retries: int = 0  # storage retries of this rank's validation reads (training reads: BatchStream.io_retries)
+    retries: int = 0  # storage retries of this rank's validation reads so far (training's: BatchStream.io_retries)
 
 
 def validate(run: RunState, val: Validation, augment, n_classes: int, names: list[str], amp) -> dict:
@@ -381,7 +381,7 @@ def validate(run: RunState, val: Validation, augment, n_classes: int, names: lis
         metrics = evaluate(run.model, stream, augment, n_classes, names, run.device, amp, tuner)
     except StorageUnavailable as e:
         raise run.outage(e) from None
-    val.retries += stream.io_retries
+    val.retries = stream.io_retries  # the dataset's total over every validation
     if metrics["samples"] != val.samples:  # the dealing to ranks and workers lost or repeated tiles
         raise TrainError(f"{val.manifest['_url']}: validation saw {metrics['samples']} samples of split {val.split!r}, "
                          f"the manifest lists {val.samples}")  # fmt: skip
@@ -400,6 +400,8 @@ def validate(run: RunState, val: Validation, augment, n_classes: int, names: lis
 def finish(cfg, run: RunState, batches, val: Validation, names, last_metrics) -> dict:
     """Totals over ranks, the end row of the logs, the ranks' agreement check and the tuned decision."""
     device = run.device
+    batches.close()  # no worker reads on: what it skipped or retried while prefetching would be counted late
+    run.skipped_here = batches.skipped
     skipped = run.skipped_total()
     io_retries = int(dist.all_reduce(torch.tensor(batches.io_retries + val.retries, device=device)).item())
     if io_retries and dist.is_main():
