@@ -23,8 +23,8 @@ from evaluate.inference import load_model
 from evaluate.tune import tune_model
 from shardgen import schema
 from trainer import checkpoint
+from trainer.dist import param_digest
 from trainer.models import build_model
-from trainer.train import param_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 # A group that fails to form says so with one of these; anything else is a real failure, not retried.

@@ -4,7 +4,9 @@ object), and best.pt / last.pt each carrying the decision of their own weights."
 
 from __future__ import annotations
 
+import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,15 +14,18 @@ import torch
 from helpers import GRID, tiny_dataset
 from scipy import ndimage
 
+from evaluate.__main__ import main as evaluate_main
 from evaluate.blend import reassemble_mask
 from evaluate.inference import Predictor, load_model
 from evaluate.tiles import iter_images
 from evaluate.tune import GRIDS, MIN_OBJECTS, ScanTuner, choose, together, tune, tune_model
 from shardgen import schema
 from trainer import checkpoint
+from trainer import train as train_module
 from trainer.config import load_config
-from trainer.decision import EIGHT, Decision, deciding
-from trainer.train import param_digest, tune_checkpoints
+from trainer.decision import EIGHT, Decision, decide, deciding
+from trainer.dist import param_digest
+from trainer.train import train
 
 
 def tuned(probs: torch.Tensor, target: torch.Tensor, beta: float = 2.0, names=None):
@@ -213,42 +218,78 @@ def test_the_decision_is_tuned_on_blended_whole_scans(tiny, monkeypatch):
     assert sum(decision.val_objects) == whole < tile_pieces
 
 
-def test_best_and_last_each_carry_the_decision_of_their_own_weights(tiny, tmp_path):
-    """best.pt from other weights than last.pt: tune_checkpoints tunes each for itself; a checkpoint saved
-    mid-run carries no decision at all (evaluate then says it applies argmax)."""
-    run = tmp_path / "run"
-    shutil.copytree(tiny.ckpt.parent, run)
-    best = checkpoint.load(str(run / "best.pt"))
-    del best["meta"]["decision"]
-    assert "decision" not in best["meta"]
-    torch.manual_seed(1)
-    best["model"] = {k: v + 0.3 * torch.randn_like(v) if v.is_floating_point() else v for k, v in best["model"].items()}
-    best["step"] = 2
-    torch.save(best, run / "best.pt")
-    cfg = load_config(str(tiny.root / "train.yaml"), [f"train.out_dir={run}", "data.workers=0"])
+def test_best_and_last_each_carry_the_decision_of_their_own_weights(tiny):
+    """best.pt from other weights than last.pt: decide tunes each for its own weights, from memory."""
+    cfg = load_config(str(tiny.root / "train.yaml"), ["data.workers=0"])
     manifest = schema.read_manifest(str(tiny.shards))
-    names = list(manifest["classes"])
-    decisions = tune_checkpoints(cfg, manifest, torch.device("cpu"), names)
-    for name in ("best", "last"):
-        url = str(run / f"{name}.pt")
-        model = load_model(url, torch.device("cpu"))
-        own, _ = tune_model(model, manifest, "val", cfg.train.decision_beta, workers=0)
-        assert Decision.from_meta(checkpoint.load(url)["meta"]) == own == decisions[name]
-    digests = {param_digest(load_model(str(run / f"{n}.pt"), torch.device("cpu")).net) for n in ("best", "last")}
-    assert len(digests) == 2
+    last = checkpoint.load(str(tiny.ckpt))
+    torch.manual_seed(1)
+    best = {**last, "step": 2, "model": {k: v + 0.3 * torch.randn_like(v) if v.is_floating_point() else v
+                                          for k, v in last["model"].items()}}  # fmt: skip
+    model = load_model(str(tiny.ckpt), torch.device("cpu"))
+    run = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), model=model.net, meta=last["meta"], step=last["step"],
+                          names=list(manifest["classes"]))  # fmt: skip
+    decisions = decide(run, SimpleNamespace(manifest=manifest, split="val"), {"best": best, "last": last})
+    for name, state in (("best", best), ("last", last)):
+        net = load_model(str(tiny.ckpt), torch.device("cpu"))
+        net.net.load_state_dict(state["model"])
+        own, _ = tune_model(net, manifest, "val", cfg.train.decision_beta, workers=0)
+        assert decisions[name] == own
+    assert param_digest(run.model) == param_digest(load_model(str(tiny.ckpt), torch.device("cpu")).net)
+
+
+def test_a_run_writes_its_last_checkpoints_once_with_their_decisions(tiny, tmp_path, monkeypatch):
+    """The decision is tuned in memory and written with the checkpoint: nothing is read back from storage,
+    and last.pt is written once, at the end (best.pt, kept from step 2, again with its decision)."""
+    cfg = load_config(str(tiny.root / "train.yaml"), [f"train.out_dir={tmp_path}", "train.steps=4",
+                                                       "train.val_every=2", "train.ckpt_every=2"])  # fmt: skip
+    written = []
+    save = checkpoint.save
+
+    def recording(out, name, state, **kw):
+        written.append((name, state["step"], "decision" in state["meta"]))
+        return save(out, name, state, **kw)
+
+    monkeypatch.setattr(checkpoint, "save", recording)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a checkpoint was read back")
+
+    monkeypatch.setattr(checkpoint, "load", no_reading)
+    train(cfg)
+    monkeypatch.undo()
+    assert written[:2] == [("best", 2, False), ("last", 2, False)]  # mid-run, to resume from
+    assert written[-1] == ("last", 4, True) and written[-2][0::2] == ("best", True)
+    assert ("last", 4, False) not in written and ("best", 4, False) not in written
+    best = checkpoint.load(str(tmp_path / "best.pt"))
+    assert "decision" in best["meta"] and Decision.from_meta(best["meta"]) is not None
+    assert json.loads((tmp_path / "latest.json").read_text())["checkpoint"] == "last.pt"
 
 
 def test_a_checkpoint_saved_during_training_carries_no_decision(tiny, tmp_path, monkeypatch):
-    """Tuning on (the default), the end-of-run pass skipped: what training itself saved has no decision."""
-    from trainer import train as train_module
-
-    monkeypatch.setattr(train_module, "tune_checkpoints", lambda *args: {})
+    """Tuning on (the default), the end-of-run tuning skipped: what training saved has no decision."""
+    monkeypatch.setattr(train_module, "decide", lambda *args: {})
     cfg = load_config(str(tiny.root / "train.yaml"), [f"train.out_dir={tmp_path}", "train.steps=2",
                                                        "train.val_every=2"])  # fmt: skip
     assert cfg.train.tune_decision
-    train_module.train(cfg)
+    train(cfg)
     for name in ("best", "last"):
         assert "decision" not in checkpoint.load(str(tmp_path / f"{name}.pt"))["meta"]
+
+
+def test_a_checkpoint_written_before_the_scaler_went_resumes_and_evaluates(tiny, tmp_path):
+    """Checkpoints of earlier versions hold a (no-op) GradScaler state: they still resume, and evaluate."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny.ckpt.parent, run)
+    for name in ("best", "last"):
+        old = checkpoint.load(str(run / f"{name}.pt"))
+        torch.save({**old, "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict()}, run / f"{name}.pt")
+    cfg = load_config(str(tiny.root / "train.yaml"), [f"train.out_dir={run}", "train.steps=6"])
+    summary = train(cfg)
+    assert summary["steps"] == 6 and "scaler" not in checkpoint.load(str(run / "last.pt"))
+    rc = evaluate_main(["--checkpoint", str(run / "best.pt"), "--data", str(tiny.shards), "--out",
+                        str(tmp_path / "eval"), "--workers", "0"])  # fmt: skip
+    assert rc == 0 and (tmp_path / "eval" / "metrics.json").is_file()
 
 
 def test_a_multiclass_model_gets_the_objects_decision(tiny):

@@ -22,18 +22,29 @@ them into defects is chosen on the validation split, as the Severstal steel-defe
 The values are tuned on whole validation scans by ``evaluate.tune``, through the very prediction code that
 applies them. ``ThresholdTuner`` is the cheap per-tile pixel-IoU curve that training uses to score each
 validation step (the best checkpoint is the one with the best tuned IoU). Without tuned values
-``Decision.argmax`` is the plain rule (argmax, or 0.5 for binary).
+``Decision.argmax`` is the plain rule (argmax, or 0.5 for binary). ``decide`` tunes a finished run's
+checkpoints, each for its own weights, before they are written with their decisions.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from scipy import ndimage
 
+from shardgen import schema, storage
 from shardgen.classes import IGNORE_INDEX  # the one ignore value, also in the class map and the shards
+
+from . import dist
+from .augment import GpuAugment
+from .config import AugmentConfig
+from .state import TrainError
+
+log = logging.getLogger("trainer")
 
 BINS = 100  # threshold resolution of ThresholdTuner: 0.01
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity, as the object metrics use
@@ -221,3 +232,59 @@ class ThresholdTuner:
             thresholds.append(b / BINS)
             ious.append(float(iou[c, b]))
         return thresholds, ious
+
+
+# ------------------------------------------------------------------------------------ the end of a run
+
+
+def tuned_metrics(metrics: dict, tuner: ThresholdTuner, class_names: list[str]) -> dict:
+    """``metrics`` plus the tuned thresholds, the IoU each reaches and their mean over scored classes."""
+    thresholds, ious = tuner.best()
+    scored = [v for v in ious if v is not None]
+    return {**metrics, "thresholds": thresholds, "tuned_iou": dict(zip(class_names[1:], ious, strict=True)),
+            "tuned_miou": sum(scored) / len(scored) if scored else None}  # fmt: skip
+
+
+def decide(run, val, states: dict[str, dict]) -> dict[str, Decision]:
+    """The decision of each checkpoint in ``states`` (name -> its contents), tuned for its own weights on the
+    whole scans of the validation split, predicted exactly as evaluate predicts (``evaluate.tune``); weights
+    of one step are tuned once. ``run``: the run's ``trainer.state.RunState``, ``val``: its validation split
+    (``trainer.train.Validation``). Every rank takes part; bad scans on any rank stop all of them alike."""
+    # evaluate builds on trainer; its prediction code is imported where it is used, at the end of a run.
+    from evaluate import EvaluateError
+    from evaluate.inference import Model
+    from evaluate.tune import tune_model
+
+    cfg = run.cfg
+    normalize = GpuAugment(AugmentConfig(enabled=False), cfg.normalize).to(run.device).eval()
+    out, done = {}, {}  # done: step -> decision
+    for name, state in states.items():
+        if state["step"] not in done:
+            net = run.model if state["step"] == run.step else copy.deepcopy(run.model)
+            net.load_state_dict(state["model"])
+            model = Model(net.eval(), normalize, run.meta, storage.join(cfg.train.out_dir, f"{name}.pt"), run.device)
+            try:
+                done[state["step"]] = tune_model(model, val.manifest, val.split, cfg.train.decision_beta,
+                                                 cfg.data.workers, by_object=cfg.train.class_decision == "object")
+            except EvaluateError as e:
+                raise TrainError(f"tuning the decision of {name}.pt: {e}") from None
+        out[name], reached = done[state["step"]]
+        if dist.is_main():
+            log_decision(name, state["step"], out[name], reached, val.manifest, val.split, run.names)
+    return out
+
+
+def log_decision(name, step, decision: Decision, reached: dict, manifest, split: str, names) -> None:
+    log.info("decision of %s.pt (step %d) tuned on %d whole scans of %s: %s", name, step,
+             schema.split_info(manifest, split)["images"], split,
+             "; ".join(f"{n}: p >= {t:.2f}, >= {a} px, peak >= {k:.3f}"
+                       for n, t, a, k in zip(names[1:], decision.thresholds, decision.min_area,
+                                             decision.min_peak, strict=True)))  # fmt: skip
+    if decision.kind == "objects":
+        log.info("(p: the defect probability, 1 - P(background); each component takes the class of largest summed "
+                 "probability, then that class's area and peak rules apply)")
+    log.info("on validation: %s", "; ".join(
+        f"{n}: {r['found']} of {r['objects']} objects found, {r['kept'] - r['found']} false, IoU {r['iou']:.3f}"
+        for n, r in reached.items()))  # fmt: skip
+    if decision.borrowed:
+        log.info("fewer than 5 validation objects, values from the other classes: %s", ", ".join(decision.borrowed))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import os
 import time
@@ -120,3 +121,12 @@ def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()
     _host_group = None
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter's name and bytes: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()

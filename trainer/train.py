@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -21,14 +20,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from shardgen import schema, storage
+from shardgen import schema
 from shardgen.reader import StorageUnavailable
 
-from . import checkpoint, dist, runlog
+from . import dist, runlog
 from .augment import GpuAugment
 from .config import Config, to_dict
 from .data import class_histogram, rank_share, reraise, train_loader, val_loader
-from .decision import Decision, ThresholdTuner, probabilities
+from .decision import ThresholdTuner, decide, probabilities, tuned_metrics
 from .losses import build_loss
 from .metrics import ConfusionMatrix
 from .models import build_model
@@ -46,15 +45,6 @@ def lr_factor(step: int, total: int, cfg) -> float:
         return (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def param_digest(model: torch.nn.Module) -> str:
-    """SHA-256 over every parameter's name and bytes: equal digests mean bit-identical weights."""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(name.encode())
-        h.update(p.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def apply_gradients(raw_model, optimizer, loss_sum: torch.Tensor, grad_clip: float) -> bool:
@@ -76,20 +66,21 @@ def predict(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, batches, augment, n_classes, class_names, device, amp, tuner=None) -> dict:
-    """Validation metrics from a confusion matrix summed over every rank, plus ``samples`` (tiles seen by all
-    ranks together) and ``pixels`` (scored, i.e. not ignored, pixels). ``batches``: ``reraise(val loader)``.
-    ``tuner`` (a decision.ThresholdTuner) also sees every batch's probabilities and is reduced.
-    Storage that stays down on any rank raises StorageUnavailable on every rank."""
+def validation_metrics(run: RunState, batches, tuner: ThresholdTuner | None = None) -> dict:
+    """Validation metrics of ``run.model`` from a confusion matrix summed over every rank, plus ``samples``
+    (tiles seen by all ranks together) and ``pixels`` (scored, i.e. not ignored, pixels). ``batches``:
+    ``reraise(val loader)``. ``tuner`` also sees every batch's probabilities and is reduced. Storage that
+    stays down on any rank raises StorageUnavailable on every rank."""
+    model, augment, device = run.model, run.augment, run.device
     model.eval()
     augment.eval()
-    cm = ConfusionMatrix(max(n_classes, 2), class_names=class_names, device=device)
+    cm = ConfusionMatrix(max(run.n_classes, 2), class_names=run.names, device=device)
     samples = torch.zeros((), dtype=torch.int64, device=device)
     failure = None
     try:
         for images, masks in batches:
             x, y = augment(images.to(device, non_blocking=True), masks.to(device, non_blocking=True))
-            with amp:
+            with run.amp:
                 logits = model(x)
             cm.update(y, predict(logits.float()))
             if tuner is not None:
@@ -98,94 +89,16 @@ def evaluate(model, batches, augment, n_classes, class_names, device, amp, tuner
     except StorageUnavailable as e:
         failure = str(e)
     # Every rank reaches this once, whatever its share; an outage on one rank stops all of them here together.
-    if (failure := dist.any_rank(failure)) is not None:
-        model.train()
-        augment.train()
+    failure = dist.any_rank(failure)
+    model.train()
+    augment.train()
+    if failure is not None:
         raise StorageUnavailable(failure)
     cm.reduce_from_all_processes()
     dist.all_reduce(samples)
     if tuner is not None:
         tuner.reduce(dist.all_reduce)
-    model.train()
-    augment.train()
     return {**cm.compute(), "samples": int(samples), "pixels": int(cm.mat.sum())}
-
-
-def tuned_metrics(metrics: dict, tuner: ThresholdTuner, class_names: list[str]) -> dict:
-    """``metrics`` plus the tuned thresholds, the IoU each reaches and their mean over scored classes."""
-    thresholds, ious = tuner.best()
-    scored = [v for v in ious if v is not None]
-    return {**metrics, "thresholds": thresholds, "tuned_iou": dict(zip(class_names[1:], ious, strict=True)),
-            "tuned_miou": sum(scored) / len(scored) if scored else None}  # fmt: skip
-
-
-def tune_checkpoints(cfg, val_manifest: dict, device, names: list[str]) -> dict[str, Decision]:
-    """Tune the decision of ``best.pt`` and of ``last.pt``, each for its own weights, on the whole scans of the
-    validation split, predicted exactly as evaluate predicts (``evaluate.tune``), and store it in that
-    checkpoint. Returns ``{name: decision}`` for the checkpoints that exist. Every rank takes part; a failure
-    on any rank stops all of them with the same error instead of leaving the others in a collective.
-
-    The checkpoints are read back and rewritten: the decision belongs to weights that exist only once training
-    has ended, and it is stored with them so that evaluate needs nothing else."""
-    # evaluate builds on trainer; its prediction code is imported where it is used, at the end of a run.
-    from evaluate import EvaluateError
-    from evaluate.inference import load_model
-    from evaluate.tune import tune_model
-
-    io = dict(retries=cfg.data.io_retries, backoff=cfg.data.io_backoff, pointer=False)
-    out, done = {}, {}  # done: step -> decision; best and last of one step hold the same weights
-    for name in ("best", "last"):
-        url = storage.join(cfg.train.out_dir, f"{name}.pt")
-        # Every rank makes the same collective calls in the same order: which checkpoints exist is agreed
-        # first, a rank that cannot read one tells the others before any of them predicts, and tune_model
-        # stops every rank alike when a rank's scans are bad.
-        present = dist.all_gather_object(storage.exists(url))
-        if len(set(present)) > 1:
-            raise TrainError(f"{url}: ranks disagree on whether it exists ({present}); is out_dir shared?")
-        if not present[0]:
-            continue
-        state = failure = None
-        try:
-            state = checkpoint.load(url)  # every rank reads it: out_dir is shared by design
-        except (checkpoint.CheckpointError, OSError) as e:
-            failure = str(e)
-        if (failure := dist.any_rank(failure)) is not None:
-            raise TrainError(failure)
-        if state["step"] not in done:
-            try:
-                done[state["step"]] = tune_model(load_model(url, device), val_manifest, cfg.data.val_split,
-                                                 cfg.train.decision_beta, cfg.data.workers,
-                                                 by_object=cfg.train.class_decision == "object")  # fmt: skip
-            except EvaluateError as e:
-                raise TrainError(f"tuning the decision of {url}: {e}") from None
-        decision, reached = done[state["step"]]
-        out[name] = decision
-        if dist.is_main():
-            log_decision(name, state["step"], decision, reached, val_manifest, cfg.data.val_split, names)
-            state["meta"]["decision"] = decision.to_json()
-            try:
-                checkpoint.save(cfg.train.out_dir, name, state, **io)
-            except OSError as e:
-                failure = f"{cfg.train.out_dir}: cannot save {name}.pt with its decision: {e}"
-        if (failure := dist.all_gather_object(failure)[0]) is not None:  # also the barrier
-            raise TrainError(failure)
-    return out
-
-
-def log_decision(name, step, decision: Decision, reached: dict, manifest, split: str, names) -> None:
-    log.info("decision of %s.pt (step %d) tuned on %d whole scans of %s: %s", name, step,
-             schema.split_info(manifest, split)["images"], split,
-             "; ".join(f"{n}: p >= {t:.2f}, >= {a} px, peak >= {k:.3f}"
-                       for n, t, a, k in zip(names[1:], decision.thresholds, decision.min_area,
-                                             decision.min_peak, strict=True)))  # fmt: skip
-    if decision.kind == "objects":
-        log.info("(p: the defect probability, 1 - P(background); each component takes the class of largest summed "
-                 "probability, then that class's area and peak rules apply)")
-    log.info("on validation: %s", "; ".join(
-        f"{n}: {r['found']} of {r['objects']} objects found, {r['kept'] - r['found']} false, IoU {r['iou']:.3f}"
-        for n, r in reached.items()))  # fmt: skip
-    if decision.borrowed:
-        log.info("fewer than 5 validation objects, values from the other classes: %s", ", ".join(decision.borrowed))
 
 
 # ------------------------------------------------------------------------------------------------- setup
@@ -270,47 +183,30 @@ def next_batch(batches):
 def train(cfg: Config) -> dict:
     device = dist.setup(cfg.train.device)
     rank, world = dist.rank(), dist.world_size()
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     manifest, val_manifest, n_train, n_val = load_datasets(cfg, world)
-    classes, binary = manifest["classes"], manifest["mode"] == "binary"
-    n_classes = 1 if binary else len(classes)
-    raw_model = build_network(cfg, manifest["channels"], n_classes, device)
-    torch.manual_seed(rank_seed(cfg.train.seed, rank, 0))
-    augment = GpuAugment(cfg.augment, cfg.normalize).to(device)
-    loss_fn = build_loss(cfg.loss, n_classes, class_histogram(manifest, cfg.data.train_split)).to(device)
-    global_batch = cfg.data.batch_size * world * cfg.optim.accum_steps
-    total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * n_train / global_batch))
-    optimizer, scheduler = build_optimizer(cfg, raw_model, total)
-    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    amp = autocast(device, cfg.train.amp)
-    scaler = torch.amp.GradScaler(enabled=False)  # bf16 needs no loss scaling; kept for the checkpoint format
-    meta = {"model": cfg.model.name, "in_channels": manifest["channels"], "n_classes": n_classes,
-            "classes": classes, "mode": manifest["mode"], "config": to_dict(cfg),
-            "grid": {k: manifest[k] for k in ("image_size", "tile", "stride")}}  # fmt: skip
-    run = RunState(cfg, device, raw_model, optimizer, scheduler, scaler, meta)
+    run = build_run(cfg, device, manifest, n_train)
     if url := resume_url(cfg):
         run.resume(url)
-
-    model = torch.compile(raw_model) if cfg.train.compile else raw_model
+    run.forward = torch.compile(run.model) if cfg.train.compile else run.model
     if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        run.forward = DDP(run.forward, device_ids=[device.index] if device.type == "cuda" else None)
     pin = cfg.data.pin_memory and device.type == "cuda"
     # start_step=run.step: a resumed run draws fresh samples, not a replay of the first ones.
     batches = reraise(train_loader(manifest, cfg.data.train_split, cfg.data, cfg.train.seed, rank, run.step, pin))
-    val_batches = val_loader(val_manifest, cfg.data.val_split, cfg.data, rank, world, pin)
-    val = Validation(val_batches, val_manifest, cfg.data.val_split, n_val)
-    run.logger = logger = runlog.RunLog(cfg, total, enabled=dist.is_main(), start_step=run.step)
-    names = logger.class_names(classes, binary)
-    last_metrics = None
-
-    model.train()
-    bad_in_row = 0
+    val = Validation(val_loader(val_manifest, cfg.data.val_split, cfg.data, rank, world, pin), val_manifest,
+                     cfg.data.val_split, n_val)  # fmt: skip
+    run.logger = logger = runlog.RunLog(cfg, run.total, enabled=dist.is_main(), start_step=run.step)
+    loss_fn = build_loss(cfg.loss, run.n_classes, class_histogram(manifest, cfg.data.train_split)).to(device)
+    global_batch = cfg.data.batch_size * world * cfg.optim.accum_steps
+    plateau = isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    last_metrics, bad_in_row = None, 0
+    run.forward.train()
     # The context closes the bar on an error too, so an error message starts on a line of its own.
-    with tqdm(total=total, initial=run.step, desc="train", unit="step", disable=not dist.is_main()) as bar:
-        while run.step < total:
+    with tqdm(total=run.total, initial=run.step, desc="train", unit="step", disable=not dist.is_main()) as bar:
+        while run.step < run.total:
             t0 = time.perf_counter()
-            loss_sum, wait = accumulate(run, model, batches, augment, loss_fn, amp)
-            bad = not apply_gradients(raw_model, optimizer, loss_sum, cfg.optim.grad_clip)
+            loss_sum, wait = accumulate(run, batches, loss_fn)
+            bad = not apply_gradients(run.model, run.optimizer, loss_sum, cfg.optim.grad_clip)
             if bad:
                 bad_in_row += 1
                 run.bad_total += 1
@@ -322,21 +218,38 @@ def train(cfg: Config) -> dict:
             if not plateau:
                 with warnings.catch_warnings():  # a skipped first step is no misuse of the scheduler
                     warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
-                    scheduler.step()
+                    run.scheduler.step()
             run.step += 1
-            step = run.step
             bar.update(1)
-            logger.train_step(step, loss_sum, optimizer.param_groups[0]["lr"], global_batch,
+            logger.train_step(run.step, loss_sum, run.optimizer.param_groups[0]["lr"], global_batch,
                               time.perf_counter() - t0, wait, run.skipped_before + run.skipped_here, bad)  # fmt: skip
-
-            if step % cfg.train.val_every == 0 or step == total:
-                last_metrics = validate(run, val, augment, n_classes, names, amp)
-            if step % cfg.train.ckpt_every == 0 or step == total:
+            if run.step % cfg.train.val_every == 0 or run.step == run.total:
+                last_metrics = validate(run, val)
+            if run.step % cfg.train.ckpt_every == 0 and run.step < run.total:  # the last one: see finish()
                 run.save("last")
-    return finish(cfg, run, batches, val, names, last_metrics)
+    return finish(run, batches, val, last_metrics)
 
 
-def accumulate(run: RunState, model, batches, augment, loss_fn, amp) -> tuple[torch.Tensor, float]:
+def build_run(cfg: Config, device: torch.device, manifest: dict, n_train: int) -> RunState:
+    """The run's model (initial weights equal on every rank), augmentation, optimizer, schedule and autocast."""
+    torch.manual_seed(cfg.train.seed)
+    classes, binary = manifest["classes"], manifest["mode"] == "binary"
+    n_classes = 1 if binary else len(classes)
+    model = build_network(cfg, manifest["channels"], n_classes, device)
+    torch.manual_seed(rank_seed(cfg.train.seed, dist.rank(), 0))
+    global_batch = cfg.data.batch_size * dist.world_size() * cfg.optim.accum_steps
+    total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * n_train / global_batch))
+    optimizer, scheduler = build_optimizer(cfg, model, total)
+    meta = {"model": cfg.model.name, "in_channels": manifest["channels"], "n_classes": n_classes,
+            "classes": classes, "mode": manifest["mode"], "config": to_dict(cfg),
+            "grid": {k: manifest[k] for k in ("image_size", "tile", "stride")}}  # fmt: skip
+    augment = GpuAugment(cfg.augment, cfg.normalize).to(device)
+    names = runlog.RunLog.class_names(classes, binary)
+    return RunState(cfg, device, model, optimizer, scheduler, meta, augment, autocast(device, cfg.train.amp), names,
+                    total)  # fmt: skip
+
+
+def accumulate(run: RunState, batches, loss_fn) -> tuple[torch.Tensor, float]:
     """Forward and backward over ``optim.accum_steps`` micro-batches: (summed loss, seconds waiting for data)."""
     cfg, device, accum = run.cfg, run.device, run.cfg.optim.accum_steps
     wait, loss_sum = 0.0, torch.zeros((), device=device)
@@ -349,13 +262,13 @@ def accumulate(run: RunState, model, batches, augment, loss_fn, amp) -> tuple[to
         wait += time.perf_counter() - tw
         run.skipped_here = batches.skipped
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-        x, y = augment(images, masks)  # kornia on the device: float (B, C, H, W), long (B, H, W)
+        x, y = run.augment(images, masks)  # on the device: float (B, C, H, W), long (B, H, W)
         if cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         # Gradients are all-reduced only on the last micro-batch of an accumulation.
-        sync = model.no_sync() if dist.world_size() > 1 and micro < accum - 1 else nullcontext()
-        with sync, amp:
-            loss = loss_fn(model(x), y) / accum
+        sync = run.forward.no_sync() if dist.world_size() > 1 and micro < accum - 1 else nullcontext()
+        with sync, run.amp:
+            loss = loss_fn(run.forward(x), y) / accum
         loss.backward()
         loss_sum += loss.detach()
     return loss_sum, wait
@@ -370,15 +283,15 @@ class Validation:
     retries: int = 0  # storage retries of this rank's validation reads so far (training's: BatchStream.io_retries)
 
 
-def validate(run: RunState, val: Validation, augment, n_classes: int, names: list[str], amp) -> dict:
+def validate(run: RunState, val: Validation) -> dict:
     """Validate, step a plateau schedule, log, and keep the best checkpoint (by the IoU at tuned thresholds
     when tuning: the model is judged by a decision, not by argmax; the decision it is saved with is tuned at
-    the end of the run, on whole scans)."""
-    cfg, n_defect = run.cfg, max(1, n_classes - 1)
+    the end of the run, on whole scans, so its state stays in memory until then)."""
+    cfg = run.cfg
     stream = reraise(val.loader)
-    tuner = ThresholdTuner(n_defect, run.device) if cfg.train.tune_decision else None
+    tuner = ThresholdTuner(max(1, run.n_classes - 1), run.device) if cfg.train.tune_decision else None
     try:
-        metrics = evaluate(run.model, stream, augment, n_classes, names, run.device, amp, tuner)
+        metrics = validation_metrics(run, stream, tuner)
     except StorageUnavailable as e:
         raise run.outage(e) from None
     val.retries = stream.io_retries  # the dataset's total over every validation
@@ -386,20 +299,25 @@ def validate(run: RunState, val: Validation, augment, n_classes: int, names: lis
         raise TrainError(f"{val.manifest['_url']}: validation saw {metrics['samples']} samples of split {val.split!r}, "
                          f"the manifest lists {val.samples}")  # fmt: skip
     if tuner is not None:
-        metrics = tuned_metrics(metrics, tuner, names)
+        metrics = tuned_metrics(metrics, tuner, run.names)
     score = metrics["tuned_miou" if tuner is not None else "miou"] or 0.0
     if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         run.scheduler.step(score)
     run.logger.val(run.step, metrics)
     if score > run.best:
         run.best = score
-        run.save("best")
+        state = run.state(copy=cfg.train.tune_decision)
+        if cfg.train.tune_decision:
+            run.best_state = state
+        if run.step < run.total or not cfg.train.tune_decision:  # the last step's best: see finish()
+            run.save("best", state)
     return metrics
 
 
-def finish(cfg, run: RunState, batches, val: Validation, names, last_metrics) -> dict:
-    """Totals over ranks, the end row of the logs, the ranks' agreement check and the tuned decision."""
-    device = run.device
+def finish(run: RunState, batches, val: Validation, last_metrics) -> dict:
+    """Totals over ranks, the end row of the logs, the ranks' agreement check, and the last checkpoints
+    written with the decisions tuned for their weights."""
+    cfg, device = run.cfg, run.device
     batches.close()  # no worker reads on: what it skipped or retried while prefetching would be counted late
     run.skipped_here = batches.skipped
     skipped = run.skipped_total()
@@ -408,13 +326,23 @@ def finish(cfg, run: RunState, batches, val: Validation, names, last_metrics) ->
         log.warning("%d storage retries in this run, all recovered (see the warnings above)", io_retries)
     run.logger.close(skipped, io_retries)
     # DDP keeps ranks in lockstep with identical weights; say so, or loudly say it did not.
-    ranks = dist.all_gather_object((run.step, param_digest(run.model)))
+    ranks = dist.all_gather_object((run.step, dist.param_digest(run.model)))
     in_sync = len(set(ranks)) == 1
     if not in_sync:
         log.warning("ranks disagree: steps %s, parameter digests %s", [s for s, _ in ranks], [d for _, d in ranks])
     elif dist.world_size() > 1:
         log.info("%d ranks took %d steps each and hold identical parameters", dist.world_size(), run.step)
-    decisions = tune_checkpoints(cfg, val.manifest, device, names) if cfg.train.tune_decision else {}
+    states = {"best": run.best_state} if run.best_state is not None else {}
+    states["last"] = run.state()
+    decisions = {}
+    try:
+        if cfg.train.tune_decision:
+            decisions = decide(run, val, states)
+    finally:  # tuned or not, nothing trained is lost
+        for name, state in states.items():
+            if name in decisions:
+                state["meta"] = {**state["meta"], "decision": decisions[name].to_json()}
+            run.save(name, state, pointer=name == "last")
     decision = decisions.get("best") or decisions.get("last")
     return {"steps": run.step, "best_miou": run.best, "decision": decision and decision.to_json(),
             "last_val": last_metrics, "skipped_samples": skipped,
