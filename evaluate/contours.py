@@ -35,7 +35,7 @@ from trainer.decision import EIGHT as EIGHT_CONNECTED  # the one 8-connectivity
 
 EDGE_INSET = 0.25  # px the right/bottom edges are pulled in; any value in (0, 0.5) is exact for both rules
 MASK_POLICIES = ("holes", "all")
-DEFAULT_SIMPLIFY = 1.0  # px; demo scans: 34% fewer points than exact, IoU >= 0.993 per scan (README, predict)
+DEFAULT_SIMPLIFY = 1.0  # px: beyond 1 px the IoU floor stops most further removal (bench/README.md)
 DEFAULT_MIN_IOU = 0.9  # a simplified polygon must keep this IoU with its component, else it is simplified less
 MIN_TOLERANCE = 0.2  # px; below this Douglas-Peucker removes almost nothing: write the exact outline instead
 SCORE = AttributeSpec("score", "number", ("0", "1", "0.01"), "0")  # CVAT number attribute: min, max, step

@@ -64,8 +64,7 @@ def _received(results: Iterable[dict], handoff: Handoff | None) -> Iterator[dict
 
 def _dispatch_order(todo: list[tuple], workers: int) -> list[int]:
     """Build order, but the last scans largest first (by pixels), so that the build does not end with one
-    worker finishing a large scan while the others wait (12 scans on 2 workers on 2 cores: that wait went
-    from ~80 to ~40 ms, of a 1.2 s build). Only the last ``4 x workers`` move, so the writing process
+    worker finishing a large scan while the others wait. Only the last ``4 x workers`` move, so the writing process
     holds at most that many results back."""
     tail = max(0, len(todo) - 4 * workers)
     last = sorted(range(tail, len(todo)), key=lambda i: -todo[i][0].ann.width * todo[i][0].ann.height)

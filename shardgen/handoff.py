@@ -1,8 +1,8 @@
 """Handing a scan's tar bytes from a local build's pool workers to the writing process through shared memory.
 
 Returning ~2.6 MB of bytes from a ``multiprocessing`` pool worker pickles them, pushes them through a pipe
-64 KB at a time and unpickles them again: ~7 ms of the writing process's CPU per scan, on cores the workers
-need (measured on 2 cores; issue 9). A ``Handoff`` is shared memory mapped before the pool forks: a worker
+64 KB at a time and unpickles them again: CPU time of the single writing process, on cores the workers
+need. A ``Handoff`` is shared memory mapped before the pool forks: a worker
 copies its bytes into a free slot and returns the slot's number; the writing process copies them out and
 frees the slot. A worker that finds no free slot, or bytes larger than a slot, returns the bytes as before.
 """

@@ -3,8 +3,8 @@
 Dask's nanny starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (``distributed.nanny.pre-spawn-environ``)
 so that they hand freed memory back to the OS quickly. Setting it also freezes glibc's mmap threshold at
 128 KiB: every tile buffer, PNG and array of a scan (most are larger) is then its own ``mmap``, faulted in
-page by page and unmapped when freed. A shard task spent ~17% more time that way than a local pool worker
-(24 scans on 2 single-threaded workers of 2 cores: 2.99 s against 2.56 s with the variable unset; issue 9).
+page by page and unmapped when freed, and a shard task ran markedly slower than a local pool worker on the
+same scans (figures: bench/README.md).
 ``roomy_heap`` raises both thresholds while a task runs, then puts back the values the worker started with
 and trims the heap, so the worker still returns its memory between tasks. Elsewhere (no such variable, or
 not glibc) it changes nothing.

@@ -2,9 +2,9 @@
 
 bf16 autocast keeps fp32 weights and optimizer state and needs no loss scaling. On CUDA it is the default
 (``auto``). On a CPU it is opt-in (``bf16``) and only where the CPU multiplies bf16 natively (AVX512-BF16 or
-AMX, as oneDNN reports): there a small U-Net's training step runs ~1.8x faster with channels_last (measured on
-a 2-core AMD EPYC with AVX512-BF16, 2026-12-05); elsewhere bf16 is emulated and slower than fp32, so a ``bf16``
-request on such a CPU runs in fp32 with a warning.
+AMX, as oneDNN reports): there a training step runs faster than in fp32, most with channels_last (figures:
+bench/README.md); elsewhere bf16 is emulated and slower than fp32, so a ``bf16`` request on such a CPU runs
+in fp32 with a warning.
 """
 
 from __future__ import annotations
