@@ -324,3 +324,43 @@ def test_worker_counts_reach_the_main_process_beside_the_batches(tmp_path):
     assert (0, 2) not in ids(batches) and (1, 1) not in ids(batches)
     stream.close()
     assert stream.skipped >= 2 and stream.io_retries == 0
+
+
+def test_a_worker_reuses_its_few_batch_slots(small):
+    """A worker fills its batches in a few shared slots and sends where they lie; each is copied out on
+    receipt and its slot reused: 30 batches, all through slots, in at most prefetch_factor + 2 of them."""
+    from trainer.batch import SlotBatch
+
+    cfg = DataConfig(batch_size=3, shuffle_buffer=5, workers=1, prefetch_factor=2)
+    loader = train_loader(small, "train", cfg, 0, 0, 0, pin=False)
+    raw = DataLoader.__iter__(loader)  # the worker's items, before TileLoader copies them out
+    slots, kept = set(), []
+    for _ in range(30):
+        item = next(raw)
+        assert isinstance(item, SlotBatch)  # a worker that found no free slot would send the pixels instead
+        slots.add(item.slot)
+        kept.append(item.tensors())
+    assert slots <= set(range(cfg.prefetch_factor + 2))
+    inproc = take(train_loader(small, "train", DataConfig(batch_size=3, shuffle_buffer=5, workers=0), 0, 0, 0,
+                               pin=False), 30)  # fmt: skip
+    for (i0, m0), (i1, m1) in zip(inproc, kept, strict=True):  # no kept batch was overwritten by a later one
+        assert torch.equal(i0, i1) and torch.equal(m0, m1)
+
+
+def test_without_fork_the_workers_send_their_batches_whole(small, monkeypatch):
+    monkeypatch.setattr("trainer.data.fork_context", lambda: None)
+    cfg = DataConfig(batch_size=3, shuffle_buffer=5, workers=1)
+    loader = train_loader(small, "train", cfg, 0, 0, 0, pin=False)
+    assert loader.dataset.slots is None
+    worker = take(loader, 8)
+    inproc = take(train_loader(small, "train", DataConfig(batch_size=3, shuffle_buffer=5, workers=0), 0, 0, 0,
+                               pin=False), 8)  # fmt: skip
+    for (i0, m0), (i1, m1) in zip(inproc, worker, strict=True):
+        assert torch.equal(i0, i1) and torch.equal(m0, m1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_pinned_batches_come_out_of_their_slots_pinned(small):
+    cfg = DataConfig(batch_size=3, shuffle_buffer=5, workers=1)
+    images, masks = next(iter(train_loader(small, "train", cfg, 0, 0, 0, pin=True)))
+    assert images.is_pinned() and masks.is_pinned()

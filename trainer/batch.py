@@ -2,8 +2,14 @@
 their errors as data.
 
 - ``BatchBuffer``: one batch's uint8 tensors, filled tile by tile; PIL decodes each PNG straight into the
-  batch (torch.stack would copy every tile again). The DataLoader moves the finished batch into shared
-  memory on its way to the main process, as it does for any tensor.
+  batch (torch.stack would copy every tile again).
+- ``Slots``: where a worker fills its batches. Sending a fresh tensor from a worker costs a new shared-memory
+  segment per batch, mapped by both processes, its descriptor passed over a socket: on 2 cores a sizeable
+  share of a 1-worker loader's time (bench/README.md). So the main process maps a few anonymous shared pages
+  per worker before the workers fork; a worker fills a free one and sends only its place (``SlotBatch``), and
+  the main process copies the batch out (into pinned memory when pinning: the copy it makes anyway) and
+  frees the slot at once. Nothing but stdlib ``mmap`` and public torch calls, and a batch the consumer keeps
+  is its own copy.
 - ``Counts``: the corrupt samples a worker skipped and the storage retries it made, in shared memory, one
   row per worker: the main process reads the totals whenever it likes, and the batches carry only pixels.
 - ``carry`` / ``uncarry``: torch re-raises an exception from a worker as a RuntimeError wrapping the worker's
@@ -14,8 +20,12 @@ their errors as data.
 
 from __future__ import annotations
 
+import itertools
 import math
+import mmap
+import multiprocessing as mp
 import os
+import weakref
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -24,6 +34,11 @@ from torch.utils.data import get_worker_info
 
 from shardgen import schema
 from shardgen.reader import CorruptSample
+
+FREE, BUSY = 0, 1  # a slot's first byte
+HEADER = 64  # bytes before a slot's pixels: the flag, and their alignment
+_SLOTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # token -> Slots, in every process
+_TOKENS = itertools.count()
 
 
 def decode(url: str, key: str, parts: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -37,17 +52,85 @@ def decode(url: str, key: str, parts: dict) -> tuple[np.ndarray, np.ndarray]:
     return image, mask
 
 
-class BatchBuffer:
-    """One batch's (images (B, C, H, W), masks (B, H, W)) uint8 tensors, filled tile by tile."""
+class Slots:
+    """The batch slots of each of a loader's workers: anonymous shared mappings of up to ``nbytes`` pixels,
+    made before the workers fork (so the loaders start their workers with ``fork_context()``)."""
 
-    def __init__(self, size: int):
-        self.size, self.count = size, 0
+    def __init__(self, workers: int, per_worker: int, nbytes: int):
+        self.nbytes, self.token = nbytes, next(_TOKENS)
+        self.maps = [[mmap.mmap(-1, HEADER + nbytes) for _ in range(per_worker)] for _ in range(workers)]
+        _SLOTS[self.token] = self
+
+    def take(self, nbytes: int) -> tuple[int, mmap.mmap] | None:
+        """A free slot of this worker, flagged BUSY, as (index, mapping); None outside a worker, for a batch
+        that does not fit, or while every slot is in flight."""
+        info = get_worker_info()
+        if info is None or nbytes > self.nbytes or info.id >= len(self.maps):
+            return None
+        for i, m in enumerate(self.maps[info.id]):
+            if m[0] == FREE:
+                m[0] = BUSY
+                return i, m
+        return None
+
+    def copy_out(self, batch: SlotBatch, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch in a slot as (images, masks) tensors of its own; the slot is free again."""
+        m = self.maps[batch.worker][batch.slot]
+        n_image, n_mask = (batch.count * math.prod(shape) for shape in (batch.image_shape, batch.mask_shape))
+        full = batch.size * math.prod(batch.image_shape)  # the masks start after a full batch of images
+        out = torch.empty(n_image + n_mask, dtype=torch.uint8, pin_memory=pin)
+        pixels, dest = np.frombuffer(m, np.uint8, full + n_mask, HEADER), out.numpy()
+        dest[:n_image] = pixels[:n_image]  # numpy's copy: one memcpy, where torch's would wake its thread pool
+        dest[n_image:] = pixels[full:]
+        del pixels, dest
+        m[0] = FREE
+        return out[:n_image].view(batch.count, *batch.image_shape), out[n_image:].view(batch.count, *batch.mask_shape)
+
+
+class SlotBatch:
+    """Where a worker left a batch: a few numbers through the DataLoader's queue instead of its pixels."""
+
+    def __init__(self, token: int, worker: int, slot: int, size: int, count: int, image_shape, mask_shape):
+        self.token, self.worker, self.slot, self.size, self.count = token, worker, slot, size, count
+        self.image_shape, self.mask_shape = tuple(image_shape), tuple(mask_shape)
+
+    def tensors(self, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return _SLOTS[self.token].copy_out(self, pin)
+
+    def pin_memory(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the DataLoader's pinning thread asks for: the batch copied straight into pinned memory."""
+        return self.tensors(pin=True)
+
+
+def fork_context():
+    """The start method slots need, workers inheriting the main process's mappings; None where there is none."""
+    return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+
+
+class BatchBuffer:
+    """One batch's (images (B, C, H, W), masks (B, H, W)) uint8 tensors, filled tile by tile: in a free slot
+    of ``slots`` when there is one (in a worker), else in memory of its own."""
+
+    def __init__(self, size: int, slots: Slots | None = None):
+        self.size, self.count, self.slots, self.slot = size, 0, slots, None
         self.images = self.masks = None  # tensors, allocated with the first tile (its shape sets the batch's)
 
     def _alloc(self, image_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> None:
-        n_image = math.prod(image_shape)
-        flat = torch.empty(n_image + math.prod(mask_shape), dtype=torch.uint8)  # one storage: one transfer
+        n_image, n_mask = math.prod(image_shape), math.prod(mask_shape)
+        taken = self.slots.take(n_image + n_mask) if self.slots is not None else None
+        if taken is None:
+            flat = torch.empty(n_image + n_mask, dtype=torch.uint8)  # one storage: one transfer
+        else:
+            self.slot, m = taken
+            flat = torch.frombuffer(m, dtype=torch.uint8, count=n_image + n_mask, offset=HEADER)
         self.images, self.masks = flat[:n_image].view(image_shape), flat[n_image:].view(mask_shape)
+
+    def _drop(self) -> None:
+        """Forget the batch without sending it (its slot is free again)."""
+        self.count, self.images, self.masks = 0, None, None
+        if self.slot is not None:
+            self.slots.maps[get_worker_info().id][self.slot][0] = FREE
+            self.slot = None
 
     def add(self, url: str, key: str, image: np.ndarray, mask: np.ndarray) -> None:
         if self.images is None:
@@ -73,7 +156,7 @@ class BatchBuffer:
             schema.decode_sample(parts, self.images.numpy()[self.count], self.masks.numpy()[self.count])
         except Exception as e:  # as in decode(), and a tile of another size than the batch's first
             if first:  # a broken first tile must not set the batch's shapes
-                self.images = self.masks = None
+                self._drop()
             raise CorruptSample(url, key, f"cannot decode: {type(e).__name__}: {e}") from None
         self.count += 1
 
@@ -81,10 +164,14 @@ class BatchBuffer:
     def full(self) -> bool:
         return self.count == self.size
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The filled part of the batch, (images, masks); the buffer starts a new batch."""
+    def take(self) -> tuple[torch.Tensor, torch.Tensor] | SlotBatch:
+        """The filled part of the batch, (images, masks) or where it lies in a slot; the buffer starts a new
+        batch."""
         item = (self.images[: self.count], self.masks[: self.count])
-        self.count, self.images, self.masks = 0, None, None
+        if self.slot is not None:
+            item = SlotBatch(self.slots.token, get_worker_info().id, self.slot, self.size, self.count,
+                             self.images.shape[1:], self.masks.shape[1:])  # fmt: skip
+        self.count, self.images, self.masks, self.slot = 0, None, None, None
         return item
 
 

@@ -38,7 +38,7 @@ from shardgen import schema
 from shardgen.reader import CorruptSample, StorageUnavailable, iter_shard
 
 from . import sampling
-from .batch import BatchBuffer, Counts, carry, decode, spare_core, uncarry
+from .batch import BatchBuffer, Counts, SlotBatch, Slots, carry, decode, fork_context, spare_core, uncarry
 from .config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class TrainTiles(IterableDataset):
     def __init__(self, urls: list[str], cfg: DataConfig, seed: int, rank: int, start_step: int = 0):
         self.urls, self.cfg, self.seed, self.rank, self.start_step = urls, cfg, seed, rank, start_step
         self.counts = Counts(cfg.workers)  # corrupt samples skipped, storage retries
+        self.slots: Slots | None = None  # the workers' batch slots, set by the loader
 
     def shards(self, worker: int) -> Iterator[str]:
         """Shard URLs drawn with replacement, one epoch's worth per RNG."""
@@ -123,7 +124,7 @@ class TrainTiles(IterableDataset):
         size, share = self.cfg.batch_size, self.cfg.defect_share
         forced = sampling.forced_count(share, size, rng)  # drawn afresh for every batch
         pool = sampling.DefectPool(self.cfg.shuffle_buffer)
-        buffer, batch = [], BatchBuffer(size)
+        buffer, batch = [], BatchBuffer(size, self.slots)
         for raw in self.samples(worker):  # yields undecoded samples in shard order
             if share:
                 pool.add(raw, sampling.defect_classes(raw[2][schema.META_KEY]))
@@ -159,13 +160,14 @@ class ValTiles(IterableDataset):
         self.offsets = schema.image_offsets(manifest, split)
         self.cfg, self.rank, self.world = cfg, rank, world
         self.counts = Counts(cfg.workers)  # storage retries (nothing is skipped)
+        self.slots: Slots | None = None  # the workers' batch slots, set by the loader
 
     def __iter__(self):
         return carry(self._batches(), (CorruptSample, StorageUnavailable))
 
     def _batches(self):
         worker, workers = _worker()
-        batch = BatchBuffer(self.cfg.batch_size)
+        batch = BatchBuffer(self.cfg.batch_size, self.slots)
         for url, offset in list(zip(self.urls, self.offsets, strict=True))[worker::workers]:
             index, current = offset - 1, None
             for key, parts in _read(self, url):
@@ -228,9 +230,24 @@ def rank_share(manifest: dict, split: str, rank: int, world: int) -> int:
     return schema.rank_images(manifest, split, rank, world) * manifest["tiles_per_image"]
 
 
-def _loader(ds: IterableDataset, cfg: DataConfig, workers: int, pin: bool) -> DataLoader:
-    kw = dict(prefetch_factor=cfg.prefetch_factor, persistent_workers=False) if workers else {}
-    return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin, collate_fn=_as_is, **kw)
+class TileLoader(DataLoader):
+    """A DataLoader of (images, masks) batches: a worker's ``SlotBatch`` is copied out of its slot here (or by
+    the pinning thread, when pinning), which frees the slot for the worker's next batch."""
+
+    def __iter__(self):
+        for item in super().__iter__():
+            yield item.tensors() if isinstance(item, SlotBatch) else item
+
+
+def _loader(ds: TrainTiles | ValTiles, cfg: DataConfig, workers: int, pin: bool, sample_bytes: int) -> DataLoader:
+    """``sample_bytes``: one sample's image and mask pixels, the size of the workers' batch slots."""
+    kw = {}
+    if workers:
+        kw = dict(prefetch_factor=cfg.prefetch_factor, persistent_workers=False)
+        if (context := fork_context()) is not None:  # the prefetched batches, the one being filled, a spare
+            ds.slots = Slots(workers, cfg.prefetch_factor + 2, cfg.batch_size * sample_bytes)
+            kw["multiprocessing_context"] = context
+    return TileLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin, collate_fn=_as_is, **kw)
 
 
 def _as_is(item):
@@ -240,12 +257,15 @@ def _as_is(item):
 
 def train_loader(manifest: dict, split: str, cfg: DataConfig, seed: int, rank: int, start_step: int, pin: bool):
     urls = schema.shard_urls(manifest, split)
-    return _loader(TrainTiles(urls, cfg, seed, rank, start_step), cfg, cfg.workers, pin)
+    side = cfg.crop or int(manifest["tile"])
+    return _loader(TrainTiles(urls, cfg, seed, rank, start_step), cfg, cfg.workers, pin,
+                   (int(manifest["channels"]) + 1) * side * side)  # fmt: skip
 
 
 def val_loader(manifest: dict, split: str, cfg: DataConfig, rank: int, world: int, pin: bool):
     ds = ValTiles(manifest, split, cfg, rank, world)
-    return _loader(ds, cfg, min(cfg.workers, len(ds.urls)), pin)
+    side = int(manifest["tile"])
+    return _loader(ds, cfg, min(cfg.workers, len(ds.urls)), pin, (int(manifest["channels"]) + 1) * side * side)
 
 
 def class_histogram(manifest: dict, split: str) -> np.ndarray:
