@@ -72,6 +72,8 @@ def load_model(url: str, device: torch.device) -> Model:
     except (KeyError, TypeError, RuntimeError, ConfigError) as e:
         first = str(e).strip().splitlines()[0]
         raise checkpoint.CheckpointError(f"{url}: cannot rebuild the model: {first}") from None
+    if not all(bool(torch.isfinite(v).all()) for v in state["model"].values() if v.is_floating_point()):
+        raise checkpoint.CheckpointError(f"{url}: the model's weights are not finite (NaN or inf): it diverged")
     normalize = GpuAugment(AugmentConfig(enabled=False), norm).to(device).eval()
     return Model(net.to(device).eval(), normalize, meta, url, device)
 

@@ -444,3 +444,19 @@ def test_evaluate_rejects_a_checkpoint_of_another_model(tiny, tmp_path, capsys, 
     rc, err = run_evaluate(capsys, "--checkpoint", ckpt, "--data", tiny.shards, "--out", tmp_path / "o",
                            "--device", "cpu", "--workers", "0")  # fmt: skip
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"evaluate: error: {ckpt}: {message}"), err
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_evaluate_and_predict_refuse_a_checkpoint_with_non_finite_weights(tiny, tmp_path, capsys, command):
+    state = checkpoint.load(str(tiny.ckpt))
+    first = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][first].view(-1)[0] = float("nan")
+    ckpt = tmp_path / "diverged.pt"
+    torch.save(state, ckpt)
+    if command == "evaluate":
+        args = ["--checkpoint", ckpt, "--data", tiny.shards]
+    else:
+        args = ["predict", "--checkpoint", ckpt, "--images", tiny.raw / "images"]
+    rc, err = run_evaluate(capsys, *args, "--out", tmp_path / "o", "--device", "cpu")
+    assert rc == 2 and err == [f"evaluate: error: {ckpt}: the model's weights are not finite (NaN or inf): it "
+                               "diverged"], err  # fmt: skip

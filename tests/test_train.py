@@ -389,3 +389,42 @@ def test_separate_val_set_built_otherwise_is_a_one_line_error(shards, tmp_path, 
         f"has {key}={train_value!r}; build both with the same options"
     ], err
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_a_model_whose_weights_diverge_is_never_saved(shards, tmp_path, monkeypatch, capsys, caplog):
+    """An update that leaves a weight non-finite (a finite loss and gradient can still overflow it): no
+    checkpoint is written (nothing would evaluate it) and the run stops with one line."""
+    real = train_mod.apply_gradients
+
+    def diverging(model, *args):
+        ok = real(model, *args)
+        next(model.parameters()).data[0] = float("inf")
+        return ok
+
+    monkeypatch.setattr(train_mod, "apply_gradients", diverging)
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out", train={"steps": 2, "ckpt_every": 1})
+    rc, _, err = run_main(capsys, "--config", cfg)
+    assert rc == 2 and err == ["trainer: error: step 1: the model's weights are no longer finite (NaN or inf; is "
+                               "optim.lr 0.01 too high?); no checkpoint written"]  # fmt: skip
+    assert not list((tmp_path / "out").glob("*.pt"))
+
+
+def test_a_log_window_of_skipped_steps_shows_its_loss_as_nan(shards, tmp_path, monkeypatch, capsys, caplog):
+    _patch_loss(monkeypatch, bad={1, 2})
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out", train={"steps": 4, "log_every": 2})
+    caplog.set_level(logging.INFO, logger="trainer")
+    rc, _, _ = run_main(capsys, "--config", cfg)
+    steps = [m for r in caplog.records if (m := r.getMessage()).startswith("step ") and "/4 loss " in m]
+    assert rc == 0 and " loss nan " in steps[0] and " loss nan " not in steps[1], steps
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=.inf", "config.optim.lr: expected a finite number, got inf"),
+    ("optim.lr=.nan", "config.optim.lr: expected a finite number, got nan"),
+    ("optim.betas=[0.9, 2.0]", "config.optim: betas must each lie in [0, 1), got [0.9, 2.0]"),
+])  # fmt: skip
+def test_non_finite_or_out_of_range_optimizer_values_are_config_errors(shards, tmp_path, capsys, override, message):
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
+    rc, _, err = run_main(capsys, "--config", cfg, override)
+    assert rc == 2 and len(err) == 1 and err[0].endswith(message), err
+    assert not (tmp_path / "out").exists()

@@ -9,6 +9,7 @@ errors that name the key and list the valid ones: a typo must never silently do 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -96,6 +97,8 @@ class OptimConfig:
             raise ValueError(f"need lr > 0, two betas, 0 < plateau_factor < 1 and min_lr_ratio <= 1; got lr "
                              f"{self.lr}, betas {self.betas}, plateau_factor {self.plateau_factor}, "
                              f"min_lr_ratio {self.min_lr_ratio}")
+        if not all(0 <= b < 1 for b in self.betas):  # AdamW's own check would come later, as a traceback
+            raise ValueError(f"betas must each lie in [0, 1), got {self.betas}")
 
 
 @dataclass
@@ -205,6 +208,8 @@ def _check(value, tp, where: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # .inf, .nan: a learning rate or weight that trains a NaN model
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -94,7 +94,7 @@ class RunLog:
         self._samples += global_batch
         if step % self.cfg.train.log_every and step != self.total:
             return
-        loss_avg = self._loss / max(1, self._n)
+        loss_avg = self._loss / self._n if self._n else float("nan")  # every step of the window was skipped
         rate = self._samples / max(self._time, 1e-9)
         wait_frac = self._wait / max(self._time, 1e-9)
         log.info("step %d/%d loss %.4f lr %.3g %.1f samples/s data-wait %.0f%% skipped %d",

@@ -105,6 +105,9 @@ class RunState:
     def state(self, copy: bool = False) -> dict:
         """The checkpoint's contents now (with ``copy``, CPU copies the next steps cannot change); a collective
         (the skipped-sample total is summed and the RNG states gathered over ranks), called by every rank."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.state_dict().values() if p.is_floating_point()):
+            raise TrainError(f"step {self.step}: the model's weights are no longer finite (NaN or inf; is optim.lr "
+                             f"{self.cfg.optim.lr} too high?); no checkpoint written")  # fmt: skip
         skipped = self.skipped_total()
         rngs = dist.all_gather_object(checkpoint.rng_state())
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
