@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from shardgen.scanfile import DEFAULT_MAX_PIXELS, max_pixels_arg
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     from .run import EvalOptions, evaluate
 
     try:
+        if os.path.exists(args.out) and not os.path.isdir(args.out):  # found before the model runs, not after
+            raise EvaluateError(f"--out {args.out} is a file, not a folder")
         if predicting:
             summary = predict_scans(PredictOptions(
                 args.checkpoint, args.images, args.out, args.device, args.blend, args.batch_size,

@@ -82,6 +82,8 @@ def list_scans(url: str) -> list[tuple[str, str]]:
     """(file name, path for the url's filesystem) of every scan directly under ``url``, sorted: the files
     whose suffix is one of ``SCAN_SUFFIXES`` in any case. Two scans with one stem would write one mask."""
     fs, path = storage.fs_for(url)
+    if storage.is_local(url) and not fs.isdir(path):
+        raise EvaluateError(f"{url}: no such folder")
     found = sorted(p for p in fs.glob(path.rstrip("/") + "/*") if PurePosixPath(p).suffix.lower() in SCAN_SUFFIXES)
     if not found:
         raise EvaluateError(f"{url}: no scans found ({', '.join('*' + s for s in SCAN_SUFFIXES)})")

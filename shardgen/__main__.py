@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ShardgenError, ValueError, OSError) as e:
         print(f"shardgen: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        again = "; rerun the same command to resume (finished shards are reused)" if args.command == "build" else ""
+        print(f"shardgen: interrupted{again}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import signal
 from collections.abc import Iterable, Iterator
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
@@ -86,9 +87,9 @@ def _init_worker(handoff: Handoff) -> None:
     dies (Linux), so killing a build never leaves orphans that keep burning CPU."""
     global _handoff
     _handoff = handoff
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the build in its main process, one line
     try:
         import ctypes
-        import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):

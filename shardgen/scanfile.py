@@ -75,6 +75,8 @@ def _opened(source, name: str, max_pixels: int) -> Iterator[Image.Image]:
     try:
         try:
             im = Image.open(source)
+        except Image.UnidentifiedImageError:  # its message names the stream object, not the file
+            raise ScanError(f"{name}: not an image Pillow can identify (PNG, JPEG, TIFF or BMP)") from None
         except (OSError, SyntaxError, ValueError) as e:
             raise ScanError(f"{name}: corrupt or truncated image: {e}") from None
         with im:

@@ -25,10 +25,12 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tarfile
 import time
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,7 +47,7 @@ from shardgen.synth import write_synthetic
 from trainer import __main__ as trainer_cli
 from trainer import checkpoint
 from trainer.config import load_config
-from trainer.train import lr_factor
+from trainer.setup import lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -460,3 +462,96 @@ def test_evaluate_and_predict_refuse_a_checkpoint_with_non_finite_weights(tiny, 
     rc, err = run_evaluate(capsys, *args, "--out", tmp_path / "o", "--device", "cpu")
     assert rc == 2 and err == [f"evaluate: error: {ckpt}: the model's weights are not finite (NaN or inf): it "
                                "diverged"], err  # fmt: skip
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_a_build_in_one_line_and_a_rerun_completes_it(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    write_synthetic(raw, 6, seed=2, size_range=(180, 230))
+    args = ["build", "--annotations", str(raw / "annotations"), "--images", str(raw / "images"),
+            "--image-size", "600", "--tile", "200", "--stride", "100", "--shard-size", "25",
+            "--split-ratios", "train=0.5,val=0.25,test=0.25", "--quiet"]  # fmt: skip
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    assert shardgen_main([*args, "--out", str(reference)]) == 0
+    slots = tmp_path / "slots"
+    slots.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SCANS, *args, "--out", str(out), "--workers", "2"], cwd=ROOT,
+                            env=subprocess_env(SLOW_SCANS_DIR=str(slots)), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while not list((out / "_build").glob("*.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the build and its pool workers
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "shardgen: interrupted; rerun the same command to resume (finished " \
+                                           "shards are reused)"  # fmt: skip
+    capsys.readouterr()
+    assert shardgen_main([*args, "--out", str(out)]) == 0
+    for name in [p.name for p in reference.glob("*.tar")] + ["manifest.json"]:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_a_checkpoint_whose_data_fails_its_crc_is_refused(tiny, tmp_path, capsys):
+    data = bytearray(tiny.ckpt.read_bytes())
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
+        info = max(archive.infolist(), key=lambda i: i.compress_size)  # a weight tensor's bytes
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + info.compress_size // 2] ^= 0xFF  # one flipped byte
+    ckpt = tmp_path / "flipped.pt"
+    ckpt.write_bytes(bytes(data))
+    rc, err = run_evaluate(capsys, "--checkpoint", ckpt, "--data", tiny.shards, "--out", tmp_path / "o",
+                           "--device", "cpu", "--workers", "0")  # fmt: skip
+    assert rc == 2 and err == [f"evaluate: error: {ckpt}: damaged checkpoint (member {info.filename} fails its "
+                               "CRC check)"], err  # fmt: skip
+
+
+def _a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "a_file"
+    path.write_text("not a folder")
+    return path
+
+
+@pytest.mark.parametrize("case", ["out_dir file", "tb_dir file", "cuda", "zero channels"])
+def test_train_setup_faults_are_one_line_errors(tiny, tmp_path, capsys, case):
+    overrides = {
+        "out_dir file": [f"train.out_dir={_a_file(tmp_path)}"],
+        "tb_dir file": [f"train.tb_dir={_a_file(tmp_path)}"],
+        "cuda": ["train.device=cuda"],
+        "zero channels": ["model.kwargs={channels: [0, 0]}"],
+    }[case]
+    if case == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    cfg = write_config(tmp_path / "c.yaml", str(tiny.shards), tmp_path / "run", train={"steps": 1})
+    rc, _, err = run_trainer(capsys, "--config", cfg, *overrides)
+    expected = {
+        "out_dir file": f"train.out_dir {tmp_path / 'a_file'} is a file, not a folder",
+        "tb_dir file": f"train.tb_dir {tmp_path / 'a_file'} is a file, not a folder",
+        "cuda": "train.device is cuda but no CUDA device is available (train.device: auto uses one where there is one)",
+        "zero channels": "model 'unet' with model.kwargs {'channels': [0, 0]}: UNet channels must be positive "
+                         "integers, got (0, 0)",
+    }[case]  # fmt: skip
+    assert rc == 2 and err == [f"trainer: error: {expected}"], err
+
+
+@pytest.mark.parametrize("case", ["out is a file", "text named .png", "no such folder"])
+def test_evaluate_and_predict_input_faults_are_one_line_errors(tiny, tmp_path, capsys, case):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "a.png").write_text("hello")
+    if case == "out is a file":
+        args = ["--checkpoint", tiny.ckpt, "--data", tiny.shards, "--out", _a_file(tmp_path)]
+        expected = f"--out {tmp_path / 'a_file'} is a file, not a folder"
+    elif case == "text named .png":
+        args = ["predict", "--checkpoint", tiny.ckpt, "--images", scans, "--out", tmp_path / "o"]
+        expected = f"{scans / 'a.png'}: not an image Pillow can identify (PNG, JPEG, TIFF or BMP)"
+    else:
+        args = ["predict", "--checkpoint", tiny.ckpt, "--images", tmp_path / "nowhere", "--out", tmp_path / "o"]
+        expected = f"{tmp_path / 'nowhere'}: no such folder"
+    rc, err = run_evaluate(capsys, *args, "--device", "cpu")
+    assert rc == 2 and err == [f"evaluate: error: {expected}"], err

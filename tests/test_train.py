@@ -135,6 +135,17 @@ def test_finished_run_resumes_to_a_later_step(unet_run, tmp_path, capsys, caplog
     assert [r["step"] for r in read_csv(out / "metrics.csv") if r["phase"] == "train"] == ["2", "4", "6"]
 
 
+def test_a_run_past_the_steps_asked_for_is_an_error_that_changes_nothing(unet_run, tmp_path, capsys):
+    cfg_path, finished, _ = unet_run
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    rc, _, err = run_main(capsys, "--config", cfg_path, f"train.out_dir={out}", "train.steps=2")
+    assert rc == 2 and err == [f"trainer: error: {out / 'last.pt'} is at step 4, past the 2 steps asked for; raise "
+                               "train.steps, or train into another train.out_dir"]  # fmt: skip
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # config.yaml too
+
+
 def test_tensorboard_events_go_to_tb_dir_and_the_log_says_where(unet_run, tmp_path, capsys, caplog):
     cfg_path, finished, _ = unet_run
     assert tb_scalars(finished / "tb")["val/miou"] == [2, 4]  # the default: {out_dir}/tb

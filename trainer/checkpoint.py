@@ -97,6 +97,13 @@ def load(url: str, map_location="cpu") -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{url}: checkpoint not found") from None
     try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:  # torch.load does not check the members' CRCs
+            damaged = archive.testzip()
+    except zipfile.BadZipFile:
+        damaged = None  # torch.load says what it is not
+    if damaged is not None:
+        raise CheckpointError(f"{url}: damaged checkpoint (member {damaged} fails its CRC check)")
+    try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from contextlib import nullcontext
@@ -20,31 +19,18 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from shardgen import schema
 from shardgen.reader import StorageUnavailable
 
 from . import dist, runlog
-from .augment import GpuAugment
-from .config import Config, to_dict
-from .data import class_histogram, rank_share, reraise, train_loader, val_loader
+from .config import Config
+from .data import class_histogram, reraise, train_loader, val_loader
 from .decision import ThresholdTuner, decide, probabilities, tuned_metrics
 from .losses import build_loss
 from .metrics import ConfusionMatrix
-from .models import build_model
-from .precision import autocast
-from .state import RunState, TrainError, rank_seed, resume_url
+from .setup import build_run, check_before_start, load_datasets
+from .state import RunState, TrainError, resume_url
 
 log = logging.getLogger("trainer")
-
-
-def lr_factor(step: int, total: int, cfg) -> float:
-    """LR multiplier at ``step``: linear warmup, then cosine down to ``min_lr_ratio`` (or constant)."""
-    if cfg.schedule != "cosine":
-        return 1.0
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def apply_gradients(raw_model, optimizer, loss_sum: torch.Tensor, grad_clip: float) -> bool:
@@ -101,70 +87,6 @@ def validation_metrics(run: RunState, batches, tuner: ThresholdTuner | None = No
     return {**cm.compute(), "samples": int(samples), "pixels": int(cm.mat.sum())}
 
 
-# ------------------------------------------------------------------------------------------------- setup
-
-# What a separate validation set must share with the training set: anything else is scored against other
-# labels (a binary set under a multiclass model reads every defect as Pinpoint) or other pixels.
-SAME_DATASET_KEYS = ("classes", "mode", "channels", "tile", "image_size")
-
-
-def check_val_dataset(train: dict, val: dict) -> None:
-    """A separate ``data.val`` must be built like ``data.train``; the first difference is a one-line error."""
-    for key in SAME_DATASET_KEYS:
-        if val.get(key) != train.get(key):
-            raise TrainError(
-                f"data.val {val['_url']} has {key}={val.get(key)!r} but data.train {train['_url']} has "
-                f"{key}={train.get(key)!r}; build both with the same options"
-            )
-
-
-def load_datasets(cfg: Config, world: int) -> tuple[dict, dict, int, int]:
-    """(train manifest, val manifest, train samples, val samples), checked before anything is built."""
-    manifest = schema.read_manifest(cfg.data.train)
-    val_manifest = manifest
-    if cfg.data.val:
-        val_manifest = schema.read_manifest(cfg.data.val)
-        check_val_dataset(manifest, val_manifest)
-    if cfg.data.crop > int(manifest["tile"]):
-        raise TrainError(f"data.crop={cfg.data.crop} is larger than the {manifest['tile']} px tiles of "
-                         f"{manifest['_url']}; set data.crop to at most {manifest['tile']} (0 = whole tiles)")
-    n_train = schema.split_info(manifest, cfg.data.train_split)["samples"]
-    if n_train == 0:
-        raise TrainError(f"{manifest['_url']}: split {cfg.data.train_split!r} has no samples")
-    n_val = schema.split_info(val_manifest, cfg.data.val_split)["samples"]
-    if n_val == 0:
-        raise TrainError(f"{val_manifest['_url']}: split {cfg.data.val_split!r} has no samples")
-    # The last rank gets the fewest images; checking it on every rank makes all ranks fail alike.
-    share = rank_share(val_manifest, cfg.data.val_split, world - 1, world)
-    if share < cfg.data.batch_size:
-        raise TrainError(
-            f"{val_manifest['_url']}: rank {world - 1} of {world} validates {share} samples of split "
-            f"{cfg.data.val_split!r}, fewer than data.batch_size={cfg.data.batch_size}; lower the batch size"
-        )
-    return manifest, val_manifest, n_train, n_val
-
-
-def build_network(cfg: Config, channels: int, n_classes: int, device: torch.device) -> torch.nn.Module:
-    try:
-        model = build_model(cfg.model.name, channels, n_classes, **cfg.model.kwargs).to(device)
-    except (TypeError, ValueError) as e:  # model.kwargs the model does not take, or values it rejects
-        raise TrainError(f"model {cfg.model.name!r} with model.kwargs {cfg.model.kwargs}: {e}") from None
-    return model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
-
-
-def build_optimizer(cfg: Config, model: torch.nn.Module, total: int):
-    """AdamW and its LR schedule: warmup + cosine over ``total`` steps, plateau on val mIoU, or constant."""
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-    if o.schedule == "plateau":
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=o.plateau_factor, patience=o.plateau_patience
-        )
-    else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, o))
-    return optimizer, scheduler
-
-
 def next_batch(batches):
     """The next training batch; storage that stays down on any rank raises StorageUnavailable on all ranks at
     this step, so they can save a checkpoint together instead of waiting in DDP for a rank that is gone."""
@@ -181,12 +103,16 @@ def next_batch(batches):
 
 
 def train(cfg: Config) -> dict:
+    check_before_start(cfg)
     device = dist.setup(cfg.train.device)
     rank, world = dist.rank(), dist.world_size()
     manifest, val_manifest, n_train, n_val = load_datasets(cfg, world)
     run = build_run(cfg, device, manifest, n_train)
     if url := resume_url(cfg):
         run.resume(url)
+        if run.step > run.total:  # before anything of the run is written again
+            raise TrainError(f"{url} is at step {run.step}, past the {run.total} steps asked for; raise "
+                             f"train.steps, or train into another train.out_dir")  # fmt: skip
     run.forward = torch.compile(run.model) if cfg.train.compile else run.model
     if world > 1:
         run.forward = DDP(run.forward, device_ids=[device.index] if device.type == "cuda" else None)
@@ -228,25 +154,6 @@ def train(cfg: Config) -> dict:
             if run.step % cfg.train.ckpt_every == 0 and run.step < run.total:  # the last one: see finish()
                 run.save("last")
     return finish(run, batches, val, last_metrics)
-
-
-def build_run(cfg: Config, device: torch.device, manifest: dict, n_train: int) -> RunState:
-    """The run's model (initial weights equal on every rank), augmentation, optimizer, schedule and autocast."""
-    torch.manual_seed(cfg.train.seed)
-    classes, binary = manifest["classes"], manifest["mode"] == "binary"
-    n_classes = 1 if binary else len(classes)
-    model = build_network(cfg, manifest["channels"], n_classes, device)
-    torch.manual_seed(rank_seed(cfg.train.seed, dist.rank(), 0))
-    global_batch = cfg.data.batch_size * dist.world_size() * cfg.optim.accum_steps
-    total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * n_train / global_batch))
-    optimizer, scheduler = build_optimizer(cfg, model, total)
-    meta = {"model": cfg.model.name, "in_channels": manifest["channels"], "n_classes": n_classes,
-            "classes": classes, "mode": manifest["mode"], "config": to_dict(cfg),
-            "grid": {k: manifest[k] for k in ("image_size", "tile", "stride")}}  # fmt: skip
-    augment = GpuAugment(cfg.augment, cfg.normalize).to(device)
-    names = runlog.RunLog.class_names(classes, binary)
-    return RunState(cfg, device, model, optimizer, scheduler, meta, augment, autocast(device, cfg.train.amp), names,
-                    total)  # fmt: skip
 
 
 def accumulate(run: RunState, batches, loss_fn) -> tuple[torch.Tensor, float]:

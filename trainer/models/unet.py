@@ -67,6 +67,8 @@ class UNet(nn.Module):
         channels = tuple(channels)
         if len(channels) < 2:
             raise ValueError(f"UNet needs at least 2 levels of channels, got {channels}")
+        if not all(isinstance(c, int) and c >= 1 for c in channels):
+            raise ValueError(f"UNet channels must be positive integers, got {channels}")
         if norm not in NORMS:
             raise ValueError(f"UNet norm must be one of {', '.join(NORMS)}, got {norm!r}")
         if stem not in (1, 2):
