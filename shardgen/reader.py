@@ -87,6 +87,10 @@ class StorageUnavailable(OSError):
     """Storage kept failing after the whole retry budget."""
 
 
+class ShardUnreadable(StorageUnavailable):
+    """A shard no retry will bring back: missing, or refused (permissions). The message names it."""
+
+
 def is_transient(e: BaseException) -> bool:
     """A storage fault worth retrying: the connection, not the request or the data, is at fault."""
     if isinstance(e, (StorageUnavailable, CorruptSample)):  # a budget already spent; bad bytes stay bad
@@ -207,6 +211,9 @@ def iter_shard(
                 retry.succeeded()  # progress resets the budget: it is per outage, not per shard
             return
         except Exception as e:
+            if isinstance(e, OSError) and not is_transient(e):
+                reason = "not found" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {_first_line(e)}"
+                raise ShardUnreadable(f"{url}: shard {reason}") from None
             retry.failed(e)
 
 
