@@ -90,6 +90,14 @@ def check_dataset(model: Model, manifest: dict) -> None:
         raise EvaluateError(
             f"{model.url}: checkpoint classes {model.class_names} differ from {url}: {classes}"
         )
+    grid = model.meta.get("grid")  # checkpoints since the grid was recorded; older ones are not checked
+    if grid and any(grid[k] != manifest[k] for k in ("image_size", "tile", "stride")):
+        raise EvaluateError(
+            f"{model.url}: checkpoint trained on a grid of image size {grid['image_size']}, tile {grid['tile']}, "
+            f"stride {grid['stride']} but {url} has {manifest['image_size']}, {manifest['tile']}, "
+            f"{manifest['stride']}: its minimum areas would apply at another scale; build the shards with the "
+            f"checkpoint's --image-size, --tile and --stride"
+        )
     if model.in_channels != manifest["channels"]:
         raise EvaluateError(
             f"{model.url}: checkpoint takes {model.in_channels}-channel images but {url} has "

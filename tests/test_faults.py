@@ -576,3 +576,19 @@ def test_a_missing_shard_stops_training_in_one_line_and_leaves_a_checkpoint(tiny
     missing.write_bytes(kept)
     rc, summary, err = run_trainer(capsys, "--config", cfg)
     assert rc == 0 and summary["steps"] == 4, err
+
+
+def test_evaluate_refuses_shards_cut_on_another_grid_than_the_checkpoint(tiny, tmp_path, capsys):
+    state = checkpoint.load(str(tiny.ckpt))
+    trained = dict(state["meta"]["grid"])
+    state["meta"]["grid"] = {**trained, "tile": trained["tile"] * 2, "stride": trained["stride"] * 2}
+    ckpt = tmp_path / "other_grid.pt"
+    torch.save(state, ckpt)
+    rc, err = run_evaluate(capsys, "--checkpoint", ckpt, "--data", tiny.shards, "--out", tmp_path / "o",
+                           "--device", "cpu", "--workers", "0")  # fmt: skip
+    g = state["meta"]["grid"]
+    assert rc == 2 and len(err) == 1 and err[0].startswith(
+        f"evaluate: error: {ckpt}: checkpoint trained on a grid of image size {g['image_size']}, tile {g['tile']}, "
+        f"stride {g['stride']} but {tiny.shards}/manifest.json has {trained['image_size']}, {trained['tile']}, "
+        f"{trained['stride']}"
+    ), err  # fmt: skip
