@@ -108,6 +108,9 @@ def _build(args) -> int:
     for w in summary["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     tiles = ", ".join(f"{k} {v}" for k, v in summary["tiles"].items())
+    xml = summary["xml_files"]
+    print(f"annotations: {len(xml)} XML file{'s' * (len(xml) != 1)}: {', '.join(xml[:5])}"
+          f"{f' ... ({len(xml) - 5} more)' if len(xml) > 5 else ''}")
     print(f"images: {summary['images']}  tiles: {tiles}  shards: {summary['shards']} "
           f"({summary['reused_shards']} reused)")  # fmt: skip
     if "dask" in summary:

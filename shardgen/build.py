@@ -24,7 +24,7 @@ from tqdm import tqdm
 from . import schema, storage
 from .classes import ClassMap
 from .distribute import DISTRIBUTORS, run_dask, run_local
-from .plan import BuildOptions, ShardgenError, plan
+from .plan import BuildOptions, ShardgenError, plan, xml_files
 from .shard import BUILD_DIR, manifest_options, remove_partials, shard_plans
 from .splits import SPLITS, share_warnings
 from .tiling import TileGrid
@@ -86,6 +86,7 @@ def build(annotations, images, out: str, opts: BuildOptions, workers: int = 1, p
     stones = {s: len({j.stone_id for j in jobs if j.split == s}) for s in SPLITS}
     summary = {
         "manifest": murl,
+        "xml_files": [str(p) for p in xml_files(Path(annotations))],
         "images": len(jobs),
         "tiles": {s: manifest["splits"][s]["samples"] for s in SPLITS},
         "stones": stones,

@@ -65,6 +65,14 @@ def _find_image(images_dir: Path, name: str) -> Path | None:
     return None
 
 
+def xml_files(annotations: Path) -> list[Path]:
+    """The CVAT XML files of ``annotations``: the file itself, or every ``*.xml`` under the folder, in
+    subfolders too and in any letter case (``*.XML``), in path order."""
+    if not annotations.is_dir():
+        return [annotations]
+    return sorted(p for p in annotations.rglob("*") if p.suffix.lower() == ".xml" and p.is_file())
+
+
 def plan(
     annotations: Path, images: Path, opts: BuildOptions, skipped: Counter, warnings: list[str] | None = None
 ) -> list[ImageJob]:
@@ -75,11 +83,11 @@ def plan(
     """
     warnings = warnings if warnings is not None else []
     cmap = ClassMap.load(opts.classes)
-    xml_files = sorted(annotations.glob("*.xml")) if annotations.is_dir() else [annotations]
-    if not xml_files:
-        raise ShardgenError(f"{annotations}: no CVAT XML files found")
+    found_xml = xml_files(annotations)
+    if not found_xml:
+        raise ShardgenError(f"{annotations}: no CVAT XML files found (*.xml, in subfolders too)")
     found, seen, named = [], {}, 0
-    for xml in xml_files:
+    for xml in found_xml:
         try:
             anns = parse_cvat(xml, skipped=skipped)
         except CvatError as e:
@@ -128,7 +136,7 @@ def plan(
             found.append((ann, str(path), image_id, stone, tuple(values)))
     # An empty dataset would only fail later, in the trainer.
     if not named:
-        raise ShardgenError(f"{annotations}: no images in {len(xml_files)} XML files")
+        raise ShardgenError(f"{annotations}: no images in {len(found_xml)} XML files")
     if not found:
         raise ShardgenError(f"{annotations}: all {named} images named in the XML are missing from {images}")
     try:  # after the loop: the exact method cuts the whole set of stones

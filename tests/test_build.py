@@ -551,3 +551,18 @@ def test_upscaled_tiny_scans_are_named_and_counted_in_the_summary(tmp_path, caps
     rc, out2, err2 = cli(capsys, *build_args(data, tmp_path / "out", *HAND))
     assert rc == 0 and "(1 reused)" in out2
     assert err2 == err and UPSCALED_LINE in out2
+
+
+def test_annotations_are_found_in_subfolders_in_any_case_and_listed(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_scan(data / "images" / "a.png")
+    write_scan(data / "images" / "b.png", content(1))
+    write_xml(data / "annotations" / "top.xml", [("a.png", [])])
+    deeper = data / "annotations" / "task 2" / "Annotations.XML"
+    deeper.parent.mkdir(parents=True)
+    write_xml(deeper, [("b.png", [])])
+    (data / "annotations" / "notes.txt").write_text("not CVAT")
+    rc, out, err = cli(capsys, *build_args(data, tmp_path / "out", *HAND))
+    assert rc == 0, err
+    assert "images: 2 " in out
+    assert f"annotations: 2 XML files: {deeper}, {data / 'annotations' / 'top.xml'}" in out
