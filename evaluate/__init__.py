@@ -15,6 +15,18 @@ class EvaluateError(ValueError):
     """Bad input to evaluate or predict; the message names the file and the reason, on one line."""
 
 
+def fresh_folders(out, subs: tuple[str, ...]) -> None:
+    """``out/sub`` for each of ``subs``, created, and emptied of the PNGs an earlier run wrote there (another
+    split's or other scans' images would sit beside this run's, which its metrics and XML do not count)."""
+    from pathlib import Path
+
+    for sub in subs:
+        folder = Path(out) / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.png"):
+            old.unlink(missing_ok=True)
+
+
 DECISIONS = ("tuned", "argmax")
 # Test-time augmentation: (quarter turns, horizontal flip) pairs; "flips" is {identity, h, v, h+v}, "d4" the
 # square's whole symmetry group. Scans have no preferred orientation, so every view is equally valid.

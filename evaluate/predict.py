@@ -36,7 +36,7 @@ from shardgen.cvat import ImageAnnotation, write_cvat
 from shardgen.scanfile import DEFAULT_MAX_PIXELS, SCAN_SUFFIXES, scan_size
 from shardgen.tiling import TileGrid
 
-from . import EvaluateError
+from . import EvaluateError, fresh_folders
 from .contours import DEFAULT_MIN_IOU, DEFAULT_SIMPLIFY, MASK_POLICIES, SCORE, ShapeOptions, mask_shapes
 from .inference import Predictor, load_model
 from .overlay import overlay
@@ -151,8 +151,7 @@ def predict_scans(opts: PredictOptions) -> dict:
     scans = list_scans(opts.images)
     check_scans(opts.images, scans, opts.max_pixels)
     out = Path(opts.out)
-    for sub in ("masks", "overlays"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    fresh_folders(out, ("masks", "overlays"))
 
     def inputs():
         for name, path in scans:

@@ -33,7 +33,7 @@ from shardgen.tiling import TileGrid
 from trainer import dist
 from trainer.metrics import summarize
 
-from . import EvaluateError
+from . import EvaluateError, fresh_folders
 from .blend import reassemble_mask
 from .inference import Predictor, check_dataset, decision_for, load_model
 from .metrics import (
@@ -229,8 +229,9 @@ def evaluate(opts: EvalOptions) -> dict:
     predictor = Predictor(model, grid, opts.blend, opts.batch_size, decision, opts.tta)
     class_names = list(manifest["classes"])
     out = Path(opts.out)
-    for sub in ("predictions", "overlays", "side_by_side"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    if dist.is_main():
+        fresh_folders(out, ("predictions", "overlays", "side_by_side"))
+    dist.barrier()  # no rank writes before the folders are fresh
 
     error, result = None, None
     try:

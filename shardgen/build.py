@@ -25,7 +25,7 @@ from . import schema, storage
 from .classes import ClassMap
 from .distribute import DISTRIBUTORS, run_dask, run_local
 from .plan import BuildOptions, ShardgenError, plan, xml_files
-from .shard import BUILD_DIR, manifest_options, remove_partials, shard_plans
+from .shard import BUILD_DIR, manifest_options, remove_partials, remove_stale, shard_plans
 from .splits import SPLITS, share_warnings
 from .tiling import TileGrid
 
@@ -74,6 +74,7 @@ def build(annotations, images, out: str, opts: BuildOptions, workers: int = 1, p
         bar.close()  # also on error, so the error message starts on a line of its own
     records = outcome.records
     remove_partials(out)
+    stale = remove_stale(out, {p.name for p in plans})  # an earlier build's other shards: not this dataset
     # Reused shards report their warnings again, so a resumed build prints what a fresh one would.
     warnings = plan_warnings + [w for p in plans for w in records[p.name]["warnings"]]
     for rec in records.values():
@@ -97,6 +98,7 @@ def build(annotations, images, out: str, opts: BuildOptions, workers: int = 1, p
         "warnings": warnings,
         "upscaled": upscaled,  # [source image, factor] of each crop enlarged more than UPSCALE_WARNING
         "aborted_uploads": aborted,
+        "stale_removed": stale,
         "seconds": elapsed,
         "images_per_s": len(jobs) / elapsed if elapsed else 0.0,
         "distributor": distributor,

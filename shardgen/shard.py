@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import uuid
 from collections import Counter
 from collections.abc import Iterable
@@ -152,6 +153,24 @@ def _write_tar(out: str, shard: ShardPlan, results: list[dict]) -> tuple[str, in
             size += len(chunk)
     storage.rename(partial, final)
     return sha.hexdigest(), size
+
+
+def remove_stale(out: str, names: set[str]) -> list[str]:
+    """Delete the shards and build records of an earlier build into ``out`` that this build's plan does not
+    have (``names``: its shard names), e.g. after a rebuild with another --shard-size or fewer scans, so the
+    folder holds this build only; returns the names removed. Call it once every shard is written."""
+    fs, root = storage.fs_for(out)
+    root = root.rstrip("/")
+    stale = []
+    for pattern in ("/*.tar", f"/{BUILD_DIR}/*.json"):
+        for path in fs.glob(root + pattern):
+            name = path.rsplit("/", 1)[1]
+            shard = name.removesuffix(".json") if pattern.endswith(".json") else name
+            if re.fullmatch(r"(train|val|test)-\d{6}\.tar", shard) and shard not in names:
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm_file(path)
+                stale.append(name)
+    return sorted(stale)
 
 
 def remove_partials(out: str) -> None:

@@ -566,3 +566,20 @@ def test_annotations_are_found_in_subfolders_in_any_case_and_listed(tmp_path, ca
     assert rc == 0, err
     assert "images: 2 " in out
     assert f"annotations: 2 XML files: {deeper}, {data / 'annotations' / 'top.xml'}" in out
+
+
+def test_a_rebuild_with_other_shards_leaves_only_its_own(synth, built, tmp_path, capsys):
+    out = tmp_path / "ds"
+    shutil.copytree(built, out)
+    before = sorted(p.name for p in out.glob("*.tar"))
+    rc, stdout, err = cli(capsys, *build_args(synth, out, *SMALL, "--shard-size", 1000, "--quiet"))
+    assert rc == 0, err
+    manifest = schema.read_manifest(str(out))
+    listed = sorted(s["url"] for info in manifest["splits"].values() for s in info["shards"])
+    assert len(before) > len(listed)  # 75-sample shards before, one shard per split now
+    assert sorted(p.name for p in out.glob("*.tar")) == listed
+    assert sorted(p.name for p in (out / "_build").iterdir()) == [f"{n}.json" for n in listed]
+    assert "shards and records of an earlier build into" in stdout
+    assert main([str(a) for a in build_args(synth, tmp_path / "fresh", *SMALL, "--shard-size", 1000, "--quiet")]) == 0
+    for name in [*listed, "manifest.json"]:
+        assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name

@@ -592,3 +592,23 @@ def test_evaluate_refuses_shards_cut_on_another_grid_than_the_checkpoint(tiny, t
         f"stride {g['stride']} but {tiny.shards}/manifest.json has {trained['image_size']}, {trained['tile']}, "
         f"{trained['stride']}"
     ), err  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_a_rerun_into_the_same_folder_leaves_only_its_own_images(tiny, tmp_path, capsys, command):
+    out = tmp_path / "o"
+    subs = ("predictions", "overlays", "side_by_side") if command == "evaluate" else ("masks", "overlays")
+    for sub in subs:
+        (out / sub).mkdir(parents=True)
+        (out / sub / "stone_from_another_run.png").write_bytes(b"old")
+    (out / "notes.txt").write_text("the user's own")
+    if command == "evaluate":
+        args = ["--checkpoint", tiny.ckpt, "--data", tiny.shards, "--workers", "0"]
+    else:
+        args = ["predict", "--checkpoint", tiny.ckpt, "--images", tiny.raw / "images"]
+    rc, err = run_evaluate(capsys, *args, "--out", out, "--device", "cpu")
+    assert rc == 0, err
+    for sub in subs:
+        names = [p.name for p in (out / sub).iterdir()]
+        assert names and "stone_from_another_run.png" not in names
+    assert (out / "notes.txt").read_text() == "the user's own"
