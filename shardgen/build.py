@@ -25,7 +25,7 @@ from . import schema, storage
 from .classes import ClassMap
 from .distribute import DISTRIBUTORS, run_dask, run_local
 from .plan import BuildOptions, ShardgenError, plan, xml_files
-from .shard import BUILD_DIR, manifest_options, remove_partials, remove_stale, shard_plans
+from .shard import BUILD_DIR, check_records, manifest_options, remove_partials, remove_stale, shard_plans
 from .splits import SPLITS, share_warnings
 from .tiling import TileGrid
 
@@ -75,6 +75,7 @@ def build(annotations, images, out: str, opts: BuildOptions, workers: int = 1, p
     records = outcome.records
     remove_partials(out)
     stale = remove_stale(out, {p.name for p in plans})  # an earlier build's other shards: not this dataset
+    check_records(out, records)
     # Reused shards report their warnings again, so a resumed build prints what a fresh one would.
     warnings = plan_warnings + [w for p in plans for w in records[p.name]["warnings"]]
     for rec in records.values():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import uuid
 from collections import Counter
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import schema, storage
-from .plan import NON_OUTPUT_OPTIONS, BuildOptions, ImageJob
+from .plan import NON_OUTPUT_OPTIONS, BuildOptions, ImageJob, ShardgenError
 from .scan import process_image
 from .splits import SPLITS
 from .tarstream import end_of_archive
@@ -151,8 +152,33 @@ def _write_tar(out: str, shard: ShardPlan, results: list[dict]) -> tuple[str, in
             stream.write(chunk)  # each scan's samples, serialized by the worker that made them
             sha.update(chunk)
             size += len(chunk)
+        if storage.is_local(partial):  # on disk before the rename makes it final: a crash leaves no torn shard
+            stream.flush()
+            os.fsync(stream.fileno())
     storage.rename(partial, final)
     return sha.hexdigest(), size
+
+
+def check_records(out: str, records: dict[str, dict]) -> None:
+    """Every shard's bytes still match its record (``records``: name -> record), read back before the
+    manifest lists them: an attempt of a killed Dask client may still be running on a cluster and replace a
+    shard after its record was written. A mismatch loses its record (a rerun rebuilds the shard) and fails
+    the build, naming the shards."""
+    changed = []
+    for name, rec in sorted(records.items()):
+        url = storage.join(out, name)
+        try:
+            found = storage.sha256_of(url)
+        except FileNotFoundError:
+            found = None
+        if found != (rec["sha256"], rec["bytes"]):
+            with contextlib.suppress(FileNotFoundError):
+                storage.remove(record_url(out, name))
+            changed.append(name)
+    if changed:
+        raise ShardgenError(f"{out}: {', '.join(changed)} changed after {'its' if len(changed) == 1 else 'their'} "
+                            f"record was written (another build writing into the same folder?); rerun the build "
+                            f"to rebuild {'it' if len(changed) == 1 else 'them'}")  # fmt: skip
 
 
 def remove_stale(out: str, names: set[str]) -> list[str]:

@@ -583,3 +583,33 @@ def test_a_rebuild_with_other_shards_leaves_only_its_own(synth, built, tmp_path,
     assert main([str(a) for a in build_args(synth, tmp_path / "fresh", *SMALL, "--shard-size", 1000, "--quiet")]) == 0
     for name in [*listed, "manifest.json"]:
         assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
+
+
+def test_a_shard_replaced_after_its_record_fails_the_build_naming_it(synth, tmp_path, capsys, monkeypatch):
+    """What a late attempt of a killed Dask client does: it replaces a finished shard under its final name.
+    The build reads every shard back before the manifest: it fails naming the shard, drops its record, and
+    the rerun rebuilds it to the bytes of a clean build."""
+    import shardgen.shard as shard_mod
+
+    out = tmp_path / "ds"
+    real = shard_mod.build_shard
+
+    def then_replaced(out_url, shard, *args, **kwargs):
+        record = real(out_url, shard, *args, **kwargs)
+        if shard.name == "train-000000.tar":
+            (out / shard.name).write_bytes(b"another attempt's bytes")
+        return record
+
+    monkeypatch.setattr("shardgen.distribute.build_shard", then_replaced)
+    rc, _, err = cli(capsys, *build_args(synth, out, *SMALL, "--shard-size", 75, "--quiet"))
+    assert rc == 2 and err.strip().splitlines()[-1] == (
+        f"shardgen: error: {out}: train-000000.tar changed after its record was written (another build writing "
+        "into the same folder?); rerun the build to rebuild it")  # fmt: skip
+    assert not (out / "manifest.json").exists() and not (out / "_build" / "train-000000.tar.json").exists()
+    monkeypatch.undo()
+    rc, stdout, _ = cli(capsys, *build_args(synth, out, *SMALL, "--shard-size", 75, "--quiet"))
+    assert rc == 0
+    fresh = tmp_path / "fresh"
+    assert main([str(a) for a in build_args(synth, fresh, *SMALL, "--shard-size", 75, "--quiet")]) == 0
+    for p in fresh.glob("*.tar"):
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
