@@ -13,13 +13,15 @@ every worker. Dask reruns the tasks of a lost worker on the others.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import multiprocessing as mp
 import os
 import signal
 from collections.abc import Iterable, Iterator
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from .handoff import Handoff
@@ -116,12 +118,13 @@ def run_local(out: str, shards: list[ShardPlan], opts: BuildOptions, workers: in
     pool = handoff = None
     if workers > 1 and todo:
         handoff = _handoff_for(workers, opts)
-        pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(handoff,))
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
+                                   initargs=(handoff,))  # fmt: skip
     try:
         # One stream of scans over all pending shards, so the pool keeps working while a shard is written.
         if pool:
             order = _dispatch_order(todo, workers)
-            results = _in_order(_received(pool.imap(_process, [todo[i] for i in order]), handoff), order)
+            results = _in_order(_received(_ordered(pool, [todo[i] for i in order], 4 * workers), handoff), order)
         else:
             results = map(_process, todo)
         for shard in pending:
@@ -129,8 +132,34 @@ def run_local(out: str, shards: list[ShardPlan], opts: BuildOptions, workers: in
             records[shard.name] = build_shard(out, shard, opts, _counted(shard_results, bar))
     finally:
         if pool:
-            pool.terminate()
+            # Scans still running are not waited for (Python 3.14 has terminate_workers; before it, the
+            # executor's own process table, read before shutdown clears it).
+            running = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in running:
+                proc.terminate()
     return Outcome(records, reused=len(shards) - len(pending))
+
+
+def _ordered(pool: ProcessPoolExecutor, todo: list[tuple], window: int) -> Iterator[dict]:
+    """``_process`` of each of ``todo`` on the pool, results in order, at most ``window`` scans in flight (so
+    finished scans waiting for the writer never pile up). A worker that dies (the OOM killer, a SIGKILL) breaks
+    the pool: the build stops with one line naming the scans it was processing, instead of waiting forever."""
+    jobs = iter(todo)
+    flight: collections.deque = collections.deque()
+    for job in itertools.islice(jobs, window):
+        flight.append((job, pool.submit(_process, job)))
+    while flight:
+        job, future = flight.popleft()
+        try:
+            result = future.result()
+        except BrokenProcessPool:
+            scans = ", ".join(str(j[0].path) for j, _ in [(job, future), *flight][: 2 * window])
+            raise ShardgenError(f"a build worker died (killed, or out of memory?) while processing one of: {scans}; "
+                                "rerun the same command to resume (finished shards are reused)") from None
+        if (nxt := next(jobs, None)) is not None:
+            flight.append((nxt, pool.submit(_process, nxt)))
+        yield result
 
 
 HANDOFF_MAX_BYTES = 2**31  # address space for the handoff slots of a local build, whatever the worker count

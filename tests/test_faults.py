@@ -612,3 +612,45 @@ def test_a_rerun_into_the_same_folder_leaves_only_its_own_images(tiny, tmp_path,
         names = [p.name for p in (out / sub).iterdir()]
         assert names and "stone_from_another_run.png" not in names
     assert (out / "notes.txt").read_text() == "the user's own"
+
+
+# The build whose pool worker dies: the worker processing the third scan SIGKILLs itself, as the OOM killer
+# would; the marker file makes that happen once, whichever worker draws it.
+KILLED_WORKER = """
+import os, signal, sys
+import shardgen.distribute as distribute
+from shardgen.__main__ import main
+process_image = distribute.process_image
+def dying(job, opts):
+    if os.path.basename(job.path) == os.environ["KILL_SCAN"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return process_image(job, opts)
+distribute.process_image = dying
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_build_whose_worker_is_killed_fails_in_one_line_and_a_rerun_completes_it(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    write_synthetic(raw, 6, seed=2, size_range=(180, 230))
+    args = ["build", "--annotations", str(raw / "annotations"), "--images", str(raw / "images"),
+            "--image-size", "600", "--tile", "200", "--stride", "100", "--shard-size", "25",
+            "--split-ratios", "train=0.5,val=0.25,test=0.25", "--quiet"]  # fmt: skip
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    assert shardgen_main([*args, "--out", str(reference)]) == 0
+    victim = "stone_00003.png"
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", KILLED_WORKER, *args, "--out", str(out), "--workers", "2"],
+                          cwd=ROOT, env=subprocess_env(KILL_SCAN=victim), capture_output=True, text=True,
+                          timeout=90)  # fmt: skip
+    assert time.monotonic() - t0 < 30
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("warning: ")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("shardgen: error: a build worker died (killed, or out of memory?) while processing "
+                               "one of: ") and victim in lines[0], lines  # fmt: skip
+    assert lines[0].endswith("rerun the same command to resume (finished shards are reused)")
+    capsys.readouterr()
+    assert shardgen_main([*args, "--out", str(out)]) == 0
+    for name in [p.name for p in reference.glob("*.tar")] + ["manifest.json"]:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
