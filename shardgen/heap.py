@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -32,21 +33,34 @@ def _libc():
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
+_lock = threading.Lock()
+_inside = 0  # blocks of this process inside roomy_heap now (a Dask worker may run tasks on several threads)
+
+
 @contextmanager
 def roomy_heap() -> Iterator[None]:
     """Raise glibc's mmap and trim thresholds while the block runs, where the worker was started with
-    ``MALLOC_TRIM_THRESHOLD_``; then restore the worker's values and trim the heap."""
+    ``MALLOC_TRIM_THRESHOLD_``; then restore the worker's values and trim the heap. The thresholds are
+    process-wide, so concurrent blocks (task threads) count: the first one in raises them, the last one out
+    restores them."""
+    global _inside
     trim = os.environ.get("MALLOC_TRIM_THRESHOLD_")
     libc = _libc() if trim is not None else None
     if libc is None or not trim.isdigit():
         yield
         return
-    mmap = os.environ.get("MALLOC_MMAP_THRESHOLD_", "")
-    libc.mallopt(M_MMAP_THRESHOLD, ROOMY_MMAP_THRESHOLD)
-    libc.mallopt(M_TRIM_THRESHOLD, ROOMY_TRIM_THRESHOLD)
+    with _lock:
+        _inside += 1
+        if _inside == 1:
+            libc.mallopt(M_MMAP_THRESHOLD, ROOMY_MMAP_THRESHOLD)
+            libc.mallopt(M_TRIM_THRESHOLD, ROOMY_TRIM_THRESHOLD)
     try:
         yield
     finally:
-        libc.mallopt(M_MMAP_THRESHOLD, int(mmap) if mmap.isdigit() else GLIBC_MMAP_THRESHOLD)
-        libc.mallopt(M_TRIM_THRESHOLD, int(trim))
-        libc.malloc_trim(0)
+        with _lock:
+            _inside -= 1
+            if _inside == 0:
+                mmap = os.environ.get("MALLOC_MMAP_THRESHOLD_", "")
+                libc.mallopt(M_MMAP_THRESHOLD, int(mmap) if mmap.isdigit() else GLIBC_MMAP_THRESHOLD)
+                libc.mallopt(M_TRIM_THRESHOLD, int(trim))
+                libc.malloc_trim(0)

@@ -61,3 +61,30 @@ def test_the_real_c_library_takes_the_settings(monkeypatch):
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     with heap.roomy_heap():
         assert bytearray(8 << 20)[-1] == 0  # allocations work under the roomy settings
+
+
+def test_overlapping_tasks_raise_once_and_the_last_one_out_restores(libc, monkeypatch):
+    """A Dask worker with several task threads: the thresholds are the process's, so a task that ends while
+    another still runs must leave them raised."""
+    import threading
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with heap.roomy_heap():
+            first_in.set()
+            second_in.wait(5)
+        first_out.set()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    first_in.wait(5)
+    with heap.roomy_heap():
+        second_in.set()
+        first_out.wait(5)
+        assert libc.calls == [("mallopt", heap.M_MMAP_THRESHOLD, heap.ROOMY_MMAP_THRESHOLD),
+                              ("mallopt", heap.M_TRIM_THRESHOLD, heap.ROOMY_TRIM_THRESHOLD)]  # fmt: skip
+    thread.join()
+    assert libc.calls[2:] == [("mallopt", heap.M_MMAP_THRESHOLD, heap.GLIBC_MMAP_THRESHOLD),
+                              ("mallopt", heap.M_TRIM_THRESHOLD, 65536), ("malloc_trim", 0)]  # fmt: skip
