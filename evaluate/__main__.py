@@ -95,8 +95,11 @@ def headline(metrics: dict) -> str:
     parts.append(f"F1 at IoU > 0.5 {fmt(d['object_f1_050'])}, PQ {fmt(d['pq'])}")
     if metrics["config"]["mode"] != "binary":
         parts.append(f"class F1 {fmt(metrics['object_f1_mean'])}, right class {fmt(metrics['right_class'])}")
-    return (" | ".join(parts) + f" ({metrics['n_images']} images, {d['gt_objects']} defects, decision: "
+    line = (" | ".join(parts) + f" ({metrics['n_images']} images, {d['gt_objects']} defects, decision: "
             f"{metrics['decision']['kind']}, tta: {metrics['tta']})")
+    if seen := metrics.get("trained_on"):
+        line = f"WARNING: {seen['scans']} of {seen['of']} scans trained on | " + line
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

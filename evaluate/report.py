@@ -272,6 +272,15 @@ def _decision(decision: Mapping | None, class_names: Sequence[str]) -> dict:
     return {"line": line, "rows": rows, "explain": explain}
 
 
+def trained_on_warning(metrics: Mapping) -> str:
+    """The line a report and a headline carry when the scored scans include some the checkpoint trained on."""
+    seen = metrics.get("trained_on")
+    if not seen:
+        return ""
+    return (f"{seen['scans']} of the {seen['of']} scored scans are among the checkpoint's training scans: these "
+            f"figures do not measure held-out quality")
+
+
 def write_report(
     out_dir: str | Path, metrics: Mapping, worst: Sequence[Mapping], class_names: Sequence[str]
 ) -> Path:
@@ -296,6 +305,7 @@ def write_report(
         summary=_summary(metrics, multiclass),
         decision=_decision(metrics.get("decision"), class_names),
         tta=str(metrics.get("tta", "none")),
+        trained_on=trained_on_warning(metrics),
         object_columns=[label for _, label in OBJECT_COLUMNS],
         objects=_object_rows(metrics, class_names),
         object_confusion=_object_confusion(metrics["object_confusion"], class_names),

@@ -252,6 +252,12 @@ def evaluate(opts: EvalOptions) -> dict:
 
     metrics = split_metrics(conf, objects, confusion, rows, class_names)
     metrics["checkpoint"] = opts.checkpoint
+    scored = set(schema.split_info(manifest, opts.split).get("scans", []))
+    if seen := len(scored & set(model.meta.get("train_scans") or [])):  # the same scan files, by their bytes
+        metrics["trained_on"] = {"scans": seen, "of": len(scored)}
+        if dist.is_main():
+            print(f"warning: {seen} of the {len(scored)} scans of split {opts.split!r} are among the checkpoint's "
+                  f"training scans: these figures do not measure held-out quality", file=sys.stderr)
     metrics["decision"] = {"requested": opts.decision, **decision.to_json()}
     metrics["tta"] = opts.tta
     metrics["config"] = {

@@ -124,6 +124,7 @@ def _manifest(plans, records, opts: BuildOptions, cmap: ClassMap, skipped: Count
             "images": sum(r["images"] for r in shards),
             "bytes": sum(r["bytes"] for r in shards),
             "class_pixels": hist.tolist(),
+            "scans": sorted({h for rec in shards for h in rec["scans"]}),  # sha256 of each scan file
         }
     return {
         "format": schema.FORMAT,

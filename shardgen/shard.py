@@ -91,7 +91,7 @@ def reusable(out: str, shard: ShardPlan, opts: BuildOptions) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     hashes = [hashlib.sha256(Path(j.path).read_bytes()).hexdigest() for j in shard.jobs]
-    if rec.get("fingerprint") != fingerprint(shard, hashes, opts):
+    if rec.get("fingerprint") != fingerprint(shard, hashes, opts) or "scans" not in rec:
         return None
     url = storage.join(out, shard.name)
     if not storage.exists(url) or storage.sha256_of(url) != (rec["sha256"], rec["bytes"]):
@@ -125,6 +125,7 @@ def build_shard(out: str, shard: ShardPlan, opts: BuildOptions, results: Iterabl
         # distributed build reports them like a fresh local one
         "upscaled": [u for r in results for u in r["upscaled"]],
         "fingerprint": fingerprint(shard, [r["sha256"] for r in results], opts),
+        "scans": [r["sha256"] for r in results],  # the scans' own bytes: what a checkpoint trained on
     }
     storage.write_bytes_atomic(record_url(out, shard.name), json.dumps(record, sort_keys=True).encode())
     return record

@@ -654,3 +654,25 @@ def test_a_build_whose_worker_is_killed_fails_in_one_line_and_a_rerun_completes_
     assert shardgen_main([*args, "--out", str(out)]) == 0
     for name in [p.name for p in reference.glob("*.tar")] + ["manifest.json"]:
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_scoring_scans_the_checkpoint_trained_on_is_flagged_loudly(tiny, tmp_path, capsys, split):
+    """The checkpoint records the sha256 of its training scans (the manifest lists each split's): scoring
+    them warns in the headline, metrics.json and the report; held-out scans do not."""
+    assert checkpoint.load(str(tiny.ckpt))["meta"]["train_scans"]
+    out = tmp_path / "o"
+    rc = evaluate_main([str(a) for a in ("--checkpoint", tiny.ckpt, "--data", tiny.shards, "--split", split,
+                                         "--out", out, "--device", "cpu", "--workers", "0")])  # fmt: skip
+    stdout, stderr = capsys.readouterr()
+    assert rc == 0, stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    images = schema.split_info(schema.read_manifest(str(tiny.shards)), split)["images"]
+    if split == "train":
+        assert metrics["trained_on"] == {"scans": images, "of": images}
+        assert stdout.strip().splitlines()[-1].startswith(f"WARNING: {images} of {images} scans trained on | ")
+        assert f"warning: {images} of the {images} scans of split 'train' are among the checkpoint's" in stderr
+        assert "among the checkpoint&#39;s training scans" in (out / "report.html").read_text()
+    else:
+        assert "trained_on" not in metrics and "WARNING" not in stdout and 'class="warning"' not in \
+            (out / "report.html").read_text()  # fmt: skip

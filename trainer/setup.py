@@ -114,7 +114,9 @@ def build_run(cfg: Config, device: torch.device, manifest: dict, n_train: int) -
     optimizer, scheduler = build_optimizer(cfg, model, total)
     meta = {"model": cfg.model.name, "in_channels": manifest["channels"], "n_classes": n_classes,
             "classes": classes, "mode": manifest["mode"], "config": to_dict(cfg),
-            "grid": {k: manifest[k] for k in ("image_size", "tile", "stride")}}  # fmt: skip
+            "grid": {k: manifest[k] for k in ("image_size", "tile", "stride")},
+            # the sha256 of each training scan: evaluate warns when it scores any of them
+            "train_scans": schema.split_info(manifest, cfg.data.train_split).get("scans", [])}  # fmt: skip
     augment = GpuAugment(cfg.augment, cfg.normalize).to(device)
     names = runlog.RunLog.class_names(classes, binary)
     return RunState(cfg, device, model, optimizer, scheduler, meta, augment, autocast(device, cfg.train.amp), names,
