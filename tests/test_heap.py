@@ -88,3 +88,63 @@ def test_overlapping_tasks_raise_once_and_the_last_one_out_restores(libc, monkey
     thread.join()
     assert libc.calls[2:] == [("mallopt", heap.M_MMAP_THRESHOLD, heap.GLIBC_MMAP_THRESHOLD),
                               ("mallopt", heap.M_TRIM_THRESHOLD, 65536), ("malloc_trim", 0)]  # fmt: skip
+
+
+@pytest.mark.timeout(120)
+def test_under_a_dask_nanny_two_task_threads_share_one_roomy_heap():
+    """A real nanny (it sets MALLOC_TRIM_THRESHOLD_ for its worker) and a worker with 2 task threads: two
+    overlapping tasks raise the thresholds once, and only the second one out restores them."""
+    from distributed import Client, LocalCluster
+
+    def setup():
+        import os
+        import threading
+
+        import shardgen.heap as h
+
+        class Recorder:
+            calls = []
+
+            def mallopt(self, param, value):
+                self.calls.append(("mallopt", param, value))
+
+            def malloc_trim(self, pad):
+                self.calls.append(("malloc_trim", pad))
+
+        recorder = Recorder()
+        h._libc = lambda: recorder
+        h._test_events = {k: threading.Event() for k in ("a_in", "b_in", "a_out")}
+        return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+    def first():
+        import shardgen.heap as h
+
+        ev = h._test_events
+        with h.roomy_heap():
+            ev["a_in"].set()
+            ev["b_in"].wait(30)
+        ev["a_out"].set()
+
+    def second():
+        import shardgen.heap as h
+
+        ev = h._test_events
+        ev["a_in"].wait(30)
+        with h.roomy_heap():
+            ev["b_in"].set()
+            ev["a_out"].wait(30)
+            return list(h._libc().calls)
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:  # fmt: skip
+        (trim,) = client.run(setup).values()
+        assert trim is not None and trim.isdigit()  # the nanny's setting, which roomy_heap acts on
+        a, b = client.submit(first, pure=False), client.submit(second, pure=False)
+        inside = b.result(timeout=60)
+        a.result(timeout=60)
+        (calls,) = client.run(lambda: list(__import__("shardgen.heap").heap._libc().calls)).values()
+    raised = [("mallopt", heap.M_MMAP_THRESHOLD, heap.ROOMY_MMAP_THRESHOLD),
+              ("mallopt", heap.M_TRIM_THRESHOLD, heap.ROOMY_TRIM_THRESHOLD)]  # fmt: skip
+    assert inside == raised  # the first task had ended, the thresholds stayed raised for the second
+    assert calls[:2] == raised and calls[2:] == [("mallopt", heap.M_MMAP_THRESHOLD, heap.GLIBC_MMAP_THRESHOLD),
+                                                 ("mallopt", heap.M_TRIM_THRESHOLD, int(trim)), ("malloc_trim", 0)]
