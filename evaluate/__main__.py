@@ -102,8 +102,20 @@ def headline(metrics: dict) -> str:
     return line
 
 
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m evaluate export",
+                                description="A checkpoint as ONNX: per-class probabilities of normalized tiles, "
+                                            "with classes, normalization, grid and decision in its metadata.")
+    p.add_argument("--checkpoint", required=True, help="a trainer checkpoint (.pt), local or s3://")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "export":
+        return _export(_export_parser().parse_args(argv[1:]))
     predicting = bool(argv) and argv[0] == "predict"
     args = (_predict_parser() if predicting else _evaluate_parser()).parse_args(
         argv[1:] if predicting else argv
@@ -138,6 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     if "report" in metrics:  # rank 0 wrote it
         print(f"report: {metrics['report']}")
         print(headline(metrics))
+    return 0
+
+
+def _export(args) -> int:
+    from trainer.checkpoint import CheckpointError
+
+    from . import EvaluateError
+    from .export import export
+
+    try:
+        print(json.dumps(export(args.checkpoint, args.out, args.opset), indent=1))
+    except (EvaluateError, CheckpointError, OSError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluate.__main__ import _evaluate_parser, _predict_parser
+from evaluate.__main__ import _evaluate_parser, _export_parser, _predict_parser
 from shardgen.__main__ import _parser as shardgen_parser
 from trainer.config import ConfigError, load_config
 
@@ -81,9 +81,9 @@ def _check_ours(module: str, args: list[str], cmd: str) -> None:
             raise AssertionError(f"{cmd}: {e}") from e
         return
     if module == "evaluate":
-        predicting = bool(args) and args[0] == "predict"
-        parser = _predict_parser() if predicting else _evaluate_parser()
-        args = args[1:] if predicting else args
+        sub = args[0] if args and args[0] in ("predict", "export") else None
+        parser = {"predict": _predict_parser, "export": _export_parser}.get(sub, _evaluate_parser)()
+        args = args[1:] if sub else args
     else:
         parser = shardgen_parser()
         if args and args[0] in ("synth", "build", "verify"):
