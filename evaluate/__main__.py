@@ -32,7 +32,10 @@ DEVICES = ("auto", "cuda", "cpu")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="a trainer checkpoint (.pt), local or s3://")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a trainer checkpoint (.pt), local or s3://")
+    which.add_argument("--model", dest="checkpoint", metavar="ONNX",
+                       help="a model written by evaluate export (.onnx), run in ONNX Runtime")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--blend",

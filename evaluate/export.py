@@ -105,3 +105,39 @@ def export(checkpoint: str, out: str | Path, opset: int = DEFAULT_OPSET) -> dict
     onnx.save(proto, str(out))
     return {"onnx": str(out), "bytes": out.stat().st_size, "opset": opset, "model": meta["model"],
             "classes": list(meta["classes"]), "grid": meta.get("grid"), "decision": meta.get("decision") is not None}
+
+
+class OnnxNet:
+    """An exported model in ONNX Runtime, called like the network it replaces: it returns what
+    ``trainer.decision.probabilities`` turns back into its probabilities (their logs, or a binary model's
+    logit), so prediction, blending, TTA and decision run unchanged."""
+
+    def __init__(self, path: str | Path, device: torch.device):
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider",) if device.type == "cuda" and p in available]
+        self.session = ort.InferenceSession(str(path), providers=[*providers, "CPUExecutionProvider"])
+        self.device = device
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        (probs,) = self.session.run(None, {"tiles": tiles.float().cpu().numpy()})
+        p = torch.from_numpy(probs).to(self.device)
+        if p.shape[1] == 1:
+            return torch.logit(p)
+        return torch.log(p)
+
+    def eval(self) -> OnnxNet:
+        return self
+
+
+def onnx_meta(path: str | Path) -> dict:
+    """A checkpoint's ``meta`` rebuilt from an exported model's metadata (what evaluate and predict read)."""
+    m = read_metadata(path)
+    n_classes = 1 if m["mode"] == "binary" else len(m["classes"])
+    meta = {"model": m["model"], "in_channels": m["in_channels"], "n_classes": n_classes, "classes": m["classes"],
+            "mode": m["mode"], "grid": m["grid"],
+            "config": {"normalize": m["normalize"], "exported_from": m["checkpoint"]}}  # fmt: skip
+    if m["decision"] is not None:
+        meta["decision"] = m["decision"]
+    return meta

@@ -55,7 +55,15 @@ class Model:
 
 
 def load_model(url: str, device: torch.device) -> Model:
-    """The checkpoint at ``url`` as an eval-mode network; a bad checkpoint raises ``CheckpointError``."""
+    """The checkpoint at ``url`` as an eval-mode network; a bad checkpoint raises ``CheckpointError``. A
+    ``.onnx`` file (``evaluate export``) runs in ONNX Runtime instead, with the meta its metadata holds."""
+    if str(url).lower().endswith(".onnx"):
+        from .export import OnnxNet, onnx_meta
+
+        meta = onnx_meta(url)
+        norm = from_dict(NormalizeConfig, meta["config"]["normalize"], "exported normalize")
+        normalize = GpuAugment(AugmentConfig(enabled=False), norm).to(device).eval()
+        return Model(OnnxNet(url, device), normalize, meta, str(url), device)
     state = checkpoint.load(url, map_location="cpu")
     meta = state["meta"]
     missing = [k for k in META_KEYS if k not in meta]

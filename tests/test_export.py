@@ -77,3 +77,28 @@ def test_a_model_the_exporter_cannot_express_is_a_one_line_error(tiny, tmp_path,
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert err == [f"evaluate: error: {tiny.ckpt}: model 'unet' cannot be exported to ONNX: Exporting the operator "
                    "'aten::weird' to ONNX opset version 17 is not supported."]  # fmt: skip
+
+
+def test_predict_and_evaluate_through_onnx_runtime_match_pytorch(tiny, tmp_path, capsys):
+    from PIL import Image
+    from scipy import ndimage
+
+    model = tmp_path / "tiny.onnx"
+    assert evaluate_main(["export", "--checkpoint", str(tiny.ckpt), "--out", str(model)]) == 0
+    for flag, source, out in (("--checkpoint", tiny.ckpt, "pt"), ("--model", model, "onnx")):
+        assert evaluate_main(["predict", flag, str(source), "--images", str(tiny.raw / "images"), "--out",
+                              str(tmp_path / out), "--device", "cpu"]) == 0  # fmt: skip
+        assert evaluate_main([flag, str(source), "--data", str(tiny.shards), "--out", str(tmp_path / f"e{out}"),
+                              "--device", "cpu", "--workers", "0"]) == 0  # fmt: skip
+    capsys.readouterr()
+    masks = sorted((tmp_path / "pt" / "masks").glob("*.png"))
+    assert masks
+    for path in masks:
+        a, b = np.asarray(Image.open(path)), np.asarray(Image.open(tmp_path / "onnx" / "masks" / path.name))
+        for c in range(1, 11):
+            union = ((a == c) | (b == c)).sum()
+            assert not union or ((a == c) & (b == c)).sum() / union >= 0.999, (path.name, c)
+            assert ndimage.label(a == c, np.ones((3, 3)))[1] == ndimage.label(b == c, np.ones((3, 3)))[1]
+    ours, theirs = (json.loads((tmp_path / f"e{o}" / "metrics.json").read_text()) for o in ("onnx", "pt"))
+    assert ours["any_defect"]["pred_objects"] == theirs["any_defect"]["pred_objects"]
+    assert abs((ours["miou"] or 0) - (theirs["miou"] or 0)) < 1e-3
