@@ -320,6 +320,24 @@ def test_a_group_that_fails_to_form_is_retried_without_a_restart(tmp_path):
 # ------------------------------------------------------------------------------------ killed S3 shard build
 
 
+def _six_scan_build(tmp_path: Path) -> tuple[list[str], Path]:
+    """``shardgen build`` arguments (all but --out) for 6 synthetic scans, one per shard (600 px crops), and
+    the folder of their uninterrupted build, to compare an interrupted and resumed build with."""
+    raw = tmp_path / "raw"
+    write_synthetic(raw, 6, seed=2, size_range=(180, 230))
+    args = ["build", "--annotations", str(raw / "annotations"), "--images", str(raw / "images"),
+            "--image-size", "600", "--tile", "200", "--stride", "100", "--shard-size", "25",
+            "--split-ratios", "train=0.5,val=0.25,test=0.25", "--quiet"]  # fmt: skip
+    reference = tmp_path / "reference"
+    assert shardgen_main([*args, "--out", str(reference)]) == 0
+    return args, reference
+
+
+def _assert_same_bytes(out: Path, reference: Path) -> None:
+    for name in [p.name for p in reference.glob("*.tar")] + ["manifest.json"]:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
 # The build to kill: scans dispatched in build order, and only the first two ever finish (each claims one of
 # two slot files in $SLOW_SCANS_DIR; every later scan waits forever), so one or two shards land and the build
 # then stands still until the kill, however fast or slowly a loaded machine runs it and its S3 server lists the
@@ -348,14 +366,7 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.timeout(240)
 def test_killed_s3_build_resumes_to_the_bytes_of_an_uninterrupted_build(s3_env, s3_server, tmp_path, capsys):
     n_images = 6
-    raw = tmp_path / "raw"
-    write_synthetic(raw, n_images, seed=2, size_range=(180, 230))
-    # One image per shard, 600 px crops.
-    args = ["build", "--annotations", str(raw / "annotations"), "--images", str(raw / "images"),
-            "--image-size", "600", "--tile", "200", "--stride", "100", "--shard-size", "25",
-            "--split-ratios", "train=0.5,val=0.25,test=0.25", "--quiet"]  # fmt: skip
-    reference = tmp_path / "reference"
-    assert shardgen_main([*args, "--out", str(reference)]) == 0
+    args, reference = _six_scan_build(tmp_path)
     url = f"{s3_env}/ds"
     fs, root = storage.fs_for(url)
 
@@ -466,13 +477,8 @@ def test_evaluate_and_predict_refuse_a_checkpoint_with_non_finite_weights(tiny, 
 
 @pytest.mark.timeout(120)
 def test_ctrl_c_stops_a_build_in_one_line_and_a_rerun_completes_it(tmp_path, capsys):
-    raw = tmp_path / "raw"
-    write_synthetic(raw, 6, seed=2, size_range=(180, 230))
-    args = ["build", "--annotations", str(raw / "annotations"), "--images", str(raw / "images"),
-            "--image-size", "600", "--tile", "200", "--stride", "100", "--shard-size", "25",
-            "--split-ratios", "train=0.5,val=0.25,test=0.25", "--quiet"]  # fmt: skip
-    reference, out = tmp_path / "reference", tmp_path / "out"
-    assert shardgen_main([*args, "--out", str(reference)]) == 0
+    args, reference = _six_scan_build(tmp_path)
+    out = tmp_path / "out"
     slots = tmp_path / "slots"
     slots.mkdir()
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SCANS, *args, "--out", str(out), "--workers", "2"], cwd=ROOT,
@@ -493,8 +499,7 @@ def test_ctrl_c_stops_a_build_in_one_line_and_a_rerun_completes_it(tmp_path, cap
                                            "shards are reused)"  # fmt: skip
     capsys.readouterr()
     assert shardgen_main([*args, "--out", str(out)]) == 0
-    for name in [p.name for p in reference.glob("*.tar")] + ["manifest.json"]:
-        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    _assert_same_bytes(out, reference)
 
 
 def test_a_checkpoint_whose_data_fails_its_crc_is_refused(tiny, tmp_path, capsys):
@@ -632,13 +637,8 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.timeout(120)
 def test_a_build_whose_worker_is_killed_fails_in_one_line_and_a_rerun_completes_it(tmp_path, capsys):
-    raw = tmp_path / "raw"
-    write_synthetic(raw, 6, seed=2, size_range=(180, 230))
-    args = ["build", "--annotations", str(raw / "annotations"), "--images", str(raw / "images"),
-            "--image-size", "600", "--tile", "200", "--stride", "100", "--shard-size", "25",
-            "--split-ratios", "train=0.5,val=0.25,test=0.25", "--quiet"]  # fmt: skip
-    reference, out = tmp_path / "reference", tmp_path / "out"
-    assert shardgen_main([*args, "--out", str(reference)]) == 0
+    args, reference = _six_scan_build(tmp_path)
+    out = tmp_path / "out"
     victim = "stone_00003.png"
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", KILLED_WORKER, *args, "--out", str(out), "--workers", "2"],
@@ -652,8 +652,7 @@ def test_a_build_whose_worker_is_killed_fails_in_one_line_and_a_rerun_completes_
     assert lines[0].endswith("rerun the same command to resume (finished shards are reused)")
     capsys.readouterr()
     assert shardgen_main([*args, "--out", str(out)]) == 0
-    for name in [p.name for p in reference.glob("*.tar")] + ["manifest.json"]:
-        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    _assert_same_bytes(out, reference)
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
