@@ -61,6 +61,11 @@ class Slots:
         self.maps = [[mmap.mmap(-1, HEADER + nbytes) for _ in range(per_worker)] for _ in range(workers)]
         _SLOTS[self.token] = self
 
+    def fresh(self) -> Slots:
+        """New slots of the same shape: one set per iteration of a loader, so no slot left BUSY by an iteration
+        dropped mid-way and no worker of another, concurrent iteration shares them."""
+        return Slots(len(self.maps), len(self.maps[0]), self.nbytes)
+
     def take(self, nbytes: int) -> tuple[int, mmap.mmap] | None:
         """A free slot of this worker, flagged BUSY, as (index, mapping); None outside a worker, for a batch
         that does not fit, or while every slot is in flight."""

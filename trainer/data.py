@@ -9,8 +9,9 @@ Validation: images are dealt to ranks round-robin and shards to workers, so ever
 once across the job. Ranks may hold unequal counts; validation runs no collective until the confusion
 matrices are summed, so it cannot hang.
 
-Decoding happens in the DataLoader workers, straight into the batch's uint8 tensors (``BatchBuffer``);
-masks are decoded by PIL as stored, so label values are exact. Batches are (images uint8 (B, C, H, W), masks
+Decoding happens in the DataLoader workers, straight into the batch's uint8 tensors (``BatchBuffer``, in a
+worker's shared slot that ``TileLoader`` copies out: see trainer.batch); masks are decoded by PIL as stored,
+so label values are exact. Batches are (images uint8 (B, C, H, W), masks
 uint8 (B, H, W)). The corrupt training samples a worker skipped and the storage retries it made (see
 shardgen.reader) are counted beside the batches, in the dataset's shared ``Counts``; ``BatchStream`` reads
 the totals.
@@ -235,6 +236,9 @@ class TileLoader(DataLoader):
     the pinning thread, when pinning), which frees the slot for the worker's next batch."""
 
     def __iter__(self):
+        slots = self.dataset.slots
+        if slots is not None:  # this iteration's own, made before its workers fork; kept alive while it runs
+            slots = self.dataset.slots = slots.fresh()
         for item in super().__iter__():
             yield item.tensors() if isinstance(item, SlotBatch) else item
 
