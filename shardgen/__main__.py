@@ -133,8 +133,8 @@ def _build(args) -> int:
         print(f"upscaled: {len(summary['upscaled'])} scans whose crust crop is enlarged more than "
               f"{UPSCALE_WARNING:g}x: {names}{f' and {more} more' if more > 0 else ''}")  # fmt: skip
     print(f"throughput: {summary['images_per_s']:.2f} images/s in {summary['seconds']:.1f} s")
-    if summary["stale_removed"]:
-        stale = summary["stale_removed"]
+    stale = [name for name in summary["stale_removed"] if name.endswith(".tar")]  # records: name.tar.json
+    if stale:
         print(f"removed {len(stale)} shards and records of an earlier build into {args.out}: {', '.join(stale[:4])}"
               f"{' ...' if len(stale) > 4 else ''}")
     print(f"manifest: {summary['manifest']}")

@@ -151,14 +151,14 @@ def _ordered(pool: ProcessPoolExecutor, todo: list[tuple], window: int) -> Itera
         flight.append((job, pool.submit(_process, job)))
     while flight:
         job, future = flight.popleft()
-        try:
+        try:  # a worker that died breaks both: the result waited for, and the next submit
             result = future.result()
+            if (nxt := next(jobs, None)) is not None:
+                flight.append((nxt, pool.submit(_process, nxt)))
         except BrokenProcessPool:
             scans = ", ".join(str(j[0].path) for j, _ in [(job, future), *flight][: 2 * window])
             raise ShardgenError(f"a build worker died (killed, or out of memory?) while processing one of: {scans}; "
                                 "rerun the same command to resume (finished shards are reused)") from None
-        if (nxt := next(jobs, None)) is not None:
-            flight.append((nxt, pool.submit(_process, nxt)))
         yield result
 
 

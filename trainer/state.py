@@ -94,7 +94,10 @@ class RunState:
             torch.manual_seed(rank_seed(self.cfg.train.seed, rank, self.step))
         log.info("resumed from %s at step %d", url, self.step)
         best = storage.join(self.cfg.train.out_dir, "best.pt")
-        if self.cfg.train.tune_decision and storage.exists(best):
+        present = dist.all_gather_object(storage.exists(best))
+        if len(set(present)) > 1:  # every rank tunes the same weights at the end
+            raise TrainError(f"{best}: ranks disagree on whether it exists ({present}); is out_dir shared?")
+        if self.cfg.train.tune_decision and present[0]:
             self.best_state = checkpoint.load(best)
 
     def skipped_total(self) -> int:

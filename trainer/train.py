@@ -245,11 +245,17 @@ def finish(run: RunState, batches, val: Validation, last_metrics) -> dict:
     try:
         if cfg.train.tune_decision:
             decisions = decide(run, val, states)
-    finally:  # tuned or not, nothing trained is lost
-        for name, state in states.items():
-            if name in decisions:
-                state["meta"] = {**state["meta"], "decision": decisions[name].to_json()}
-            run.save(name, state, pointer=name == "last")
+    except Exception as e:
+        # Nothing trained is lost: saved without decisions where every rank stops alike (TrainError is agreed
+        # on) or there is one rank; another error on one rank must not send it into a save's collective alone.
+        if isinstance(e, TrainError) or dist.world_size() == 1:
+            for name, state in states.items():
+                run.save(name, state, pointer=name == "last")
+        raise
+    for name, state in states.items():
+        if name in decisions:
+            state["meta"] = {**state["meta"], "decision": decisions[name].to_json()}
+        run.save(name, state, pointer=name == "last")
     decision = decisions.get("best") or decisions.get("last")
     return {"steps": run.step, "best_miou": run.best, "decision": decision and decision.to_json(),
             "last_val": last_metrics, "skipped_samples": skipped,
