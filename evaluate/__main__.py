@@ -7,7 +7,10 @@
     python -m evaluate predict --checkpoint CKPT --images DIR_OR_URL --out DIR [--device ...] [--blend ...]
                        [--batch-size 25] [--image-size 1200 --tile 400 --stride 200] [--max-pixels N]
                        [--decision tuned|argmax] [--tta none|flips|d4] [--simplify 1]
-                       [--masks holes|all] [--min-score 0] [--labels-from TASK_XML]
+                       [--masks holes|all] [--min-score 0] [--labels-from TASK_XML] [--save-crops]
+    python -m evaluate export --checkpoint CKPT --out model.onnx [--opset 17]
+
+--model model.onnx (from evaluate export) replaces --checkpoint in evaluate and predict: ONNX Runtime runs it.
 
 Bad input (a missing or corrupt checkpoint, a checkpoint for other classes, a broken manifest or shard, an
 incomplete image) is reported in one line and exits with status 2.
@@ -83,6 +86,8 @@ def _predict_parser() -> argparse.ArgumentParser:
                    help="leave out shapes whose mean probability is below P (default: %(default)s)")  # fmt: skip
     p.add_argument("--labels-from", metavar="XML",
                    help="a CVAT export of the task to import into: its label names are used")  # fmt: skip
+    p.add_argument("--save-crops", action="store_true",
+                   help="also write crops/{stem}.png: each scan's crust crop at the grid's size, as the model saw it")
     return p
 
 
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = predict_scans(PredictOptions(
                 args.checkpoint, args.images, args.out, args.device, args.blend, args.batch_size,
                 args.image_size, args.tile, args.stride, args.decision, args.tta, args.max_pixels,
-                args.simplify, args.masks, args.min_score, args.labels_from))  # fmt: skip
+                args.simplify, args.masks, args.min_score, args.labels_from, args.save_crops))  # fmt: skip
             print(json.dumps(summary, indent=1))
             return 0
         metrics = evaluate(EvalOptions(

@@ -39,11 +39,16 @@ def importance_map(
         raise ValueError(f"unknown blend mode {mode!r}; valid: {', '.join(BLEND_MODES)}")
     if mode == "mean":
         return torch.ones((tile, tile), device=device, dtype=dtype)
-    sigma = tile * sigma_scale
-    x = torch.arange(-(tile - 1) / 2.0, (tile - 1) / 2.0 + 1, dtype=torch.float, device=device)
-    g = torch.exp(x**2 / (-2 * sigma**2))
+    g = gaussian_profile(tile, sigma_scale, device)
     w = g.unsqueeze(-1) * g[None]
     return w.clamp_(min=max(w.min().item(), MIN_WEIGHT)).to(dtype)
+
+
+def gaussian_profile(tile: int, sigma_scale: float = 0.125, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(tile,) float32: the gaussian importance map's separable factor, before its floor."""
+    sigma = tile * sigma_scale
+    x = torch.arange(-(tile - 1) / 2.0, (tile - 1) / 2.0 + 1, dtype=torch.float, device=device)
+    return torch.exp(x**2 / (-2 * sigma**2))
 
 
 def blend_tiles(

@@ -21,9 +21,12 @@ from torch import nn
 from trainer.decision import probabilities
 
 from . import EvaluateError
+from .blend import MIN_WEIGHT, gaussian_profile
 from .inference import load_model
 
-FORMAT_VERSION = 1
+SIGMA_SCALE = 0.125  # blend_tiles' default, what evaluate and predict use
+
+FORMAT_VERSION = 2  # 2: "blend" holds the importance map's profile
 PREFIX = "diamond_defects."
 DEFAULT_OPSET = 17
 
@@ -54,11 +57,20 @@ def metadata(meta: dict, checkpoint: str) -> dict[str, str]:
         "input": "float32 tiles (N, C, H, W): uint8 pixels / 255, then (x - mean) / std per channel",
         "output": "float32 probabilities (N, K, H, W): softmax over the classes (binary: sigmoid of one)",
         "grid": grid,
-        "blend": "gaussian",
+        "blend": blend_metadata(int(grid["tile"])),
         "decision": meta.get("decision"),
         "checkpoint": checkpoint,
     }
     return {PREFIX + k: json.dumps(v) for k, v in values.items()}
+
+
+def blend_metadata(tile: int) -> dict:
+    """How tiles are blended, with the weights themselves: the gaussian importance map is the outer product of
+    ``profile`` with itself, floored at max(its minimum, ``min_weight``), as ``evaluate.blend.importance_map``
+    makes it (float32 values, exact in JSON)."""
+    profile = gaussian_profile(tile, SIGMA_SCALE)
+    return {"mode": "gaussian", "sigma_scale": SIGMA_SCALE, "min_weight": MIN_WEIGHT,
+            "profile": [float(v) for v in profile]}
 
 
 def read_metadata(path: str | Path) -> dict:

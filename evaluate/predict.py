@@ -8,7 +8,8 @@ map is mapped back onto the scan with ``uncrop`` (nearest; the crust is backgrou
 JPEG, TIFF and BMP file directly under ``--images`` (``shardgen.scanfile``: any mode, 16-bit scaled by its
 full range); the summary lists the scans whose crust crop was enlarged more than ``UPSCALE_WARNING`` times.
 
-Outputs in ``--out``: ``masks/{stem}.png`` (uint8 class ids, the scan's size), ``overlays/{stem}.png`` and
+Outputs in ``--out``: ``masks/{stem}.png`` (uint8 class ids, the scan's size), ``overlays/{stem}.png``,
+with ``--save-crops`` ``crops/{stem}.png`` (the crust crop at the grid's size, as the model saw it), and
 ``predictions.xml``, a CVAT for images 1.1 file with one shape per predicted component in scan coordinates
 (``contours``: a polygon, or a CVAT RLE mask for a component with holes; exact unless simplified), each
 with ``source="auto"`` and its mean probability as the attribute ``score``. Labels are the checkpoint's
@@ -64,6 +65,7 @@ class PredictOptions:
     masks: str = "holes"  # holes: RLE masks for components with holes; all: for every component
     min_score: float = 0.0  # shapes whose mean probability is lower are left out of the XML
     labels_from: str | None = None  # a CVAT export whose label names the XML uses
+    save_crops: bool = False  # also write crops/{stem}.png: the resized crust crop the model saw
 
 
 def resolve_grid(meta: dict, image_size: int | None, tile: int | None, stride: int | None) -> TileGrid:
@@ -151,22 +153,24 @@ def predict_scans(opts: PredictOptions) -> dict:
     scans = list_scans(opts.images)
     check_scans(opts.images, scans, opts.max_pixels)
     out = Path(opts.out)
-    fresh_folders(out, ("masks", "overlays"))
+    fresh_folders(out, ("masks", "overlays") + (("crops",) if opts.save_crops else ()))
 
     def inputs():
         for name, path in scans:
             original, resized, geom = load_scan(opts.images, path, model.in_channels, grid.image_size, opts.max_pixels)
-            yield tiles_of(resized, grid), (name, original, geom)
+            yield tiles_of(resized, grid), (name, original, geom, resized if opts.save_crops else None)
 
     annotations, below, upscaled = [], Counter(), []
     bar = tqdm(predictor.predict_scored(inputs()), total=len(scans), desc="predict", unit="scan")
-    for pred, confidence, (name, original, geom) in bar:
+    for pred, confidence, (name, original, geom, crop) in bar:
         mask = uncrop(pred, geom)
         if geom.upscale > UPSCALE_WARNING:  # the model saw interpolated detail: say so
             upscaled.append([name, round(geom.upscale, 2)])
         stem = PurePosixPath(name).stem
         Image.fromarray(mask).save(out / "masks" / f"{stem}.png")
         Image.fromarray(overlay(original, mask)).save(out / "overlays" / f"{stem}.png")
+        if crop is not None:
+            Image.fromarray(crop).save(out / "crops" / f"{stem}.png")
         shapes = mask_shapes(mask, label_of, uncrop(confidence, geom), shape_options)
         kept = [s for s in shapes if score_of(s) >= opts.min_score]
         below.update(s.label for s in shapes if score_of(s) < opts.min_score)

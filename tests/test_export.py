@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -13,6 +18,7 @@ from helpers import tiny_dataset
 from evaluate.__main__ import main as evaluate_main
 from evaluate.export import FORMAT_VERSION, Probabilities, read_metadata
 from evaluate.inference import load_model
+from shardgen.crust import uncrop
 from trainer import checkpoint
 from trainer.models import build_model
 
@@ -64,7 +70,8 @@ def test_the_metadata_is_enough_to_predict(tiny, tmp_path, capsys):
     got = read_metadata(out)
     assert got["format_version"] == FORMAT_VERSION and got["classes"] == meta["classes"]
     assert got["mode"] == meta["mode"] and got["in_channels"] == meta["in_channels"]
-    assert got["grid"] == meta["grid"] and got["decision"] == meta["decision"] and got["blend"] == "gaussian"
+    assert got["grid"] == meta["grid"] and got["decision"] == meta["decision"]
+    assert got["blend"]["mode"] == "gaussian" and len(got["blend"]["profile"]) == meta["grid"]["tile"]
     assert got["normalize"] == {k: meta["config"]["normalize"][k] for k in ("mean", "std")}
 
 
@@ -102,3 +109,73 @@ def test_predict_and_evaluate_through_onnx_runtime_match_pytorch(tiny, tmp_path,
     ours, theirs = (json.loads((tmp_path / f"e{o}" / "metrics.json").read_text()) for o in ("onnx", "pt"))
     assert ours["any_defect"]["pred_objects"] == theirs["any_defect"]["pred_objects"]
     assert abs((ours["miou"] or 0) - (theirs["miou"] or 0)) < 1e-3
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "onnx_predict.py"
+
+
+def _with_decision(tiny, tmp_path, name: str, mode: str, decision: dict | None) -> Path:
+    """The tiny checkpoint (or a seeded binary U-Net's) with ``decision`` as its stored decision, exported."""
+    state = checkpoint.load(str(tiny.ckpt))
+    meta = state["meta"]
+    if mode == "binary":
+        torch.manual_seed(0)
+        state["model"] = build_model("unet", meta["in_channels"], 1, **meta["config"]["model"]["kwargs"]).state_dict()
+        meta.update(mode="binary", n_classes=1, classes=["background", "defect"])
+    meta["decision"] = decision
+    ckpt = tmp_path / f"{name}.pt"
+    torch.save(state, ckpt)
+    assert evaluate_main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / f"{name}.onnx")]) == 0
+    return tmp_path / f"{name}.onnx"
+
+
+def test_the_standalone_example_reproduces_predict(tiny, tmp_path, capsys):
+    """examples/onnx_predict.py (numpy, Pillow, scipy, onnxruntime only) gives predict's class map of each saved
+    crop, under every kind of stored decision."""
+    from PIL import Image
+    from scipy import ndimage
+
+    from evaluate.predict import load_scan
+
+    tree = ast.walk(ast.parse(EXAMPLE.read_text()))
+    imports = {(n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0]
+               for n in tree if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}  # fmt: skip
+    assert imports <= {"json", "sys", "numpy", "onnxruntime", "PIL", "scipy"}, imports
+    assert len(EXAMPLE.read_text().splitlines()) <= 80
+    spec = importlib.util.spec_from_file_location("onnx_predict", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    cases = {  # the tiny model is 4 steps old: thresholds and areas that leave it something to find and to drop
+        "tuned": ("multiclass", {"kind": "tuned", "thresholds": [0.12, 0.2, 0.15, 0.13, 0.12, 0.14, 0.13, 0.13, 0.15,
+                                                                0.12],
+                                 "min_area": [3, 0, 40] + [9] * 7, "min_peak": [0.0, 0.0, 0.2] + [0.13] * 7}),
+        "objects": ("multiclass", {"kind": "objects", "thresholds": [0.905] * 10, "min_area": [3] * 10,
+                                   "min_peak": [0.915] * 10}),
+        "argmax": ("multiclass", None),
+        "binary": ("binary", {"kind": "tuned", "thresholds": [0.47], "min_area": [4], "min_peak": [0.55]}),
+    }  # fmt: skip
+    for name, (mode, decision) in cases.items():
+        model = _with_decision(tiny, tmp_path, name, mode, decision)
+        out, size = tmp_path / f"p_{name}", read_metadata(model)["grid"]["image_size"]
+        assert evaluate_main(["predict", "--model", str(model), "--images", str(tiny.raw / "images"), "--out",
+                              str(out), "--device", "cpu", "--save-crops"]) == 0  # fmt: skip
+        crops = sorted((out / "crops").glob("*.png"))
+        assert len(crops) == len(list((out / "masks").glob("*.png"))) == 8
+        found = 0
+        for crop in crops:
+            scan = next((tiny.raw / "images").glob(crop.stem + ".*"))
+            _, resized, geom = load_scan(str(tiny.raw / "images"), str(scan), 1, size)
+            assert np.array_equal(np.asarray(Image.open(crop)), resized)  # the crop is what the model saw
+            ours = uncrop(example.predict(str(model), resized), geom)
+            theirs = np.asarray(Image.open(out / "masks" / crop.name))
+            for c in range(1, int(max(ours.max(), theirs.max())) + 1):
+                union = ((ours == c) | (theirs == c)).sum()
+                assert not union or ((ours == c) & (theirs == c)).sum() / union >= 0.999, (name, crop.name, c)
+                n = ndimage.label(theirs == c, np.ones((3, 3)))[1]
+                assert ndimage.label(ours == c, np.ones((3, 3)))[1] == n, (name, crop.name, c)
+                found += n
+        assert found, f"{name}: nothing predicted, nothing compared"
+    classes = tmp_path / "classes.png"  # and from the command line
+    subprocess.run([sys.executable, str(EXAMPLE), str(model), str(crops[0]), str(classes)], check=True)
+    expected = example.predict(str(model), np.asarray(Image.open(crops[0])))
+    assert np.array_equal(np.asarray(Image.open(classes)), expected)
