@@ -7,8 +7,10 @@
     python -m evaluate predict --checkpoint CKPT --images DIR_OR_URL --out DIR [--device ...] [--blend ...]
                        [--batch-size 25] [--image-size 1200 --tile 400 --stride 200] [--max-pixels N]
                        [--decision tuned|argmax] [--tta none|flips|d4] [--simplify 1]
-                       [--masks holes|all] [--min-score 0] [--labels-from TASK_XML] [--save-crops]
+                       [--masks holes|all|none] [--min-score 0] [--labels-from TASK_XML] [--save-crops]
     python -m evaluate export --checkpoint CKPT --out model.onnx [--opset 17]
+    python -m evaluate rank --checkpoint CKPT --images DIR_OR_URL --top K --out TASK_DIR
+                       [--score disagreement|entropy] [--device ...] [--batch-size 25]
 
 --model model.onnx (from evaluate export) replaces --checkpoint in evaluate and predict: ONNX Runtime runs it.
 
@@ -81,7 +83,8 @@ def _predict_parser() -> argparse.ArgumentParser:
                    help="Douglas-Peucker tolerance of polygon outlines in px; 0 writes exact outlines "
                         "(default: %(default)s)")  # fmt: skip
     p.add_argument("--masks", choices=MASK_POLICIES, default="holes",
-                   help="RLE masks for components with holes, or for all of them (default: %(default)s)")  # fmt: skip
+                   help="RLE masks for components with holes, or for all of them, or none (polygons only, holes "
+                        "filled) (default: %(default)s)")  # fmt: skip
     p.add_argument("--min-score", type=float, default=0.0, metavar="P",
                    help="leave out shapes whose mean probability is below P (default: %(default)s)")  # fmt: skip
     p.add_argument("--labels-from", metavar="XML",
@@ -120,10 +123,33 @@ def _export_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rank_parser() -> argparse.ArgumentParser:
+    from .rank import SCORES  # numpy and scipy only; torch loads after argument errors are reported
+
+    p = argparse.ArgumentParser(prog="python -m evaluate rank",
+                                description="Rank unlabelled scans by how unsure the model is about them; the top K "
+                                            "become a CVAT task folder (images/ and annotations.xml) with "
+                                            "ranking.csv beside it.")  # fmt: skip
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a trainer checkpoint (.pt), local or s3://")
+    which.add_argument("--model", dest="checkpoint", metavar="ONNX", help="a model written by evaluate export")
+    p.add_argument("--images", required=True, help="folder or URL prefix of the scans (PNG, JPEG, TIFF, BMP)")
+    p.add_argument("--top", type=int, required=True, help="scans in the task")
+    p.add_argument("--out", required=True, help="the task folder")
+    p.add_argument("--score", choices=SCORES, default="disagreement", help="ranking score (default: %(default)s)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda when available (default)")
+    p.add_argument("--batch-size", type=int, default=25, help="tiles per forward pass (default: %(default)s)")
+    p.add_argument("--max-pixels", type=max_pixels_arg, default=DEFAULT_MAX_PIXELS,
+                   help="refuse scans with more pixels, from the header (default %(default)s, Pillow's limit)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "export":
         return _export(_export_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "rank":
+        return _rank(_rank_parser().parse_args(argv[1:]))
     predicting = bool(argv) and argv[0] == "predict"
     args = (_predict_parser() if predicting else _evaluate_parser()).parse_args(
         argv[1:] if predicting else argv
@@ -172,6 +198,24 @@ def _export(args) -> int:
     except (EvaluateError, CheckpointError, OSError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _rank(args) -> int:
+    from trainer.checkpoint import CheckpointError
+
+    from . import EvaluateError
+    from .rank import RankOptions, rank_scans
+
+    try:
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise EvaluateError(f"--out {args.out} is a file, not a folder")
+        summary = rank_scans(RankOptions(args.checkpoint, args.images, args.out, args.top, args.score, args.device,
+                                         args.batch_size, args.max_pixels))  # fmt: skip
+    except (EvaluateError, CheckpointError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1))
     return 0
 
 

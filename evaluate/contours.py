@@ -13,7 +13,8 @@ A component is 8-connected, as in the object metrics. It becomes
   components and 1-pixel lines have an exact polygon, so nothing is dropped.
 * a **mask** (CVAT RLE over the component's bounding box) when it has a hole (a background region that is
   4-connected only to itself), or for every component with ``masks="all"``. A polygon cannot carry a hole:
-  CVAT would fill it.
+  CVAT would fill it. With ``masks="none"`` (for a consumer that takes polygons only, as CVAT's
+  ``conv_mask_to_poly`` asks) such a component is written as the polygon of its outer outline, holes filled.
 
 ``simplify`` > 0 runs Douglas-Peucker on the exact outline; a simplified polygon is kept only if it still
 rasterizes, under both rules, to at least ``min_iou`` IoU of its component, else the tolerance is halved
@@ -34,7 +35,7 @@ from shardgen.raster import encode_rle, rasterize
 from trainer.decision import EIGHT as EIGHT_CONNECTED  # the one 8-connectivity
 
 EDGE_INSET = 0.25  # px the right/bottom edges are pulled in; any value in (0, 0.5) is exact for both rules
-MASK_POLICIES = ("holes", "all")
+MASK_POLICIES = ("holes", "all", "none")
 DEFAULT_SIMPLIFY = 1.0  # px: beyond 1 px the IoU floor stops most further removal (bench/README.md)
 DEFAULT_MIN_IOU = 0.9  # a simplified polygon must keep this IoU with its component, else it is simplified less
 MIN_TOLERANCE = 0.2  # px; below this Douglas-Peucker removes almost nothing: write the exact outline instead
@@ -54,7 +55,8 @@ _AROUND = {
 @dataclass(frozen=True)
 class ShapeOptions:
     simplify: float = DEFAULT_SIMPLIFY  # Douglas-Peucker tolerance in px; 0 writes exact outlines
-    masks: str = "holes"  # holes: masks only for components with holes; all: every component as a mask
+    masks: str = "holes"  # holes: masks only for components with holes; all: every component as a mask;
+    # none: polygons only, a component's holes filled
     min_iou: float = DEFAULT_MIN_IOU  # per simplified polygon, under both rasterization rules
 
 
@@ -210,7 +212,10 @@ def mask_shapes(
             attrs = ()
             if confidence is not None:
                 attrs = (("score", f"{float(confidence[box][comp].mean()):.2f}"),)
-            if options.masks == "all" or has_holes(comp):
+            holes = options.masks != "all" and has_holes(comp)
+            if options.masks == "none" and holes:
+                comp = ndimage.binary_fill_holes(comp)  # the outer outline: a polygon cannot carry its holes
+            if options.masks == "all" or (holes and options.masks == "holes"):
                 height, width = comp.shape
                 shape = dict(kind="mask", points=(), rle=encode_rle(comp), mask_box=(left, top, width, height))
             else:

@@ -139,14 +139,14 @@ class Predictor:
     """Class maps of whole images from their tiles, batching ``batch_size`` tiles across images."""
 
     def __init__(self, model: Model, grid: TileGrid, blend: str = "gaussian", batch_size: int = 25,
-                 decision: Decision | None = None, tta: str = "none"):  # fmt: skip
+                 decision: Decision | None = None, tta: str = "none", views: tuple | None = None):  # fmt: skip
         if batch_size < 1:
             raise EvaluateError(f"--batch-size must be >= 1, got {batch_size}")
         if tta not in TTA:
             raise EvaluateError(f"--tta must be one of {', '.join(TTA)}, got {tta!r}")
         self.model, self.grid, self.blend, self.batch_size = model, grid, blend, batch_size
         self.decision = decision or Decision.argmax(max(1, len(model.class_names) - 1))
-        self.views = TTA[tta]
+        self.views = views or TTA[tta]  # views: (quarter turns, flip) pairs instead of a named TTA
         self.amp = autocast(model.device, "auto")  # bf16 on CUDA, fp32 on a CPU
 
     @torch.no_grad()

@@ -115,11 +115,26 @@ def load_scan(
 ) -> tuple[np.ndarray, np.ndarray, Geometry]:
     """(scan at its own size, crust crop resized to ``size`` square, geometry); (H, W) or (H, W, 3) uint8."""
     fs, _ = storage.fs_for(url)
+    return prepare_scan(fs.cat_file(path), path, channels, size, max_pixels)
+
+
+def prepare_scan(
+    data: bytes, name: str, channels: int, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """``load_scan`` of a scan file's bytes (``name`` for messages)."""
     try:
-        source, geom = open_scan(fs.cat_file(path), path, channels, size, max_pixels)
+        source, geom = open_scan(data, name, channels, size, max_pixels)
     except ScanError as e:
         raise EvaluateError(str(e)) from None
     return np.asarray(source), np.array(crop_resize(source, geom)), geom
+
+
+def scan_shapes(
+    pred: np.ndarray, confidence: np.ndarray, geom: Geometry, label_of: list, options: ShapeOptions
+) -> tuple[np.ndarray, list]:
+    """A crust crop's class map and confidence -> (class map at the scan's size, its CVAT shapes)."""
+    mask = uncrop(pred, geom)
+    return mask, mask_shapes(mask, label_of, uncrop(confidence, geom), options)
 
 
 def tiles_of(image: np.ndarray, grid: TileGrid) -> torch.Tensor:
@@ -163,7 +178,7 @@ def predict_scans(opts: PredictOptions) -> dict:
     annotations, below, upscaled = [], Counter(), []
     bar = tqdm(predictor.predict_scored(inputs()), total=len(scans), desc="predict", unit="scan")
     for pred, confidence, (name, original, geom, crop) in bar:
-        mask = uncrop(pred, geom)
+        mask, shapes = scan_shapes(pred, confidence, geom, label_of, shape_options)
         if geom.upscale > UPSCALE_WARNING:  # the model saw interpolated detail: say so
             upscaled.append([name, round(geom.upscale, 2)])
         stem = PurePosixPath(name).stem
@@ -171,7 +186,6 @@ def predict_scans(opts: PredictOptions) -> dict:
         Image.fromarray(overlay(original, mask)).save(out / "overlays" / f"{stem}.png")
         if crop is not None:
             Image.fromarray(crop).save(out / "crops" / f"{stem}.png")
-        shapes = mask_shapes(mask, label_of, uncrop(confidence, geom), shape_options)
         kept = [s for s in shapes if score_of(s) >= opts.min_score]
         below.update(s.label for s in shapes if score_of(s) < opts.min_score)
         annotations.append(ImageAnnotation(name, geom.width, geom.height, tuple(kept), XML_NAME, 0))

@@ -344,3 +344,22 @@ def tiny_dataset(tmp_path_factory) -> SimpleNamespace:
     }))  # fmt: skip
     train(load_config(str(config)))
     return ns
+
+
+def with_decision(ckpt: Path, out: Path, decision: dict | None, binary: bool = False) -> Path:
+    """A copy of checkpoint ``ckpt`` at ``out`` whose stored decision is ``decision`` (``binary``: a seeded
+    binary U-Net of the same shape instead of its network)."""
+    import torch
+
+    from trainer import checkpoint
+    from trainer.models import build_model
+
+    state = checkpoint.load(str(ckpt))
+    meta = state["meta"]
+    if binary:
+        torch.manual_seed(0)
+        state["model"] = build_model("unet", meta["in_channels"], 1, **meta["config"]["model"]["kwargs"]).state_dict()
+        meta.update(mode="binary", n_classes=1, classes=["background", "defect"])
+    meta["decision"] = decision
+    torch.save(state, out)
+    return out

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import tiny_dataset
+from helpers import tiny_dataset, with_decision
 
 from evaluate.__main__ import main as evaluate_main
 from evaluate.export import FORMAT_VERSION, Probabilities, read_metadata
@@ -116,15 +116,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "onnx_predict.py"
 
 def _with_decision(tiny, tmp_path, name: str, mode: str, decision: dict | None) -> Path:
     """The tiny checkpoint (or a seeded binary U-Net's) with ``decision`` as its stored decision, exported."""
-    state = checkpoint.load(str(tiny.ckpt))
-    meta = state["meta"]
-    if mode == "binary":
-        torch.manual_seed(0)
-        state["model"] = build_model("unet", meta["in_channels"], 1, **meta["config"]["model"]["kwargs"]).state_dict()
-        meta.update(mode="binary", n_classes=1, classes=["background", "defect"])
-    meta["decision"] = decision
-    ckpt = tmp_path / f"{name}.pt"
-    torch.save(state, ckpt)
+    ckpt = with_decision(tiny.ckpt, tmp_path / f"{name}.pt", decision, binary=mode == "binary")
     assert evaluate_main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / f"{name}.onnx")]) == 0
     return tmp_path / f"{name}.onnx"
 
