@@ -363,3 +363,16 @@ def with_decision(ckpt: Path, out: Path, decision: dict | None, binary: bool = F
     meta["decision"] = decision
     torch.save(state, out)
     return out
+
+
+def cvat_cli_parser():
+    """cvat-cli's own command-line parser (the one ``cvat-cli`` runs)."""
+    import argparse
+
+    from cvat_cli._internal.commands_all import COMMANDS
+    from cvat_cli._internal.common import configure_common_arguments
+
+    parser = argparse.ArgumentParser(prog="cvat-cli")
+    configure_common_arguments(parser)
+    COMMANDS.configure_parser(parser)
+    return parser

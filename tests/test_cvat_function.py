@@ -11,7 +11,7 @@ import pytest
 from cvat_sdk import models
 from cvat_sdk.auto_annotation.driver import _AnnotationMapper
 from cvat_sdk.masks import decode_mask
-from helpers import tiny_dataset, with_decision
+from helpers import cvat_cli_parser, tiny_dataset, with_decision
 from scipy import ndimage
 
 from evaluate.__main__ import main as evaluate_main
@@ -147,3 +147,17 @@ def test_polygons_only_fill_a_components_holes(tiny):
     polygon_region = _region(_request(as_polygon, 1), 50, 60)
     assert np.array_equal(mask_region, ring == 1)
     assert np.array_equal(polygon_region, ndimage.binary_fill_holes(ring == 1))
+
+
+def test_cvat_cli_loads_the_function_from_its_parameters(ckpt):
+    """``cvat-cli task auto-annotate --function-module evaluate.cvat_function -p ...`` as cvat-cli parses and loads
+    it: the parameters reach ``create``."""
+    from cvat_cli._internal.common import FunctionLoader
+
+    ns = cvat_cli_parser().parse_args(["--server-host", "https://cvat.example.com", "--auth", "user:x", "task",
+                                       "auto-annotate", "42", "--function-module", "evaluate.cvat_function", "-p",
+                                       f"checkpoint=str:{ckpt}", "-p", "device=str:cpu", "-p", "simplify=float:0",
+                                       "-p", "masks=str:all", "--conv-mask-to-poly"])  # fmt: skip
+    function = FunctionLoader(ns.function_module, ns.function_file, ns.function_parameters).load()
+    assert function.model.url == str(ckpt) and function.masks == "all" and function.simplify == 0.0
+    assert function.model.device.type == "cpu" and len(function.spec.labels) == 10

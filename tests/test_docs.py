@@ -6,6 +6,7 @@ checked against the parser. A flag or config key renamed in the code fails here 
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 import shlex
 import subprocess
@@ -13,8 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import cvat_cli_parser
 
-from evaluate.__main__ import _evaluate_parser, _export_parser, _predict_parser
+from evaluate.__main__ import _evaluate_parser, _export_parser, _predict_parser, _rank_parser
+from evaluate.cvat_function import create
 from shardgen.__main__ import _parser as shardgen_parser
 from trainer.config import ConfigError, load_config
 
@@ -36,7 +39,7 @@ def _commands(text: str) -> list[str]:
             found += [part.strip() for part in line.split("&&")]
     text = FENCE.sub("", text)
     found += [" ".join(m.group(1).split()) for m in INLINE.finditer(text)]
-    return [c for c in found if re.match(r"(\.venv/bin/)?(python|torchrun|make)\b", c)]
+    return [c for c in found if re.match(r"(\.venv/bin/)?(python|torchrun|make|cvat-cli)\b", c)]
 
 
 def _doc_commands() -> list[tuple[str, str]]:
@@ -81,8 +84,9 @@ def _check_ours(module: str, args: list[str], cmd: str) -> None:
             raise AssertionError(f"{cmd}: {e}") from e
         return
     if module == "evaluate":
-        sub = args[0] if args and args[0] in ("predict", "export") else None
-        parser = {"predict": _predict_parser, "export": _export_parser}.get(sub, _evaluate_parser)()
+        sub = args[0] if args and args[0] in ("predict", "export", "rank") else None
+        parsers = {"predict": _predict_parser, "export": _export_parser, "rank": _rank_parser}
+        parser = parsers.get(sub, _evaluate_parser)()
         args = args[1:] if sub else args
     else:
         parser = shardgen_parser()
@@ -110,6 +114,11 @@ def test_a_documented_command_parses(doc, cmd):
         for target in tokens[1:]:
             proc = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True)
             assert proc.returncode == 0, f"{doc}: make has no target {target!r}: {proc.stderr.strip()}"
+        return
+    if head == "cvat-cli":  # cvat-cli's own parser; its --function-module must be this project's function
+        ns = _parse(cvat_cli_parser(), tokens[1:], cmd)
+        assert ns.function_module == "evaluate.cvat_function", cmd
+        assert set(ns.function_parameters) <= set(inspect.signature(create).parameters), cmd
         return
     if head == "torchrun":
         from torch.distributed.run import get_args_parser
