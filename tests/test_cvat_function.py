@@ -17,7 +17,8 @@ from scipy import ndimage
 from evaluate.__main__ import main as evaluate_main
 from evaluate.contours import fill_centres
 from evaluate.cvat_function import SCORE_ID, create
-from shardgen.cvat import parse_cvat
+from shardgen.cvat import ImageAnnotation, parse_cvat
+from shardgen.raster import rasterize
 
 EIGHT = np.ones((3, 3), bool)
 
@@ -98,9 +99,11 @@ def test_the_spec_is_the_checkpoints_classes_with_a_score(tiny):
 
 
 @pytest.mark.parametrize("masks, conv_mask_to_poly, conf", [("holes", False, None), ("all", False, 0.0),
-                                                             ("holes", True, 0.16)])  # fmt: skip
+                                                             ("holes", True, None), ("holes", True, 0.16),
+                                                             ("holes", False, 0.16)])  # fmt: skip
 def test_detect_returns_predicts_shapes(tiny, ckpt, predicted, masks, conv_mask_to_poly, conf):
     function = create(checkpoint=str(ckpt), device="cpu", masks=masks, simplify=0.0)
+    class_of = {name: c for c, name in enumerate(function.model.class_names)}
     xml = {a.name: a for a in parse_cvat(predicted / "predictions.xml")}
     ids = {label.id for label in function.spec.labels}
     total = 0
@@ -108,24 +111,29 @@ def test_detect_returns_predicts_shapes(tiny, ckpt, predicted, masks, conv_mask_
         image = PIL.Image.open(path)
         shapes = function.detect(Context(path.name, conf, conv_mask_to_poly), image)
         _check_with_cvat(function, shapes, conv_mask_to_poly)
-        theirs = np.asarray(PIL.Image.open(predicted / "masks" / path.name))
-        h, w = theirs.shape
+        h, w = image.height, image.width
         assert all(s.label_id in ids and s.frame == 0 for s in shapes)
         kinds = {s.type.value for s in shapes}
         assert kinds <= ({"polygon"} if conv_mask_to_poly else {"mask"} if masks == "all" else {"polygon", "mask"})
         assert all(_score(s) >= 100 * (conf or 0) for s in shapes)
-        # predict's shapes at or above the threshold, one per component
+        # predict's shapes at or above the threshold, one per component, painted alike once decoded
         kept = [s for s in xml[path.name].shapes if float(dict(s.attributes)["score"]) >= (conf or 0)]
         assert len(shapes) == len(kept)
+        assert [s.label_id for s in shapes] == [class_of[s.label] for s in kept]
         total += len(shapes)
-        if conf:
-            continue
-        ours = np.zeros_like(theirs)
+        ours = np.zeros((h, w), np.uint8)
         for s in shapes:  # predict's order: largest box first, smaller ones painted on top
             ours[_region(s, h, w)] = s.label_id
-        for c in range(1, len(function.model.class_names)):
-            union = ((ours == c) | (theirs == c)).sum()
-            assert not union or ((ours == c) & (theirs == c)).sum() / union >= 0.999, (path.name, c)
+        expected = np.zeros((h, w), np.uint8)
+        for s in kept:
+            alone = ImageAnnotation(path.name, w, h, (s,), "", 0)
+            region = rasterize(alone, lambda _: 1).astype(bool)
+            expected[ndimage.binary_fill_holes(region) if conv_mask_to_poly else region] = class_of[s.label]
+        if not conf and not conv_mask_to_poly:  # all of predict's shapes: its masks
+            assert np.array_equal(expected, np.asarray(PIL.Image.open(predicted / "masks" / path.name)))
+        for c in range(1, len(class_of)):
+            union = ((ours == c) | (expected == c)).sum()
+            assert not union or ((ours == c) & (expected == c)).sum() / union >= 0.999, (path.name, c)
     assert total >= 8, total
 
 
