@@ -15,7 +15,7 @@ how unsure the model is about it:
   the defects (pixels some flip calls a defect, or whose defect probability reaches 0.2, grown by 3 px).
 
 Both are written for every scan, with two more reasons a reviewer can check on the overlay: predicted defects
-whose highest defect probability is within ``NEAR`` of their class's threshold, and possible misses (regions
+whose highest deciding probability is within ``NEAR`` of their class's threshold, and possible misses (regions
 whose defect probability reaches half the lowest threshold without a decided defect pixel).
 
 Outputs in ``--out``: ``ranking.csv`` (every scan, best first: rank, image, score, the signals, the reasons,
@@ -39,6 +39,7 @@ from tqdm import tqdm
 from shardgen import storage
 from shardgen.cvat import ImageAnnotation, write_cvat
 from shardgen.scanfile import DEFAULT_MAX_PIXELS, SCAN_SUFFIXES
+from trainer.decision import deciding, defect_probability
 
 from . import TTA, EvaluateError
 from .contours import SCORE, ShapeOptions
@@ -76,8 +77,17 @@ def thresholds_of(decision, n_defect: int) -> np.ndarray:
     return np.asarray(decision.thresholds, dtype=np.float64)
 
 
-def signals(views: list[torch.Tensor], maps: list[np.ndarray], thresholds: np.ndarray) -> dict:
-    """A scan's uncertainty from its per-view blended probabilities (K, S, S) and decided class maps."""
+def deciding_probability(probs: torch.Tensor, decision) -> np.ndarray:
+    """(S, S) the probability the decision compares with a class's threshold: the defect probability for an
+    ``objects`` decision, else the likeliest defect class's (binary: the defect probability)."""
+    if decision.kind == "objects":
+        return defect_probability(probs[None])[0].cpu().numpy()
+    return deciding(probs[None])[1][0].cpu().numpy()
+
+
+def signals(views: list[torch.Tensor], maps: list[np.ndarray], thresholds: np.ndarray, decided: np.ndarray) -> dict:
+    """A scan's uncertainty from its per-view blended probabilities (K, S, S), decided class maps, and the
+    identity view's deciding probability (``deciding_probability``)."""
     defect_any = np.logical_or.reduce([m > 0 for m in maps])
     differ = np.logical_or.reduce([m != maps[0] for m in maps[1:]])
     mean = torch.stack(views).mean(0)
@@ -92,7 +102,7 @@ def signals(views: list[torch.Tensor], maps: list[np.ndarray], thresholds: np.nd
     labels, n = ndimage.label(maps[0] > 0, np.ones((3, 3), bool))
     near = 0
     if n:
-        peaks = ndimage.maximum(identity, labels, np.arange(1, n + 1))
+        peaks = ndimage.maximum(decided, labels, np.arange(1, n + 1))
         classes = ndimage.maximum(maps[0], labels, np.arange(1, n + 1)).astype(int)
         near = int((np.asarray(peaks) < thresholds[classes - 1] + NEAR).sum())
     candidates, m = ndimage.label(identity >= thresholds.min() / 2, np.ones((3, 3), bool))
@@ -132,7 +142,7 @@ def rank_scans(opts: RankOptions) -> dict:
         tiles = tiles_of(resized, grid)
         views = [next(iter(p.probabilities([(tiles, None)])))[0].cpu() for p in predictors]
         maps = [predictors[0].classes(v) for v in views]
-        s = signals(views, maps, thresholds)
+        s = signals(views, maps, thresholds, deciding_probability(views[0], decision))
         confidence = predictors[0].confidence(views[0], maps[0])
         _, shapes = scan_shapes(maps[0], confidence, geom, [None, *names[1:]], ShapeOptions())
         shapes_of[name] = ImageAnnotation(name, geom.width, geom.height, tuple(shapes), XML_NAME, 0)

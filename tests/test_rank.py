@@ -10,7 +10,7 @@ import pytest
 from helpers import tiny_dataset, with_decision
 
 from evaluate.__main__ import main as evaluate_main
-from evaluate.rank import signals, thresholds_of
+from evaluate.rank import deciding_probability, signals, thresholds_of
 from shardgen.cvat import parse_cvat
 from trainer.decision import Decision
 
@@ -102,13 +102,18 @@ def test_signals_measure_what_they_say():
     view = torch.from_numpy(probs)
     decision = Decision("tuned", [0.5, 0.5], [0, 0])
     same = [decision(view)] * 4
-    s = signals([view] * 4, same, thresholds_of(decision, 2))
+    t = thresholds_of(decision, 2)
+    s = signals([view] * 4, same, t, deciding_probability(view, decision))
     assert s["disagreement"] == 0 and s["defects"] == 1 and s["near_threshold"] == 0 and s["possible_misses"] == 0
     other = same[0].copy()
     other[5:7, 5:10] = 2  # 10 of the 25 defect pixels named otherwise by one view
-    s = signals([view] * 4, [*same[:3], other], thresholds_of(decision, 2))
+    s = signals([view] * 4, [*same[:3], other], t, deciding_probability(view, decision))
     assert s["disagreement"] == pytest.approx(10 / 25)
     weak = view.clone()
     weak[:, 12:15, 12:15] = torch.tensor([0.7, 0.3, 0.0])[:, None, None]  # below 0.5, above half of it
-    s = signals([weak] * 4, [decision(weak)] * 4, thresholds_of(decision, 2))
+    s = signals([weak] * 4, [decision(weak)] * 4, t, deciding_probability(weak, decision))
     assert s["possible_misses"] == 1 and s["entropy"] > 0
+    unsure = view.clone()
+    unsure[:, 5:10, 5:10] = torch.tensor([0.4, 0.55, 0.05])[:, None, None]  # decided, but barely
+    s = signals([unsure] * 4, [decision(unsure)] * 4, t, deciding_probability(unsure, decision))
+    assert s["defects"] == 1 and s["near_threshold"] == 1
