@@ -212,7 +212,7 @@ def _rank(args) -> int:
             raise EvaluateError(f"--out {args.out} is a file, not a folder")
         summary = rank_scans(RankOptions(args.checkpoint, args.images, args.out, args.top, args.score, args.device,
                                          args.batch_size, args.max_pixels))  # fmt: skip
-    except (EvaluateError, CheckpointError) as e:
+    except (EvaluateError, CheckpointError, OSError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1))

@@ -39,7 +39,8 @@ MASK_POLICIES = ("holes", "all", "none")
 DEFAULT_SIMPLIFY = 1.0  # px: beyond 1 px the IoU floor stops most further removal (bench/README.md)
 DEFAULT_MIN_IOU = 0.9  # a simplified polygon must keep this IoU with its component, else it is simplified less
 MIN_TOLERANCE = 0.2  # px; below this Douglas-Peucker removes almost nothing: write the exact outline instead
-SCORE = AttributeSpec("score", "number", ("0", "1", "0.01"), "0")  # CVAT number attribute: min, max, step
+# CVAT number attribute (min, max, step): integers, as CVAT's SDK validates them; the mean probability in percent.
+SCORE = AttributeSpec("score", "number", ("0", "100", "1"), "0")
 
 Point = tuple[float, float]
 # Heading (dx, dy) on screen (y grows downwards) -> the pixels ahead-left, ahead-right and behind-right of
@@ -194,7 +195,8 @@ def mask_shapes(
 
     ``labels[c]`` is the label written for class id c (ids 1..; 0, None and ids beyond the list are not
     drawn). ``confidence`` (H, W), when given, is the probability of each pixel's predicted class; a shape
-    carries its mean over the component as the attribute ``score`` (2 decimals, as CVAT's step 0.01).
+    carries its mean over the component as the attribute ``score``, in whole percent (0-100: CVAT's number
+    attributes are integers).
     """
     mask = np.asarray(mask)
     if mask.ndim != 2:
@@ -211,7 +213,7 @@ def mask_shapes(
             top, left = box[0].start, box[1].start
             attrs = ()
             if confidence is not None:
-                attrs = (("score", f"{float(confidence[box][comp].mean()):.2f}"),)
+                attrs = (("score", str(round(float(confidence[box][comp].mean()) * 100))),)
             holes = options.masks != "all" and has_holes(comp)
             if options.masks == "none" and holes:
                 comp = ndimage.binary_fill_holes(comp)  # the outer outline: a polygon cannot carry its holes

@@ -16,8 +16,9 @@ or a mask for a component with holes (``masks``: ``holes``, ``all`` or ``none``)
 ``conv_mask_to_poly`` every shape is a polygon (a component's holes filled). Each shape has the attribute
 ``score``: its mean probability, as an integer percentage (cvat-sdk's number attributes are integers); shapes
 below the context's ``conf_threshold`` are left out. Labels are the checkpoint's class names (background
-excluded), matched by name to the task's labels; a label's ``type`` is ``any``, so a task label of type
-``any`` (CVAT's default) takes both polygons and masks.
+excluded), matched by name to the task's labels, typed by ``masks``: ``any`` for ``holes`` (polygons and
+masks: the task's labels must be of type ``any``, CVAT's default), ``mask`` for ``all``, ``polygon`` for
+``none`` (for a task whose labels are polygons), so CVAT's driver refuses a mismatch before the first frame.
 
 Written against cvat-sdk ``SDK_VERSION``.
 """
@@ -40,6 +41,9 @@ from .run import decide, select_device
 
 SDK_VERSION = "2.80.0"
 SCORE_ID = 0  # the score attribute's id in every label spec
+# The shapes each masks policy returns, as the label type CVAT's driver checks against the task's labels:
+# "holes" returns polygons and masks, so only a task label of type "any" takes them.
+LABEL_TYPES = {"holes": "any", "all": "mask", "none": "polygon"}
 
 
 class DefectDetector:
@@ -57,7 +61,7 @@ class DefectDetector:
         self.masks, self.simplify = masks, simplify
         score = cvataa.number_attribute_spec("score", SCORE_ID, number_attribute_values(0, 100))
         self.spec = cvataa.DetectionFunctionSpec(
-            labels=[cvataa.label_spec(name, c, type="any", attributes=[score])
+            labels=[cvataa.label_spec(name, c, type=LABEL_TYPES[masks], attributes=[score])
                     for c, name in enumerate(self.names) if c]  # fmt: skip
         )
 
@@ -80,7 +84,7 @@ class DefectDetector:
 
 def _request(shape, label_id: int) -> models.LabeledShapeRequest:
     """One of predict's shapes as cvat-sdk's request: polygon points flat, or a mask's RLE and its box."""
-    score = [models.AttributeValRequest(spec_id=SCORE_ID, value=str(round(score_of(shape) * 100)))]
+    score = [models.AttributeValRequest(spec_id=SCORE_ID, value=dict(shape.attributes)["score"])]
     if shape.kind == "mask":
         left, top, width, height = shape.mask_box
         points: Sequence[float] = [*shape.rle, left, top, left + width - 1, top + height - 1]

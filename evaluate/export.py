@@ -27,6 +27,7 @@ from .inference import load_model
 SIGMA_SCALE = 0.125  # blend_tiles' default, what evaluate and predict use
 
 FORMAT_VERSION = 2  # 2: "blend" holds the importance map's profile
+READABLE = (1, 2)  # version 1's "blend" is the word "gaussian"; nothing else read here changed
 PREFIX = "diamond_defects."
 DEFAULT_OPSET = 17
 
@@ -82,9 +83,9 @@ def read_metadata(path: str | Path) -> dict:
     if PREFIX + "format_version" not in props:
         raise EvaluateError(f"{path}: not a model exported by evaluate export (no {PREFIX}* metadata)")
     values = {k.removeprefix(PREFIX): json.loads(v) for k, v in props.items() if k.startswith(PREFIX)}
-    if values["format_version"] != FORMAT_VERSION:
+    if values["format_version"] not in READABLE:
         raise EvaluateError(f"{path}: export format version {values['format_version']}, this code reads "
-                            f"version {FORMAT_VERSION}")  # fmt: skip
+                            f"versions {', '.join(map(str, READABLE))}")  # fmt: skip
     return values
 
 

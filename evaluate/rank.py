@@ -44,7 +44,7 @@ from trainer.decision import deciding, defect_probability
 from . import TTA, EvaluateError
 from .contours import SCORE, ShapeOptions
 from .inference import Predictor, load_model
-from .predict import XML_NAME, check_scans, list_scans, load_scan, resolve_grid, scan_shapes, tiles_of
+from .predict import check_scans, list_scans, load_scan, resolve_grid, scan_shapes, tiles_of
 from .run import decide, select_device
 
 SCORES = ("disagreement", "entropy")
@@ -99,12 +99,11 @@ def signals(views: list[torch.Tensor], maps: list[np.ndarray], thresholds: np.nd
     defect = (1 - p[0]).numpy()
     around = ndimage.binary_dilation(defect_any | (defect >= AROUND_PROBABILITY), iterations=AROUND_PX)
     identity = views[0][0].numpy() if views[0].shape[0] == 1 else 1 - views[0][0].numpy()
-    labels, n = ndimage.label(maps[0] > 0, np.ones((3, 3), bool))
-    near = 0
-    if n:
-        peaks = ndimage.maximum(decided, labels, np.arange(1, n + 1))
-        classes = ndimage.maximum(maps[0], labels, np.arange(1, n + 1)).astype(int)
-        near = int((np.asarray(peaks) < thresholds[classes - 1] + NEAR).sum())
+    defects = near = 0
+    for c in np.unique(maps[0][maps[0] > 0]).tolist():  # components per class, as predict draws them
+        labels, n = ndimage.label(maps[0] == c, np.ones((3, 3), bool))
+        peaks = np.asarray(ndimage.maximum(decided, labels, np.arange(1, n + 1)), np.float64)
+        defects, near = defects + n, near + int((peaks < thresholds[c - 1] + NEAR).sum())
     candidates, m = ndimage.label(identity >= thresholds.min() / 2, np.ones((3, 3), bool))
     misses = 0
     if m:
@@ -112,7 +111,7 @@ def signals(views: list[torch.Tensor], maps: list[np.ndarray], thresholds: np.nd
         misses = int((hit == 0).sum())
     return {"disagreement": float(differ.sum()) / max(int(defect_any.sum()), 1),
             "entropy": float(entropy[around].mean()) if around.any() else 0.0,
-            "defects": n, "near_threshold": near, "possible_misses": misses}  # fmt: skip
+            "defects": defects, "near_threshold": near, "possible_misses": misses}  # fmt: skip
 
 
 def reasons(s: dict) -> str:
@@ -136,33 +135,65 @@ def rank_scans(opts: RankOptions) -> dict:
     thresholds = thresholds_of(decision, max(1, len(names) - 1))
     scans = list_scans(opts.images)
     check_scans(opts.images, scans, opts.max_pixels)
-    rows, shapes_of = [], {}
+    images, owned = task_folder(opts)
+    rows, best = [], []  # best: the top K so far, with what their pre-annotations are made of
     for name, path in tqdm(scans, desc="rank", unit="scan"):
         _, resized, geom = load_scan(opts.images, path, model.in_channels, grid.image_size, opts.max_pixels)
         tiles = tiles_of(resized, grid)
         views = [next(iter(p.probabilities([(tiles, None)])))[0].cpu() for p in predictors]
         maps = [predictors[0].classes(v) for v in views]
         s = signals(views, maps, thresholds, deciding_probability(views[0], decision))
-        confidence = predictors[0].confidence(views[0], maps[0])
-        _, shapes = scan_shapes(maps[0], confidence, geom, [None, *names[1:]], ShapeOptions())
-        shapes_of[name] = ImageAnnotation(name, geom.width, geom.height, tuple(shapes), XML_NAME, 0)
-        rows.append({"image": name, "path": path, "score": s[opts.score], **s})
-    rows.sort(key=lambda r: (-r["score"], r["image"]))
-    return _write_task(opts, rows, shapes_of, names)
+        row = {"image": name, "path": path, "score": s[opts.score], **s}
+        rows.append(row)
+        best.append((_order(row), maps[0], predictors[0].confidence(views[0], maps[0]), geom))
+        if len(best) > 2 * opts.top:  # memory for K scans' maps, not every scan's
+            best = sorted(best, key=lambda b: b[0])[: opts.top]
+    rows.sort(key=_order)
+    best = sorted(best, key=lambda b: b[0])[: opts.top]
+    annotations = []
+    for (_, name), pred, confidence, geom in best:
+        _, shapes = scan_shapes(pred, confidence, geom, [None, *names[1:]], ShapeOptions())
+        annotations.append(ImageAnnotation(name, geom.width, geom.height, tuple(shapes), TASK_XML, 0))
+    return _write_task(opts, rows, annotations, names, images, owned)
 
 
-def _write_task(opts: RankOptions, rows: list[dict], shapes_of: dict, names: list[str]) -> dict:
-    out = Path(opts.out)
-    images = out / "images"
+def _order(row: dict) -> tuple[float, str]:
+    return -row["score"], row["image"]
+
+
+def task_folder(opts: RankOptions) -> tuple[Path, list[Path]]:
+    """(``--out``/images, the scans an earlier rank put there), checked before any scan is predicted: the
+    folder must not be ``--images`` itself, and may hold no other scans, since they would join the task."""
+    images = Path(opts.out) / "images"
+    if storage.is_local(opts.images) and Path(opts.images).resolve() == images.resolve():
+        raise EvaluateError(f"--out {opts.out}: its images/ is the --images folder, whose scans rank would replace; "
+                            f"choose another --out")  # fmt: skip
+    listed = set()
+    ranking = Path(opts.out) / "ranking.csv"
+    if ranking.is_file():
+        with open(ranking, newline="") as f:
+            listed = {r["image"] for r in csv.DictReader(f) if r.get("in_task") == "1"}
+    present = []
+    if images.is_dir():
+        present = [p for p in images.iterdir() if p.is_file() and p.suffix.lower() in SCAN_SUFFIXES]
+    foreign = sorted(p.name for p in present if p.name not in listed)
+    if foreign:
+        raise EvaluateError(f"{images}: holds {len(foreign)} scans an earlier rank did not put there ({foreign[0]}"
+                            f"{', ...' if len(foreign) > 1 else ''}): empty it or choose another --out")  # fmt: skip
+    return images, present
+
+
+def _write_task(opts: RankOptions, rows: list[dict], annotations: list, names: list[str], images: Path,
+                owned: list[Path]) -> dict:  # fmt: skip
     images.mkdir(parents=True, exist_ok=True)
-    for old in images.iterdir():  # an earlier task's scans would join this one's
-        if old.is_file() and old.suffix.lower() in SCAN_SUFFIXES:
-            old.unlink()
+    for old in owned:  # the earlier task's scans would join this one's
+        old.unlink(missing_ok=True)
+    out = Path(opts.out)
     fs, _ = storage.fs_for(opts.images)
     top = rows[: opts.top]
     for r in top:
         (images / PurePosixPath(r["path"]).name).write_bytes(fs.cat_file(r["path"]))
-    write_cvat(out / TASK_XML, [shapes_of[r["image"]] for r in top], names[1:], source="auto", attributes=[SCORE])
+    write_cvat(out / TASK_XML, annotations, names[1:], source="auto", attributes=[SCORE])
     with open(out / "ranking.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)

@@ -43,7 +43,8 @@ def task_labels(class_names: list[str], xml: str) -> tuple[list[str], list[str |
 
 
 def score_of(shape: Shape) -> float:
-    return float(dict(shape.attributes)["score"])
+    """A shape's score as a probability (its attribute is whole percent)."""
+    return int(dict(shape.attributes)["score"]) / 100
 
 
 def band_of(score: float) -> str:

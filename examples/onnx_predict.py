@@ -2,10 +2,9 @@
 
     python examples/onnx_predict.py model.onnx crop.png classes.png
 
-crop.png is a scan's crust crop at the model's grid size, as `python -m evaluate predict --save-crops`
-writes it to crops/; classes.png gets the uint8 class id of every pixel (0: background), the map predict
-draws on that crop before mapping it back onto the scan. Everything but the network comes from the model's
-metadata: see docs/evaluate-and-predict.md ("Export to ONNX").
+crop.png: a scan's crust crop at the model's grid size (`python -m evaluate predict --save-crops` writes
+crops/); classes.png: the uint8 class id of every pixel (0: background), predict's map of that crop before
+it goes back onto the scan. All but the network comes from the metadata (docs/evaluate-and-predict.md).
 """
 
 import json
@@ -47,6 +46,7 @@ def predict(model_path: str, crop: np.ndarray) -> np.ndarray:
 
 def decide(p: np.ndarray, d: dict | None) -> np.ndarray:
     """(K, S, S) probabilities -> (S, S) class ids by the stored decision (null: argmax, or 0.5 if binary)."""
+    min_peak = (d.get("min_peak") or [0.0] * len(d["thresholds"])) if d else []  # none: an older decision
     if p.shape[0] == 1:  # binary: the probability of a defect
         classes, conf = (p[0] >= (d["thresholds"][0] if d else 0.5)).astype(np.uint8), p[0]
     elif d is None:
@@ -58,17 +58,17 @@ def decide(p: np.ndarray, d: dict | None) -> np.ndarray:
         sums = np.stack([np.bincount(labels[inside], q[inside], n + 1)[1:] for q in p[1:]])
         cls = sums.argmax(0) + 1 if n else np.zeros(0, int)
         area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-        peak = ndimage.maximum(defect, labels, np.arange(1, n + 1)) if n else np.zeros(0)
-        keep = (area >= np.take(d["min_area"], cls - 1)) & (peak >= np.take(d["min_peak"], cls - 1))
+        peak = np.float64(ndimage.maximum(defect, labels, np.arange(1, n + 1)) if n else [])
+        keep = (area >= np.take(d["min_area"], cls - 1)) & (peak >= np.take(min_peak, cls - 1))
         return np.concatenate([[0], np.where(keep, cls, 0)]).astype(np.uint8)[labels]
     else:  # "tuned": the likeliest defect class where it reaches that class's threshold
         top, conf = p[1:].argmax(0), p[1:].max(0)
-        classes = np.where(conf >= np.take(d["thresholds"], top), top + 1, 0).astype(np.uint8)
-    for c, (area, peak) in enumerate(zip(d["min_area"], d["min_peak"], strict=True) if d else [], start=1):
+        classes = np.where(conf >= np.float32(d["thresholds"])[top], top + 1, 0).astype(np.uint8)
+    for c, (area, peak) in enumerate(zip(d["min_area"], min_peak, strict=True) if d else [], start=1):
         labels, n = ndimage.label(classes == c, EIGHT)  # drop components too small or never sure enough
         if n and (area > 1 or peak > 0):
             small = np.bincount(labels.ravel())[1:] < area
-            weak = ndimage.maximum(conf, labels, np.arange(1, n + 1)) < peak
+            weak = np.float64(ndimage.maximum(conf, labels, np.arange(1, n + 1))) < peak
             classes[np.concatenate([[False], small | weak])[labels]] = 0
     return classes
 

@@ -15,8 +15,9 @@ from helpers import cvat_cli_parser, tiny_dataset, with_decision
 from scipy import ndimage
 
 from evaluate.__main__ import main as evaluate_main
-from evaluate.contours import fill_centres
-from evaluate.cvat_function import SCORE_ID, create
+from evaluate.contours import SCORE, fill_centres
+from evaluate.cvat_function import LABEL_TYPES, SCORE_ID, create
+from evaluate.review import score_of
 from shardgen.cvat import ImageAnnotation, parse_cvat
 from shardgen.raster import rasterize
 
@@ -67,14 +68,20 @@ def _score(shape: models.LabeledShapeRequest) -> int:
     return int(attr.value)
 
 
+def _mapper(function, conv_mask_to_poly: bool, task_type: str = "any") -> _AnnotationMapper:
+    """CVAT's own driver for a task with the checkpoint's labels (of ``task_type``) under other ids, and the
+    score attribute predict's XML declares."""
+    task_labels = [models.Label(id=100 + label.id, name=label.name, type=task_type, sublabels=[], attributes=[
+        models.Attribute(id=500 + label.id, name=SCORE.name, mutable=False, input_type=SCORE.input_type,
+                         values=list(SCORE.values), default_value="0")]) for label in function.spec.labels]  # fmt: skip
+    return _AnnotationMapper(logging.getLogger("test"), function.spec.labels, task_labels,
+                             allow_unmatched_labels=False, conv_mask_to_poly=conv_mask_to_poly)  # fmt: skip
+
+
 def _check_with_cvat(function, shapes: list, conv_mask_to_poly: bool) -> None:
-    """What CVAT's own driver checks before uploading, against a task with the checkpoint's labels under
-    other ids: label and attribute ids, attribute values, shape types; then each shape carries the task's ids."""
-    task_labels = [models.Label(id=100 + label.id, name=label.name, type="any", sublabels=[], attributes=[
-        models.Attribute(id=500 + label.id, name="score", mutable=False, input_type="number",
-                         values=["0", "100", "1"], default_value="0")]) for label in function.spec.labels]  # fmt: skip
-    mapper = _AnnotationMapper(logging.getLogger("test"), function.spec.labels, task_labels,
-                               allow_unmatched_labels=False, conv_mask_to_poly=conv_mask_to_poly)  # fmt: skip
+    """What CVAT's own driver checks before uploading: label and attribute ids, attribute values, shape types;
+    then each shape carries the task's ids."""
+    mapper = _mapper(function, conv_mask_to_poly)
     copies = [models.LabeledShapeRequest._from_openapi_data(**s.to_dict()) for s in shapes]
     _, accepted = mapper.validate_and_remap(copies, 3)
     assert len(accepted) == len(shapes)
@@ -90,10 +97,19 @@ def test_the_spec_is_the_checkpoints_classes_with_a_score(tiny):
     names = function.model.class_names
     assert [(label.id, label.name) for label in spec.labels] == list(enumerate(names))[1:]
     for label in spec.labels:
-        assert label.type == "any"
         (score,) = label.attributes
         assert (score.id, score.name, score.input_type.value, score.values) == (SCORE_ID, "score", "number",
                                                                                 ["0", "100", "1"])  # fmt: skip
+    for masks, kind in LABEL_TYPES.items():
+        labels = create(checkpoint=str(tiny.ckpt), device="cpu", masks=masks).spec.labels
+        assert {label.type for label in labels} == {kind}
+    # A task whose labels are polygons: CVAT's driver refuses masks-only before the first frame, unless it
+    # converts them; masks=none's polygons it takes.
+    masks_only = create(checkpoint=str(tiny.ckpt), device="cpu", masks="all")
+    with pytest.raises(cvataa.BadFunctionError, match="'mask' in the function"):
+        _mapper(masks_only, False, "polygon")
+    _mapper(masks_only, True, "polygon")
+    _mapper(create(checkpoint=str(tiny.ckpt), device="cpu", masks="none"), False, "polygon")
     with pytest.raises(ValueError, match="masks must be one of"):
         create(checkpoint=str(tiny.ckpt), device="cpu", masks="some")
 
@@ -117,7 +133,7 @@ def test_detect_returns_predicts_shapes(tiny, ckpt, predicted, masks, conv_mask_
         assert kinds <= ({"polygon"} if conv_mask_to_poly else {"mask"} if masks == "all" else {"polygon", "mask"})
         assert all(_score(s) >= 100 * (conf or 0) for s in shapes)
         # predict's shapes at or above the threshold, one per component, painted alike once decoded
-        kept = [s for s in xml[path.name].shapes if float(dict(s.attributes)["score"]) >= (conf or 0)]
+        kept = [s for s in xml[path.name].shapes if score_of(s) >= (conf or 0)]
         assert len(shapes) == len(kept)
         assert [s.label_id for s in shapes] == [class_of[s.label] for s in kept]
         total += len(shapes)

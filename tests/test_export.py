@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import tiny_dataset, with_decision
 
+from evaluate import EvaluateError
 from evaluate.__main__ import main as evaluate_main
 from evaluate.export import FORMAT_VERSION, Probabilities, read_metadata
 from evaluate.inference import load_model
@@ -73,6 +74,20 @@ def test_the_metadata_is_enough_to_predict(tiny, tmp_path, capsys):
     assert got["grid"] == meta["grid"] and got["decision"] == meta["decision"]
     assert got["blend"]["mode"] == "gaussian" and len(got["blend"]["profile"]) == meta["grid"]["tile"]
     assert got["normalize"] == {k: meta["config"]["normalize"][k] for k in ("mean", "std")}
+    # A version-1 export (the blend named, not stored) still predicts; an unknown version is refused.
+    import onnx
+
+    proto = onnx.load(str(out))
+    for version, blend in ((1, "gaussian"), (3, "gaussian")):
+        for prop in proto.metadata_props:
+            if prop.key == "diamond_defects.format_version":
+                prop.value = str(version)
+            if prop.key == "diamond_defects.blend":
+                prop.value = json.dumps(blend)
+        onnx.save(proto, str(tmp_path / f"v{version}.onnx"))
+    assert load_model(str(tmp_path / "v1.onnx"), torch.device("cpu")).meta["grid"] == meta["grid"]
+    with pytest.raises(EvaluateError, match="export format version 3, this code reads versions 1, 2"):
+        read_metadata(tmp_path / "v3.onnx")
 
 
 def test_a_model_the_exporter_cannot_express_is_a_one_line_error(tiny, tmp_path, capsys, monkeypatch):
@@ -144,6 +159,8 @@ def test_the_standalone_example_reproduces_predict(tiny, tmp_path, capsys):
         "objects": ("multiclass", {"kind": "objects", "thresholds": [0.905] * 10, "min_area": [3] * 10,
                                    "min_peak": [0.915] * 10}),
         "argmax": ("multiclass", None),
+        "older": ("multiclass", {"kind": "tuned", "thresholds": [0.13] * 10, "min_area": [9] * 10}),  # no min_peak
+        "binary-argmax": ("binary", None),
         "binary": ("binary", {"kind": "tuned", "thresholds": [0.47], "min_area": [4], "min_peak": [0.55]}),
     }  # fmt: skip
     for name, (mode, decision) in cases.items():

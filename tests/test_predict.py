@@ -138,7 +138,7 @@ def test_shapes_carry_score_and_source(predicted):
     for el in shapes:
         assert el.get("source") == "auto"
         ((name, value),) = [(a.get("name"), a.text) for a in el.iterfind("attribute")]
-        assert name == "score" and 0 <= float(value) <= 1 and len(value) == 4
+        assert name == "score" and value == str(int(value)) and 0 <= int(value) <= 100  # whole percent
     declared = root.find("meta/task/labels/label/attributes/attribute")
     assert (declared.findtext("name"), declared.findtext("input_type")) == ("score", "number")
 

@@ -70,11 +70,28 @@ def test_rank_writes_a_task_folder_cvat_imports(tiny, ckpt, tmp_path, capsys):
         assert item.media.size == (a.height, a.width) and item.media.has_data
         assert len(item.annotations) == len(a.shapes)
 
-    # The same scans again: the same order, the same task; an earlier task's extra scans are gone.
-    (task / "images" / "stray.png").write_bytes(b"")
+    # The same scans again: the same order, the same task (rank replaces the scans it put there).
     _rank(capsys, ckpt, images, task)
     assert _rows(task) == rows
     assert sorted(p.name for p in (task / "images").iterdir()) == sorted(top)
+
+
+def test_rank_never_deletes_scans_it_did_not_write(tiny, ckpt, tmp_path, capsys):
+    images = tmp_path / "batch" / "images"
+    images.mkdir(parents=True)
+    for scan in sorted((tiny.raw / "images").glob("*.png"))[:3]:
+        (images / scan.name).write_bytes(scan.read_bytes())
+    args = ["rank", "--checkpoint", str(ckpt), "--top", "2", "--device", "cpu", "--images", str(images)]
+    assert evaluate_main([*args, "--out", str(tmp_path / "batch")]) == 2  # its images/ is the input folder
+    assert capsys.readouterr().err.strip() == (f"evaluate: error: --out {tmp_path / 'batch'}: its images/ is the "
+                                               "--images folder, whose scans rank would replace; choose another --out")
+    assert len(list(images.iterdir())) == 3
+    (tmp_path / "task" / "images").mkdir(parents=True)
+    (tmp_path / "task" / "images" / "mine.png").write_bytes(b"kept")
+    assert evaluate_main([*args, "--out", str(tmp_path / "task")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("holds 1 scans an earlier rank did not put there (mine.png): empty it or choose another --out")
+    assert (tmp_path / "task" / "images" / "mine.png").read_bytes() == b"kept"
 
 
 def _class_names(ckpt) -> list[str]:
