@@ -21,6 +21,7 @@ from evaluate.blend import reassemble_mask
 from evaluate.contours import EIGHT_CONNECTED, mask_shapes
 from evaluate.inference import Predictor, decision_for, load_model
 from evaluate.predict import load_scan, tiles_of
+from evaluate.review import score_of
 from evaluate.tiles import iter_images
 from shardgen import schema, storage
 from shardgen.__main__ import main as shardgen_main
@@ -159,7 +160,7 @@ def test_summary_counts_what_the_xml_holds(tiny, tmp_path, capsys):
                                          "max": max(points)}  # fmt: skip
     assert summary["xml_bytes"] == (out / "predictions.xml").stat().st_size
     least = summary["least_certain"]
-    scores = sorted(float(dict(s.attributes)["score"]) for s in shapes)
+    scores = sorted(score_of(s) for s in shapes)
     assert [x["score"] for x in least] == scores[: len(least)] and len(least) == min(10, len(shapes))
     assert summary["below_min_score"] == {}
 
@@ -168,7 +169,7 @@ def test_min_score_exact_shapes_and_task_labels(predicted, tiny, tmp_path, capsy
     """--simplify 0 writes exact shapes; --min-score drops whole components; --labels-from uses the task's
     spelling of every class."""
     default = {a.name: a for a in parse_cvat(predicted / "predictions.xml")}
-    scores = sorted(float(dict(s.attributes)["score"]) for a in default.values() for s in a.shapes)
+    scores = sorted(score_of(s) for a in default.values() for s in a.shapes)
     threshold = scores[len(scores) // 2]
     spelled = ["pinpoint", "CRYSTAL", "Needle", "feather", "internal graining", "Cloud", "Twinning wisp", "nick",
                "Pit", "Burn mark"]  # fmt: skip
@@ -186,7 +187,7 @@ def test_min_score_exact_shapes_and_task_labels(predicted, tiny, tmp_path, capsy
     dropped = Counter()
     for name, ann in exact.items():
         assert {s.label for s in ann.shapes} <= set(spelled)
-        kept = [s for s in default[name].shapes if float(dict(s.attributes)["score"]) >= threshold]
+        kept = [s for s in default[name].shapes if score_of(s) >= threshold]
         dropped.update(spelled[NAMES.index(s.label) - 1] for s in default[name].shapes if s not in kept)
         written = sorted((class_name[s.label], s.kind, s.attributes) for s in ann.shapes)
         assert written == sorted((s.label, s.kind, s.attributes) for s in kept)
