@@ -21,6 +21,7 @@ import os
 import signal
 from collections.abc import Iterable, Iterator
 from concurrent.futures import CancelledError, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
@@ -141,6 +142,18 @@ def run_local(out: str, shards: list[ShardPlan], opts: BuildOptions, workers: in
     return Outcome(records, reused=len(shards) - len(pending))
 
 
+def _result(future, poll: float = 0.25):
+    """``future.result()``, waking every ``poll`` s. Ctrl-C's SIGINT may be delivered to any thread of this
+    process (the pool's manager and queue feeder threads, tqdm's monitor); Python then raises it in the main
+    thread only when that thread runs again, which an untimed wait on a lock never does: the build would wait
+    for a scan that never comes (tests/test_faults.py caught it in about one full-suite run in two)."""
+    while True:
+        try:
+            return future.result(timeout=poll)
+        except FuturesTimeout:
+            continue
+
+
 def _ordered(pool: ProcessPoolExecutor, todo: list[tuple], window: int) -> Iterator[dict]:
     """``_process`` of each of ``todo`` on the pool, results in order, at most ``window`` scans in flight (so
     finished scans waiting for the writer never pile up). A worker that dies (the OOM killer, a SIGKILL) breaks
@@ -152,7 +165,7 @@ def _ordered(pool: ProcessPoolExecutor, todo: list[tuple], window: int) -> Itera
     while flight:
         job, future = flight.popleft()
         try:  # a worker that died breaks both: the result waited for, and the next submit
-            result = future.result()
+            result = _result(future)
             if (nxt := next(jobs, None)) is not None:
                 flight.append((nxt, pool.submit(_process, nxt)))
         except BrokenProcessPool:

@@ -344,7 +344,8 @@ def _assert_same_bytes(out: Path, reference: Path) -> None:
 # bucket. The forked pool workers inherit the patch; the test checks the slot files, so a patch that stopped
 # applying fails it.
 SLOW_SCANS = """
-import os, sys, time
+import faulthandler, os, signal, sys, time
+faulthandler.register(signal.SIGUSR2, all_threads=True)  # a test that finds it hung asks where
 import shardgen.distribute as distribute
 from shardgen.__main__ import main
 process_image = distribute.process_image
@@ -490,7 +491,13 @@ def test_ctrl_c_stops_a_build_in_one_line_and_a_rerun_completes_it(tmp_path, cap
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the build and its pool workers
-        _, err = proc.communicate(timeout=30)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGUSR2)  # where it hangs: faulthandler's dump of every thread
+            time.sleep(2)
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("the build did not stop on SIGINT:\n" + proc.communicate()[1][-8000:]) from None
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
