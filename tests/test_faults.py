@@ -346,6 +346,13 @@ def _assert_same_bytes(out: Path, reference: Path) -> None:
 SLOW_SCANS = """
 import faulthandler, os, signal, sys, time
 faulthandler.register(signal.SIGUSR2, all_threads=True)  # a test that finds it hung asks where
+# SIGINT as a shell's foreground command has it: a blocked or ignored SIGINT inherited from the test runner
+# (seen in full-suite runs only) would make the Ctrl-C test measure the runner, not the build.
+inherited = (signal.getsignal(signal.SIGINT), signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+if inherited != (signal.default_int_handler, False):
+    print("SIGINT inherited as", inherited, file=sys.stderr)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import shardgen.distribute as distribute
 from shardgen.__main__ import main
 process_image = distribute.process_image
