@@ -18,7 +18,8 @@ or a mask for a component with holes (``masks``: ``holes``, ``all`` or ``none``)
 below the context's ``conf_threshold`` are left out. Labels are the checkpoint's class names (background
 excluded), matched by name to the task's labels, typed by ``masks``: ``any`` for ``holes`` (polygons and
 masks: the task's labels must be of type ``any``, CVAT's default), ``mask`` for ``all``, ``polygon`` for
-``none`` (for a task whose labels are polygons), so CVAT's driver refuses a mismatch before the first frame.
+``none`` (for a task whose labels are polygons); with ``all`` or ``none`` CVAT's driver refuses a mismatch
+before the first frame, with ``holes`` only at the first frame that has a component with holes.
 
 Written against cvat-sdk ``SDK_VERSION``.
 """

@@ -165,7 +165,7 @@ def task_folder(opts: RankOptions) -> tuple[Path, list[Path]]:
     """(``--out``/images, the scans an earlier rank put there), checked before any scan is predicted: the
     folder must not be ``--images`` itself, and may hold no other scans, since they would join the task."""
     images = Path(opts.out) / "images"
-    if storage.is_local(opts.images) and Path(opts.images).resolve() == images.resolve():
+    if storage.is_local(opts.images) and Path(storage.to_local_path(opts.images)).resolve() == images.resolve():
         raise EvaluateError(f"--out {opts.out}: its images/ is the --images folder, whose scans rank would replace; "
                             f"choose another --out")  # fmt: skip
     listed = set()
@@ -185,15 +185,13 @@ def task_folder(opts: RankOptions) -> tuple[Path, list[Path]]:
 
 def _write_task(opts: RankOptions, rows: list[dict], annotations: list, names: list[str], images: Path,
                 owned: list[Path]) -> dict:  # fmt: skip
+    # Old scans out, then the new ranking, then its scans: a run stopped part-way leaves images/ holding only
+    # scans its ranking.csv lists, which the next run may replace.
     images.mkdir(parents=True, exist_ok=True)
     for old in owned:  # the earlier task's scans would join this one's
         old.unlink(missing_ok=True)
     out = Path(opts.out)
-    fs, _ = storage.fs_for(opts.images)
     top = rows[: opts.top]
-    for r in top:
-        (images / PurePosixPath(r["path"]).name).write_bytes(fs.cat_file(r["path"]))
-    write_cvat(out / TASK_XML, annotations, names[1:], source="auto", attributes=[SCORE])
     with open(out / "ranking.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
@@ -201,5 +199,9 @@ def _write_task(opts: RankOptions, rows: list[dict], annotations: list, names: l
             numbers = [f"{r[key]:.6f}" for key in ("score", "disagreement", "entropy")]
             w.writerow([k, r["image"], *numbers, r["defects"], r["near_threshold"], r["possible_misses"],
                         int(k <= opts.top), reasons(r)])  # fmt: skip
+    fs, _ = storage.fs_for(opts.images)
+    for r in top:
+        (images / PurePosixPath(r["path"]).name).write_bytes(fs.cat_file(r["path"]))
+    write_cvat(out / TASK_XML, annotations, names[1:], source="auto", attributes=[SCORE])
     return {"scans": len(rows), "task": [r["image"] for r in top], "score": opts.score,
             "ranking": str(out / "ranking.csv"), "annotations": str(out / TASK_XML), "images": str(images)}  # fmt: skip

@@ -21,7 +21,7 @@ import os
 import signal
 from collections.abc import Iterable, Iterator
 from concurrent.futures import CancelledError, ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FuturesTimeout
+from concurrent.futures import wait as futures_wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
@@ -143,15 +143,13 @@ def run_local(out: str, shards: list[ShardPlan], opts: BuildOptions, workers: in
 
 
 def _result(future, poll: float = 0.25):
-    """``future.result()``, waking every ``poll`` s. Ctrl-C's SIGINT may be delivered to any thread of this
-    process (the pool's manager and queue feeder threads, tqdm's monitor); Python then raises it in the main
-    thread only when that thread runs again, which an untimed wait on a lock never does: the build would wait
-    for a scan that never comes (tests/test_faults.py caught it in about one full-suite run in two)."""
-    while True:
-        try:
-            return future.result(timeout=poll)
-        except FuturesTimeout:
-            continue
+    """``future.result()``, the main thread waking every ``poll`` s to handle a pending Ctrl-C: an untimed wait
+    on a lock is interrupted by a signal only in the thread the kernel hands it to, and this process also runs
+    the pool's manager and queue feeder threads and tqdm's monitor. ``wait`` then ``result``, so a worker's own
+    TimeoutError (a storage read) is raised, not taken for the poll's."""
+    while not futures_wait([future], timeout=poll).done:
+        pass
+    return future.result()
 
 
 def _ordered(pool: ProcessPoolExecutor, todo: list[tuple], window: int) -> Iterator[dict]:

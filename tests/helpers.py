@@ -346,6 +346,15 @@ def tiny_dataset(tmp_path_factory) -> SimpleNamespace:
     return ns
 
 
+# The tiny model is 4 steps old: a decision low enough to leave it defects of several classes on every scan.
+LOW_DECISION = {"kind": "tuned", "thresholds": [0.14] * 10, "min_area": [12] * 10, "min_peak": [0.0] * 10}
+
+
+def decided_checkpoint(tiny: SimpleNamespace, tmp_path_factory) -> Path:
+    """The tiny checkpoint with ``LOW_DECISION`` stored: predictions with shapes to compare."""
+    return with_decision(tiny.ckpt, tmp_path_factory.mktemp("ckpt") / "decided.pt", LOW_DECISION)
+
+
 def with_decision(ckpt: Path, out: Path, decision: dict | None, binary: bool = False) -> Path:
     """A copy of checkpoint ``ckpt`` at ``out`` whose stored decision is ``decision`` (``binary``: a seeded
     binary U-Net of the same shape instead of its network)."""

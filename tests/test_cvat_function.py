@@ -11,7 +11,7 @@ import pytest
 from cvat_sdk import models
 from cvat_sdk.auto_annotation.driver import _AnnotationMapper
 from cvat_sdk.masks import decode_mask
-from helpers import cvat_cli_parser, tiny_dataset, with_decision
+from helpers import cvat_cli_parser, decided_checkpoint, tiny_dataset
 from scipy import ndimage
 
 from evaluate.__main__ import main as evaluate_main
@@ -24,10 +24,6 @@ from shardgen.raster import rasterize
 EIGHT = np.ones((3, 3), bool)
 
 
-# The tiny model is 4 steps old: a decision low enough to leave it defects of several classes on every scan.
-DECISION = {"kind": "tuned", "thresholds": [0.14] * 10, "min_area": [12] * 10, "min_peak": [0.0] * 10}
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return tiny_dataset(tmp_path_factory)
@@ -35,7 +31,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ckpt(tiny, tmp_path_factory):
-    return with_decision(tiny.ckpt, tmp_path_factory.mktemp("ckpt") / "decided.pt", DECISION)
+    return decided_checkpoint(tiny, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,12 @@ import json
 
 import numpy as np
 import pytest
-from helpers import tiny_dataset, with_decision
+from helpers import decided_checkpoint, tiny_dataset
 
 from evaluate.__main__ import main as evaluate_main
 from evaluate.rank import deciding_probability, signals, thresholds_of
 from shardgen.cvat import parse_cvat
 from trainer.decision import Decision
-
-DECISION = {"kind": "tuned", "thresholds": [0.14] * 10, "min_area": [12] * 10, "min_peak": [0.0] * 10}
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +22,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ckpt(tiny, tmp_path_factory):
-    return with_decision(tiny.ckpt, tmp_path_factory.mktemp("ckpt") / "decided.pt", DECISION)
+    return decided_checkpoint(tiny, tmp_path_factory)
 
 
 def _rank(capsys, ckpt, images, out, *extra) -> dict:
