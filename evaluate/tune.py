@@ -98,14 +98,28 @@ class ScanTuner:
             by_threshold.setdefault(t, []).append((area, peak))
         for top, p, truth in self.scans:
             scored = truth != IGNORE_INDEX
-            for t, rules in by_threshold.items():
-                top_t = top
-                if self.objects:  # each pixel of a component: the component's class index; the rest unused
+            if self.objects:  # each pixel of a component: the component's class index; the rest unused
+                for t, rules in by_threshold.items():
                     labels, _, cls = object_classes(top, p, t)
                     top_t = np.concatenate([[0], cls - 1])[labels]
-                for k in range(self.n):
-                    for rule, row in zip(rules, _class_stats(top_t, p, truth, scored, k, t, rules), strict=True):
-                        self.stats[(k, t, *rule)] += row
+                    for k in range(self.n):
+                        self._add(k, t, rules, _class_stats(top_t, p, truth, scored, k, t, rules))
+                continue
+            lowest = min(by_threshold, default=1.0)
+            for k in range(self.n):
+                # Every threshold's selection of class k lies in the box of its pixels at the lowest threshold
+                # and its truth: cut the scan to it once, not once per threshold (the same components, so the
+                # same stats).
+                boxes = ndimage.find_objects((((top == k) & (p >= lowest)) | (truth == k + 1)).astype(np.int8))
+                if not boxes:
+                    continue
+                sub = tuple(a[boxes[0]] for a in (top, p, truth, scored))
+                for t, rules in by_threshold.items():
+                    self._add(k, t, rules, _class_stats(*sub, k, t, rules))
+
+    def _add(self, k: int, t: float, rules, rows) -> None:
+        for rule, row in zip(rules, rows, strict=True):
+            self.stats[(k, t, *rule)] += row
 
     def table(self, candidates: Sequence[tuple[float, int, float]]) -> np.ndarray:
         """(n_defect, len(candidates), len(STATS)) int64, summed over every rank (a collective)."""
