@@ -19,9 +19,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m shardgen synth --out $(DEMO)/raw --images 60 --seed 0 --workers 2
+	$(PY) -m shardgen synth --out $(DEMO)/raw --images 72 --seed 0 --workers 2
 	$(PY) -m shardgen build --annotations $(DEMO)/raw/annotations --images $(DEMO)/raw/images \
-		--out $(DEMO)/shards --mode multiclass --split-method exact --split-ratios train=0.6,val=0.2,test=0.2 \
+		--out $(DEMO)/shards --mode multiclass --split-method exact --split-ratios train=0.5,val=0.33,test=0.17 \
 		--workers 2
 	$(PY) -m trainer --config demo
 	@echo "demo: shards in $(DEMO)/shards, checkpoints and logs (metrics.csv, tb/) in $(DEMO)/run,"

@@ -5,8 +5,8 @@
     python bench/rank_bench.py --seed 11 --checkpoints runs/a/best.pt    # choosing a score: another seed
 
 Scans: ``--scans`` synthetic scans of seed ``--seed`` (31 by default: used for nothing else, never for a choice),
-with their truth. Models: the demo recipe (``configs/demo.yaml``) trained on the demo's data (60 scans of seed 0,
-60/20/20, as ``make demo`` and ``bench/quality_bench.py`` build it) with training seeds 0, 1, 2, or the
+with their truth. Models: the demo recipe (``configs/demo.yaml``) trained on the demo's data (72 scans of seed 0,
+36/24/12, as ``make demo`` and ``bench/quality_bench.py`` build it) with training seeds 0, 1, 2, or the
 ``--checkpoints`` given. Each model ranks every scan (``evaluate rank``; every score of ``SCORES`` from the
 same pass) and predicts it (``evaluate predict``, the masks the pre-annotations are made of); a scan's quality
 is its **Dice**: the mean over the classes in its truth or its prediction of the per-class Dice at the scan's
@@ -96,7 +96,8 @@ def ranked(ranking: Path, score: str) -> list[str]:
 
 def train_demo(root: Path, seeds: int) -> list[Path]:
     """The demo recipe on the demo's data, one run per training seed (quality_bench's own code)."""
-    shards = quality_bench.build_data(root / "data", 60, "multiclass", 0, "train=0.6,val=0.2,test=0.2")
+    qb = quality_bench
+    shards = qb.build_data(root / "data", qb.DEMO_IMAGES, "multiclass", 0, qb.DEMO_SPLIT)
     args = argparse.Namespace(device="cpu", steps=0, set=[])
     out = []
     for seed in range(seeds):
