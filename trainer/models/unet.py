@@ -7,9 +7,10 @@ A 1x1 conv gives the logits.
 ``norm``: ``instance`` (the research code's), ``batch``, ``group`` (groups of 8 channels) or ``none``.
 InstanceNorm normalises every crop's features on its own, independent of the batch size; on an earlier demo
 recipe (full resolution, 1,500 steps of 4 x 192 px crops) it scored a held-out defect IoU of 0.39, against 0.19
-for GroupNorm and 0.07 for BatchNorm. With the stride-2 stem and 256 px crops BatchNorm is the better one (the
-demo's ``norm: batch``): a crop normalised on its own loses how dark it is, which is what tells a burn mark from
-a dark facet, and eval-mode running statistics treat every tile of a scan alike (bench/README.md).
+for GroupNorm and 0.07 for BatchNorm. With the stride-2 stem and 256 px crops, BatchNorm with channels
+16/32/64/128/256 (the demo's) scored better than InstanceNorm with 12/24/48/96/192 (bench/README.md; the two
+changes were measured together, not apart). A likely reason: a crop normalised on its own loses how dark it
+is, which is what tells a burn mark from a dark facet.
 
 ``deep_supervision``: a 1x1 head on each coarser decoder level, upsampled to full resolution; in training
 ``forward`` returns ``(main, side, ...)`` (the trainer's loss sums their losses, as for U^2-Net's side
