@@ -245,7 +245,7 @@ def _decision(decision: Mapping | None, class_names: Sequence[str]) -> dict:
     threshold, minimum area and peak, its validation objects and whether it borrowed the others' median."""
     if not decision:
         return {"line": "argmax", "rows": []}
-    if decision["kind"] not in ("tuned", "objects"):
+    if decision["kind"] not in ("tuned", "defect", "objects"):
         fallback = " (the checkpoint has no tuned decision)" if decision.get("requested") == "tuned" else ""
         return {"line": f"argmax{' / 0.5' if len(decision['thresholds']) == 1 else ''}{fallback}", "rows": []}
     names = class_names[1:]
@@ -262,6 +262,10 @@ def _decision(decision: Mapping | None, class_names: Sequence[str]) -> dict:
                    "same for every class; each connected defect takes the class with the largest probability "
                    "summed over its pixels, and is dropped when it is smaller than that class's minimum area or "
                    "its highest defect probability stays below the class's minimum peak.")
+    elif decision["kind"] == "defect":
+        explain = ("A pixel takes its most likely defect class when its defect probability (1 − P(background)) "
+                   "reaches that class's threshold; a component smaller than the minimum area, or whose highest "
+                   "defect probability stays below the minimum peak, is dropped.")
     else:
         explain = ("A pixel takes its most likely defect class when that probability reaches the class's "
                    "threshold; a component smaller than the minimum area, or whose highest probability stays "

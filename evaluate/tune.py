@@ -15,6 +15,9 @@ validation objects cannot be tuned on them: it takes the median of the other cla
 (``Decision.borrowed`` names it; the report shows it); when no class has enough, one rule is tuned on all
 classes' objects pooled and given to every class.
 
+A multiclass model's ``defect`` decision (``train.class_decision: defect``) is tuned as the per-pixel one, on
+each pixel's defect probability (1 - background's) in place of its likeliest class's own probability.
+
 A multiclass model's ``objects`` decision (``train.class_decision: object``; see ``trainer.decision``) has one
 threshold on the defect probability for all classes, and an area and a peak rule per class that apply to the
 components that class won (by summed probability). At each threshold every class takes its best (area, peak)
@@ -41,7 +44,7 @@ from scipy import ndimage
 from shardgen import schema
 from shardgen.classes import IGNORE_INDEX
 from trainer import dist
-from trainer.decision import Decision, component_max, deciding, defect_probability, object_classes
+from trainer.decision import FORMS, Decision, component_max, deciding, defect_probability, object_classes
 
 from . import EvaluateError
 from .blend import reassemble_mask
@@ -66,8 +69,9 @@ class ScanTuner:
     """Per defect class and candidate (threshold, area, peak): ``STATS`` summed over scans, computed on demand
     from the scans given to ``add`` so that a widened grid scores only its new candidates."""
 
-    def __init__(self, n_defect: int, device: torch.device | str = "cpu", objects: bool = False):
-        self.objects = objects  # score the ``objects`` decision (trainer.decision) rather than per-pixel rules
+    def __init__(self, n_defect: int, device: torch.device | str = "cpu", kind: str = "tuned"):
+        self.kind = kind  # the Decision.kind scored: "tuned", "defect" (per-pixel rules) or "objects"
+        self.objects = kind == "objects"
         self.n, self.device = n_defect, torch.device(device)  # device: where counts meet across ranks (NCCL: cuda)
         # (deciding class index, its probability, truth); objects: (defect classes' probabilities, defect
         # probability, truth)
@@ -81,7 +85,7 @@ class ScanTuner:
             d = defect_probability(probs[None])[0].float().cpu().numpy()
             self.scans.append((probs[1:].to(torch.float16).cpu().numpy(), d, truth))
         else:
-            top, p = deciding(probs[None])
+            top, p = deciding(probs[None], self.kind == "defect")
             self.scans.append((top[0].to(torch.uint8).cpu().numpy(), p[0].float().cpu().numpy(), truth))
         for k in range(self.n):
             _, area = components(truth == k + 1)
@@ -273,7 +277,7 @@ def tune(tuner: ScanTuner, beta: float, class_names: Sequence[str]) -> tuple[Dec
             if at := sorted({v[d] for v in values} & ends):
                 log.warning("the tuned %s reached the end of its grid (%s): the scans ask for a rule beyond it",
                             name, ", ".join(map(str, at)))  # fmt: skip
-    decision = Decision("objects" if tuner.objects else "tuned", [float(v[0]) for v in values],
+    decision = Decision(tuner.kind, [float(v[0]) for v in values],
                         [int(v[1]) for v in values], [float(v[2]) for v in values],
                         val_objects=[int(v) for v in truth[:, 1]],
                         borrowed=[names[k] for k in borrowed])  # fmt: skip
@@ -286,14 +290,16 @@ def tune(tuner: ScanTuner, beta: float, class_names: Sequence[str]) -> tuple[Dec
 
 
 def tune_model(model: Model, manifest: dict, split: str, beta: float, workers: int = 2, batch_size: int = 25,
-               blend: str = "gaussian", by_object: bool = False) -> tuple[Decision, dict]:  # fmt: skip
+               blend: str = "gaussian", form: str = "pixel") -> tuple[Decision, dict]:  # fmt: skip
     """Predict this rank's scans of ``split`` as evaluate does and tune the decision on all ranks' scans.
-    A multiclass model gets a rule per class, or with ``by_object`` the ``objects`` decision."""
+    A multiclass model gets the decision ``form`` names (``train.class_decision``: ``pixel``, a rule per class on
+    its own probability; ``defect``, on the defect probability; ``object``); a binary model the ``tuned`` one."""
+    if form not in FORMS:
+        raise ValueError(f"decision form must be one of {', '.join(FORMS)}, got {form!r}")
     if not schema.split_info(manifest, split)["images"]:
         raise EvaluateError(f"{manifest['_url']}: split {split!r} has no images to tune the decision on")
     grid, names = grid_of(manifest), list(manifest["classes"])
-    objects = by_object and len(names) > 2
-    tuner = ScanTuner(max(1, len(names) - 1), model.device, objects)
+    tuner = ScanTuner(max(1, len(names) - 1), model.device, FORMS[form] if len(names) > 2 else "tuned")
     predictor = Predictor(model, grid, blend, batch_size)
     failure = None
     try:

@@ -61,8 +61,8 @@ def decide(p: np.ndarray, d: dict | None) -> np.ndarray:
         peak = np.float64(ndimage.maximum(defect, labels, np.arange(1, n + 1)) if n else [])
         keep = (area >= np.take(d["min_area"], cls - 1)) & (peak >= np.take(min_peak, cls - 1))
         return np.concatenate([[0], np.where(keep, cls, 0)]).astype(np.uint8)[labels]
-    else:  # "tuned": the likeliest defect class where it reaches that class's threshold
-        top, conf = p[1:].argmax(0), p[1:].max(0)
+    else:  # "tuned": the likeliest defect class where it reaches that class's threshold ("defect": 1 - background)
+        top, conf = p[1:].argmax(0), (1 - p[0] if d["kind"] == "defect" else p[1:].max(0))
         classes = np.where(conf >= np.float32(d["thresholds"])[top], top + 1, 0).astype(np.uint8)
     for c, (area, peak) in enumerate(zip(d["min_area"], min_peak, strict=True) if d else [], start=1):
         labels, n = ndimage.label(classes == c, EIGHT)  # drop components too small or never sure enough

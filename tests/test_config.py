@@ -84,7 +84,7 @@ def test_wrong_types_are_rejected(write, text, where, expected):
         ("train.decision_beta=0", "decision_beta must be > 0, got 0"),
         ("loss.object_window=16", "object_window must be 0 or odd, got 16"),
         ("loss.form=both", "form must be one of ('joint', 'where_what'), got 'both'"),
-        ("train.class_decision=component", "class_decision must be one of object, pixel; got 'component'"),
+        ("train.class_decision=component", "class_decision must be one of defect, object, pixel; got 'component'"),
     ],
 )
 def test_values_out_of_range_are_rejected(write, override, message):

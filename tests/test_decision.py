@@ -109,6 +109,25 @@ def test_object_decision_gives_each_defect_one_class_by_its_summed_probability()
     assert not Decision("objects", [0.95] * 3, [0] * 3)(probs).any()
 
 
+def test_defect_decision_keeps_a_defect_whose_probability_two_classes_share():
+    """A line the model is sure is a defect (background 0.25) but splits between two classes (0.35 / 0.40)
+    reaches neither class's threshold of 0.5 per pixel; the ``defect`` decision reads 1 - P(background)
+    against the likelier class's threshold and keeps it, named by that class. Its peak rule reads the defect
+    probability too; a pixel sure of its background stays background."""
+    probs = torch.zeros(4, 6, 10)
+    probs[0] = 1.0
+    probs[:, 2, 1:9] = torch.tensor([0.25, 0.35, 0.40, 0.0])[:, None]  # the line: class 2 likeliest
+    probs[:, 4, 1:3] = torch.tensor([0.6, 0.1, 0.1, 0.2])[:, None]  # a faint speck: defect probability 0.4
+    assert not Decision("tuned", [0.5] * 3, [0] * 3)(probs).any()
+    out = Decision("defect", [0.5] * 3, [0] * 3)(probs)
+    assert (out[2, 1:9] == 2).all() and out.sum() == 2 * 8
+    assert Decision("defect", [0.5, 0.8, 0.5], [0] * 3)(probs).sum() == 0  # class 2's own threshold
+    assert (Decision("defect", [0.3] * 3, [0] * 3)(probs)[4, 1:3] == 3).all()
+    assert not Decision("defect", [0.5] * 3, [0] * 3, [0.0, 0.8, 0.0])(probs).any()  # peak: 0.75 < 0.8
+    assert Decision("defect", [0.5] * 3, [0] * 3, [0.0, 0.7, 0.0])(probs).sum() == 16
+    assert Decision("defect", [0.5] * 3, [9, 9, 9])(probs).sum() == 0  # 8 px < 9
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return tiny_dataset(tmp_path_factory)

@@ -156,6 +156,8 @@ def test_the_standalone_example_reproduces_predict(tiny, tmp_path, capsys):
         "tuned": ("multiclass", {"kind": "tuned", "thresholds": [0.12, 0.2, 0.15, 0.13, 0.12, 0.14, 0.13, 0.13, 0.15,
                                                                 0.12],
                                  "min_area": [3, 0, 40] + [9] * 7, "min_peak": [0.0, 0.0, 0.2] + [0.13] * 7}),
+        "defect": ("multiclass", {"kind": "defect", "thresholds": [0.905, 0.91, 0.9] + [0.905] * 7,
+                                  "min_area": [3, 0, 40] + [9] * 7, "min_peak": [0.0, 0.0, 0.91] + [0.915] * 7}),
         "objects": ("multiclass", {"kind": "objects", "thresholds": [0.905] * 10, "min_area": [3] * 10,
                                    "min_peak": [0.915] * 10}),
         "argmax": ("multiclass", None),

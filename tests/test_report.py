@@ -235,6 +235,16 @@ def test_decision_names_the_classes_that_borrowed_their_values(tmp_path):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;, Needle had fewer than 5 validation objects" in page
     rows = {r[0]: r for r in _parse(page).tables["decision"][1:]}
     assert rows["Pinpoint"][-2:] == ["12", "own"] and rows["Needle"][-1].startswith("borrowed")
+    assert "its most likely defect class when that probability reaches" in page
+
+
+def test_decision_says_what_probability_its_thresholds_read(tmp_path):
+    """A ``defect`` decision is shown with its table and says its thresholds read the defect probability."""
+    metrics = _metrics()
+    metrics["decision"]["kind"] = "defect"
+    page = write_report(tmp_path, metrics, [], NAMES).read_text(encoding="utf-8")
+    assert "when its defect probability (1 − P(background)) reaches that class&#39;s threshold" in page
+    assert len(_parse(page).tables["decision"]) == len(NAMES)  # header + a row per defect class
 
 
 def test_histogram_prints_each_bar_count_and_leaves_out_undefined_means(tmp_path):

@@ -293,16 +293,44 @@ def test_a_checkpoint_written_before_the_scaler_went_resumes_and_evaluates(tiny,
 
 
 def test_a_multiclass_model_gets_the_objects_decision(tiny):
-    """tune_model(by_object=True) gives a multiclass model the ``objects`` decision: one threshold shared by
+    """tune_model(form="object") gives a multiclass model the ``objects`` decision: one threshold shared by
     every class, an area and a peak rule per class; by default a rule per class, per pixel."""
     manifest = schema.read_manifest(str(tiny.shards))
     model = load_model(str(tiny.ckpt), torch.device("cpu"))
-    objects, _ = tune_model(model, manifest, "val", beta=2.0, workers=0, by_object=True)
+    objects, _ = tune_model(model, manifest, "val", beta=2.0, workers=0, form="object")
     per_class, _ = tune_model(model, manifest, "val", beta=2.0, workers=0)
+    defect, _ = tune_model(model, manifest, "val", beta=2.0, workers=0, form="defect")
     assert objects.kind == "objects" and len(set(objects.thresholds)) == 1
     assert len(objects.min_area) == len(objects.min_peak) == 10
     assert per_class.kind == "tuned" and len(per_class.thresholds) == 10
-    assert objects.val_objects == per_class.val_objects
+    assert defect.kind == "defect" and len(defect.thresholds) == 10
+    assert objects.val_objects == per_class.val_objects == defect.val_objects
+    with pytest.raises(ValueError, match="decision form must be one of pixel, defect, object, got 'class'"):
+        tune_model(model, manifest, "val", beta=2.0, workers=0, form="class")
+
+
+def test_defect_tuning_finds_a_defect_two_classes_share():
+    """Each scan: a class-2 needle the model is sure is a defect (background 0.2) whose probability leans to
+    class 2 only barely (0.45 against class 1's 0.35), and two larger blobs it doubts are defects at all
+    (background 0.55) but would call class 2 (0.45). On class 2's own probability the needle and the blobs are
+    alike (0.45): no threshold, area or peak keeps one without the other. On the defect probability (0.8 against
+    0.45) the needle is found in every scan, as class 2, and nothing else is kept."""
+    probs = torch.zeros(6, 4, 40, 40)
+    probs[:, 0] = 1.0
+    target = torch.zeros(6, 40, 40, dtype=torch.uint8)
+    target[:, 10:12, 5:35] = 2  # 60 px
+    probs[:, :, 10:12, 5:35] = torch.tensor([0.2, 0.35, 0.45, 0.0])[None, :, None, None]
+    for y, x in ((20, 5), (25, 25)):  # 64 px each
+        probs[:, :, y : y + 8, x : x + 8] = torch.tensor([0.55, 0.0, 0.45, 0.0])[None, :, None, None]
+    tuner = ScanTuner(3, kind="defect")
+    for p, t in zip(probs, target, strict=True):
+        tuner.add(p, t.numpy())
+    decision, reached = tune(tuner, 2.0, ["background", "c1", "c2", "c3"])
+    assert decision.kind == "defect" and 0.45 < decision.thresholds[1] <= 0.8
+    assert reached["c2"]["found"] == reached["c2"]["kept"] == 6 and reached["c2"]["iou"] == 1.0
+    assert applies_exactly(decision, probs, target)
+    per_pixel, _ = tuned(probs, target)
+    assert not applies_exactly(per_pixel, probs, target)
 
 
 def test_objects_tuning_finds_a_defect_split_between_classes_as_one_of_its_class():
@@ -318,7 +346,7 @@ def test_objects_tuning_finds_a_defect_split_between_classes_as_one_of_its_class
     probs[:, 0, 26:32, 28:34], probs[:, 3, 26:32, 28:34] = 0.05, 0.95
     for y, x in ((2, 30), (30, 2), (2, 2)):
         probs[:, 0, y : y + 2, x : x + 2], probs[:, 3, y : y + 2, x : x + 2] = 0.05, 0.95
-    tuner = ScanTuner(3, objects=True)
+    tuner = ScanTuner(3, kind="objects")
     for p, t in zip(probs, target, strict=True):
         tuner.add(p, t.numpy())
     decision, reached = tune(tuner, 2.0, ["background", "c1", "c2", "c3"])

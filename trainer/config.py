@@ -123,13 +123,15 @@ class TrainConfig:
     # The F-beta of object recall and precision that picks them: 2 counts a missed defect as much as four
     # false alarms, the inspector's trade (a false alarm costs a glance, a miss ships).
     decision_beta: float = 2.0
-    # Multiclass: "pixel" tunes a rule per class, per pixel; "object" one threshold on the defect probability,
-    # each component taking the class of largest summed probability, then per-class area and peak rules.
+    # Multiclass: "pixel" tunes a rule per class, per pixel, on the likeliest class's probability; "defect"
+    # the same rules on the defect probability (1 - background's), the likeliest class naming the pixel;
+    # "object" one threshold on the defect probability, each component taking the class of largest summed
+    # probability, then per-class area and peak rules.
     class_decision: str = "pixel"
 
     def __post_init__(self) -> None:
         _one_of(self, "device", DEVICES)
-        _one_of(self, "class_decision", ("object", "pixel"))
+        _one_of(self, "class_decision", ("defect", "object", "pixel"))
         _one_of(self, "amp", AMP_MODES)
         _at_least(self, 0, "steps")
         if self.decision_beta <= 0:

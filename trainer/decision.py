@@ -13,6 +13,10 @@ them into defects is chosen on the validation split, as the Severstal steel-defe
   Feather and a false Needle;
 - multiclass, ``tuned`` (per pixel, the default): a pixel takes the defect class with the
   highest probability, if that probability reaches the class's threshold, else background;
+- multiclass, ``defect`` (``train.class_decision: defect``; per pixel, *where* before *what*): a pixel takes
+  the defect class with the highest probability if its defect probability (1 - the background's) reaches that
+  class's threshold. A needle the model is sure is a defect but splits between Needle (0.30) and Feather
+  (0.40) is kept (as the likelier class), where the ``tuned`` rule drops it for reaching neither threshold;
 - then connected components (8-connected, per class) smaller than the class's ``min_area`` pixels, in the
   1200x1200 model space, or whose most confident pixel stays below the class's ``min_peak``, become
   background. The second rule is hysteresis thresholding (as Canny's edge detector keeps weak edge pixels
@@ -48,6 +52,8 @@ log = logging.getLogger("trainer")
 
 BINS = 100  # threshold resolution of ThresholdTuner: 0.01
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity, as the object metrics use
+PER_PIXEL = ("tuned", "defect")  # the decisions with a threshold, area and peak rule per class, per pixel
+FORMS = {"pixel": "tuned", "defect": "defect", "object": "objects"}  # train.class_decision -> Decision.kind
 
 
 def probabilities(logits: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -68,7 +74,9 @@ def probabilities(logits: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
 @dataclass
 class Decision:
-    kind: str  # "tuned" (a rule per class, per pixel), "objects" (multiclass: a class per component) or "argmax"
+    # "tuned" (a rule per class, per pixel, on the class's probability), "defect" (the same on the defect
+    # probability), "objects" (multiclass: a class per component) or "argmax"
+    kind: str
     thresholds: list[float]  # per defect class (one for binary; "objects": all equal); argmax: unused
     min_area: list[int]  # per defect class; 0 keeps every component
     min_peak: list[float] | None = None  # per defect class; 0 (or None: all 0) keeps every component
@@ -101,11 +109,11 @@ class Decision:
             return (probs[:, 0] >= (self.thresholds[0] if self.kind == "tuned" else 0.5)).long()
         if self.kind == "objects":
             raise ValueError("an 'objects' decision classes whole components: call the decision, not classes()")
-        if self.kind != "tuned":
+        if self.kind not in PER_PIXEL:
             return probs.max(1).indices  # same ties as argmax(1), much faster on CPU over dim 1
-        top_p, top = probs[:, 1:].max(1)
+        top, p = deciding(probs, self.kind == "defect")
         t = torch.as_tensor(self.thresholds, device=probs.device, dtype=probs.dtype)[top]
-        return torch.where(top_p >= t, top + 1, 0)
+        return torch.where(p >= t, top + 1, 0)
 
     def filter_components(self, pred: np.ndarray, confidence: np.ndarray | None = None) -> np.ndarray:
         """(H, W) class ids with the components below their class's ``min_area``, or whose highest
@@ -131,7 +139,7 @@ class Decision:
         if self.kind == "objects":
             return self.by_object(probs)
         pred = self.classes(probs[None])[0].to(torch.uint8).cpu().numpy()
-        confidence = deciding(probs[None])[1][0].cpu().numpy() if any(self.min_peak) else None
+        confidence = deciding(probs[None], self.kind == "defect")[1][0].cpu().numpy() if any(self.min_peak) else None
         return self.filter_components(pred, confidence)
 
     def by_object(self, probs: torch.Tensor) -> np.ndarray:
@@ -181,12 +189,13 @@ def component_max(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
     return out[1:]
 
 
-def deciding(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(class index 0.. among defect classes, its probability) per pixel, the values a threshold compares."""
+def deciding(probs: torch.Tensor, by_defect: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class index 0.. among defect classes, the probability a threshold compares) per pixel: the class's own
+    probability, or with ``by_defect`` (the ``defect`` decision) the defect probability (1 - background's)."""
     if probs.shape[1] == 1:
         return torch.zeros_like(probs[:, 0], dtype=torch.long), probs[:, 0]
     top_p, top = probs[:, 1:].max(1)
-    return top, top_p
+    return top, (1 - probs[:, 0] if by_defect else top_p)
 
 
 class ThresholdTuner:
@@ -265,7 +274,7 @@ def decide(run, val, states: dict[str, dict]) -> dict[str, Decision]:
             model = Model(net.eval(), normalize, run.meta, storage.join(cfg.train.out_dir, f"{name}.pt"), run.device)
             try:
                 done[state["step"]] = tune_model(model, val.manifest, val.split, cfg.train.decision_beta,
-                                                 cfg.data.workers, by_object=cfg.train.class_decision == "object")
+                                                 cfg.data.workers, form=cfg.train.class_decision)
             except EvaluateError as e:
                 raise TrainError(f"tuning the decision of {name}.pt: {e}") from None
         out[name], reached = done[state["step"]]
@@ -283,6 +292,9 @@ def log_decision(name, step, decision: Decision, reached: dict, manifest, split:
     if decision.kind == "objects":
         log.info("(p: the defect probability, 1 - P(background); each component takes the class of largest summed "
                  "probability, then that class's area and peak rules apply)")
+    elif decision.kind == "defect":
+        log.info("(p: the defect probability, 1 - P(background), compared with the threshold of each pixel's "
+                 "likeliest defect class)")
     log.info("on validation: %s", "; ".join(
         f"{n}: {r['found']} of {r['objects']} objects found, {r['kept'] - r['found']} false, IoU {r['iou']:.3f}"
         for n, r in reached.items()))  # fmt: skip
