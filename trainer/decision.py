@@ -106,7 +106,7 @@ class Decision:
     def classes(self, probs: torch.Tensor) -> torch.Tensor:
         """Probabilities (B, K, H, W) -> class ids (B, H, W) int64, before the area filter."""
         if probs.shape[1] == 1:
-            return (probs[:, 0] >= (self.thresholds[0] if self.kind == "tuned" else 0.5)).long()
+            return (probs[:, 0] >= (self.thresholds[0] if self.kind in PER_PIXEL else 0.5)).long()
         if self.kind == "objects":
             raise ValueError("an 'objects' decision classes whole components: call the decision, not classes()")
         if self.kind not in PER_PIXEL:
