@@ -44,7 +44,8 @@ from scipy import ndimage
 from shardgen import schema
 from shardgen.classes import IGNORE_INDEX
 from trainer import dist
-from trainer.decision import FORMS, Decision, component_max, deciding, defect_probability, object_classes
+from trainer.config import CLASS_DECISIONS as FORMS  # train.class_decision -> Decision.kind
+from trainer.decision import Decision, component_max, deciding, defect_probability, object_classes
 
 from . import EvaluateError
 from .blend import reassemble_mask
@@ -71,13 +72,16 @@ class ScanTuner:
 
     def __init__(self, n_defect: int, device: torch.device | str = "cpu", kind: str = "tuned"):
         self.kind = kind  # the Decision.kind scored: "tuned", "defect" (per-pixel rules) or "objects"
-        self.objects = kind == "objects"
         self.n, self.device = n_defect, torch.device(device)  # device: where counts meet across ranks (NCCL: cuda)
         # (deciding class index, its probability, truth); objects: (defect classes' probabilities, defect
         # probability, truth)
         self.scans: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.stats: dict[tuple[int, float, int, float], np.ndarray] = {}  # (class, t, area, peak) -> STATS
         self.truth = np.zeros((n_defect, 2), np.int64)  # [class, pixels / objects]
+
+    @property
+    def objects(self) -> bool:  # the ``objects`` decision (trainer.decision) rather than per-pixel rules
+        return self.kind == "objects"
 
     def add(self, probs: torch.Tensor, truth: np.ndarray) -> None:
         """One scan's blended (K, S, S) probabilities and its (S, S) truth (255 ignored)."""

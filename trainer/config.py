@@ -25,6 +25,8 @@ from .losses import LossConfig
 from .models import MODELS
 
 SCHEDULES = ("cosine", "plateau", "constant")
+# train.class_decision -> the trainer.decision.Decision kind it tunes
+CLASS_DECISIONS = {"pixel": "tuned", "defect": "defect", "object": "objects"}
 DEVICES = ("auto", "cuda", "cpu")
 AMP_MODES = ("auto", "bf16", "off")
 
@@ -131,7 +133,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _one_of(self, "device", DEVICES)
-        _one_of(self, "class_decision", ("defect", "object", "pixel"))
+        _one_of(self, "class_decision", tuple(sorted(CLASS_DECISIONS)))
         _one_of(self, "amp", AMP_MODES)
         _at_least(self, 0, "steps")
         if self.decision_beta <= 0:

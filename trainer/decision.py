@@ -53,7 +53,6 @@ log = logging.getLogger("trainer")
 BINS = 100  # threshold resolution of ThresholdTuner: 0.01
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity, as the object metrics use
 PER_PIXEL = ("tuned", "defect")  # the decisions with a threshold, area and peak rule per class, per pixel
-FORMS = {"pixel": "tuned", "defect": "defect", "object": "objects"}  # train.class_decision -> Decision.kind
 
 
 def probabilities(logits: torch.Tensor, inplace: bool = False) -> torch.Tensor:
