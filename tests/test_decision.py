@@ -263,3 +263,10 @@ def test_component_max_equals_scipy_maximum():
     expected = np.asarray(ndimage.maximum(values, labels, np.arange(1, n + 1)))
     assert np.array_equal(component_max(values, labels, n), expected)
     assert component_max(values, np.zeros_like(labels), 0).shape == (0,)
+
+
+def test_a_binary_decision_of_either_per_pixel_kind_reads_its_threshold():
+    binary = torch.tensor([[[[0.3, 0.6, 0.8]]]])
+    for kind in ("tuned", "defect"):
+        assert Decision(kind, [0.7], [0]).classes(binary).tolist() == [[[0, 0, 1]]]
+    assert Decision.argmax(1).classes(binary).tolist() == [[[0, 1, 1]]]

@@ -132,3 +132,16 @@ def test_signals_measure_what_they_say():
     unsure[:, 5:10, 5:10] = torch.tensor([0.4, 0.55, 0.05])[:, None, None]  # decided, but barely
     s = signals([unsure] * 4, [decision(unsure)] * 4, t, deciding_probability(unsure, decision))
     assert s["defects"] == 1 and s["near_threshold"] == 1
+
+
+def test_the_near_threshold_count_reads_what_the_decision_reads():
+    """Under a ``defect`` decision a pixel split 0.35 / 0.40 between two classes (background 0.25) is compared
+    on its defect probability (0.75), so that is what ranking reads near the thresholds; per class it is 0.40."""
+    import torch
+
+    probs = torch.zeros(3, 4, 4)
+    probs[0] = 1.0
+    probs[:, 1:3, 1:3] = torch.tensor([0.25, 0.35, 0.40])[:, None, None]
+    defect = deciding_probability(probs, Decision("defect", [0.5, 0.5], [0, 0]))
+    own = deciding_probability(probs, Decision("tuned", [0.5, 0.5], [0, 0]))
+    assert np.allclose(defect[1:3, 1:3], 0.75) and np.allclose(own[1:3, 1:3], 0.40)
