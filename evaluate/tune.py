@@ -122,8 +122,9 @@ class ScanTuner:
                 if not boxes:
                     continue
                 sub = tuple(a[boxes[0]] for a in (top, p, truth, scored))
+                truth_k = components(sub[2] == k + 1)  # the same at every threshold: labelled once
                 for t, rules in by_threshold.items():
-                    self._add(k, t, rules, _class_stats(*sub, k, t, rules))
+                    self._add(k, t, rules, _class_stats(*sub, k, t, rules, truth_k))
 
     def _add(self, k: int, t: float, rules, rows) -> None:
         for rule, row in zip(rules, rows, strict=True):
@@ -140,15 +141,17 @@ class ScanTuner:
         return dist.all_reduce(torch.from_numpy(counts).to(self.device)).cpu().numpy()
 
 
-def _class_stats(top, p, truth, scored, k: int, t: float, rules) -> list[np.ndarray]:
-    """STATS of class index ``k`` at threshold ``t`` on one scan, for each (area, peak) of ``rules``."""
+def _class_stats(top, p, truth, scored, k: int, t: float, rules, truth_k=None) -> list[np.ndarray]:
+    """STATS of class index ``k`` at threshold ``t`` on one scan, for each (area, peak) of ``rules``;
+    ``truth_k``: ``components(truth == k + 1)`` when the caller has it."""
     sel = (top == k) & (p >= t)
     region = sel | (truth == k + 1)
     if not region.any():
         return [np.zeros(len(STATS), np.int64) for _ in rules]
     box = ndimage.find_objects(region.astype(np.int8))[0]  # components never cross their bounding box
     sel, p, truth, scored = sel[box], p[box], truth[box], scored[box]
-    t_lab, t_area = components(truth == k + 1)
+    # The box holds every truth pixel of class k, so its truth components are whole: the same labels and areas.
+    t_lab, t_area = (truth_k[0][box], truth_k[1]) if truth_k is not None else components(truth == k + 1)
     labels, s_area = components(sel, scored)
     n = len(s_area)
     size = np.bincount(labels.ravel(), minlength=n + 1)[1:]  # the area rule counts every pixel, as the Decision does
