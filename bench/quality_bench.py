@@ -6,6 +6,11 @@
     python bench/quality_bench.py --device cuda --images 200 --steps 20000   # a GPU's budget
     python bench/quality_bench.py --mode multiclass --arms demo --set loss.form=where_what   # try a change
 
+``--retune`` (with ``--keep``) measures a change of the decision alone: each kept run whose configuration differs
+from the arm's only in ``train.decision_beta`` or ``train.class_decision`` is not trained again; its best.pt is
+re-tuned on its validation split as the trainer would tune it (training is deterministic on one machine: the same
+seed gives bit-identical weights, bench/README.md). ``--held-out-only`` skips scoring the validation split.
+
 ``--mode multiclass`` (what ``make demo`` trains) adds mIoU, the mean per-class object F1 and the share of found
 defects with the right class, and a table of the multiclass goals (held-out median, and the worst seed at 0.8 of
 each). ``--keep DIR`` keeps the data, runs and evaluations; a later run with the same ``--keep`` reuses its data.
@@ -21,12 +26,12 @@ scored on its test split. Two scores per model:
 Arms; each differs from ``demo`` (``configs/demo.yaml`` as it stands) in exactly one thing, at the same training
 budget (the demo's steps, batch and crop, unless ``--steps`` sets another for all):
 
-  demo          configs/demo.yaml
+  demo          configs/demo.yaml, evaluated as ``make demo`` evaluates it (``--tta flips``: DEMO_TTA)
   fp32          train.amp: "off" (what a CPU without native bf16 runs)
   share-0.5     data.defect_share: 0.5
   no-objects    loss.object_window: 0 (no up-weighting of thin and small defects)
   default-aug   the trainer's default augmentation instead of the demo's light one
-  tta           the demo model, evaluated with --tta flips (the decision is the one tuned without TTA)
+  no-tta        the demo model, evaluated without test-time augmentation
 
 Each figure is the median and the [min, max] range over ``--seeds`` training seeds (``train.seed``); one run is
 one draw, and on a CPU runs at this budget move with the seed and even the float order.
@@ -47,8 +52,12 @@ import yaml
 from common import ROOT, print_machine, print_table
 
 PY = sys.executable
-ARMS = ("demo", "fp32", "share-0.5", "no-objects", "default-aug", "tta")
-TRAINED_AS = {"tta": "demo"}  # arms that reuse another arm's models
+ARMS = ("demo", "fp32", "share-0.5", "no-objects", "default-aug", "no-tta")
+TRAINED_AS = {"no-tta": "demo"}  # arms that reuse another arm's models
+# make demo's evaluation: each tile's probabilities averaged over its 4 flips, the decision tuned without them
+# (the Makefile's evaluate --tta; bench/README.md measures the choice).
+DEMO_TTA = "flips"
+DECISION_KEYS = ("decision_beta", "class_decision")  # train.* settings that --retune may change
 HELD_OUT_SEED = 7
 DEMO_IMAGES, DEMO_SPLIT = 72, "train=0.5,val=0.33,test=0.17"  # as the Makefile's demo builds it: 36/24/12
 # (column, metrics.json path); multiclass adds its class figures.
@@ -122,6 +131,46 @@ def train(arm: str, shards: Path, out: Path, seed: int, args) -> float:
     return time.perf_counter() - start
 
 
+def training_changes(old: dict, new: dict) -> list[str]:
+    """The settings (``section.key``) in which two arm configs train differently: the decision's settings
+    (``DECISION_KEYS``) are not training, and the paths are not either (a --keep folder may have moved)."""
+    def strip(c: dict) -> dict:
+        c = {s: dict(v) if isinstance(v, dict) else v for s, v in c.items()}
+        for section, keys in (("data", ("train",)), ("train", (*DECISION_KEYS, "out_dir"))):
+            for k in keys:
+                (c.get(section) or {}).pop(k, None)
+        return c
+
+    old, new = strip(old), strip(new)
+    return sorted(f"{s}.{k}" for s in set(old) | set(new) for k in set(old.get(s) or {}) | set(new.get(s) or {})
+                  if (old.get(s) or {}).get(k) != (new.get(s) or {}).get(k))  # fmt: skip
+
+
+def retune(out: Path, cfg: dict) -> float:
+    """Re-tune a kept run's best.pt for the decision settings of ``cfg`` (it must train as the kept run did);
+    returns the seconds it took."""
+    kept = yaml.safe_load(out.with_suffix(".yaml").read_text())  # what train() wrote
+    if diff := training_changes(kept, yaml.safe_load(yaml.safe_dump(cfg))):
+        sys.exit(f"quality_bench: --retune: {out} was trained with other settings ({', '.join(diff)}); train it again")
+    import torch  # only --retune loads models in this process
+
+    from evaluate.inference import load_model
+    from evaluate.tune import tune_model
+    from shardgen import schema
+
+    start = time.perf_counter()
+    ckpt = out / "best.pt"
+    train_cfg = {"decision_beta": 2.0, "class_decision": "pixel", **cfg["train"]}
+    model = load_model(str(ckpt), torch.device(cfg["train"]["device"]))
+    decision, _ = tune_model(model, schema.read_manifest(cfg["data"]["train"]), "val", train_cfg["decision_beta"],
+                             1, form=train_cfg["class_decision"])  # fmt: skip
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state["meta"]["decision"] = decision.to_json()
+    torch.save(state, ckpt)
+    out.with_suffix(".yaml").write_text(yaml.safe_dump(cfg))
+    return time.perf_counter() - start
+
+
 def score(ckpt: Path, shards: Path, split: str, out: Path, tta: str, device: str) -> dict:
     run("evaluate", "--checkpoint", str(ckpt), "--data", str(shards), "--split", split, "--out", str(out),
         "--device", device, "--tta", tta, "--workers", "1", "--worst", "0")  # fmt: skip
@@ -155,7 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides for every arm (dotted keys, YAML values), e.g. loss.form=joint")
     p.add_argument("--keep", help="keep the data, runs and evaluations in this folder")
+    p.add_argument("--retune", action="store_true",
+                   help="with --keep: re-tune the kept runs' decisions instead of training them again")
+    p.add_argument("--held-out-only", action="store_true", help="score the held-out set only, not validation")
     args = p.parse_args(argv)
+    if args.retune and not args.keep:
+        p.error("--retune re-tunes the runs of a --keep folder")
     print_machine()
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     steps, batch, crop = args.steps or demo["train"]["steps"], demo["data"]["batch_size"], demo["data"]["crop"]
@@ -173,13 +227,18 @@ def main(argv: list[str] | None = None) -> None:
         seconds: dict[tuple[str, int], float] = {}
         for arm in args.arms:
             trained = TRAINED_AS.get(arm, arm)
-            tta = "flips" if arm == "tta" else "none"
+            tta = "none" if arm == "no-tta" else DEMO_TTA
             for seed in range(args.seeds):
                 out = tmp / "runs" / f"{trained}-seed{seed}"
                 if (trained, seed) not in seconds:
-                    seconds[(trained, seed)] = train(trained, shards, out, seed, args)
+                    if args.retune and (out / "best.pt").exists():
+                        seconds[(trained, seed)] = retune(out, arm_config(trained, shards, out, seed, args))
+                    else:
+                        seconds[(trained, seed)] = train(trained, shards, out, seed, args)
                 ckpt = out / "best.pt"
-                for name, data, split in (("val", shards, "val"), ("held-out", held_out, "test")):
+                scored = (("held-out", held_out, "test"),) if args.held_out_only else (
+                    ("val", shards, "val"), ("held-out", held_out, "test"))  # fmt: skip
+                for name, data, split in scored:
                     m = score(ckpt, data, split, tmp / "eval" / f"{arm}-seed{seed}-{name}", tta, args.device)
                     row = results.setdefault(f"{arm} {name}", {label: [] for label, _ in figures})
                     for label, path in figures:
