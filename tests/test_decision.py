@@ -214,11 +214,13 @@ def test_tta_averages_the_views_turned_back():
 
 def test_scored_predictions_decide_like_predict_and_score_the_tta_probabilities():
     """predict's shape scores: ``predict_scored`` decides as ``predict`` does (tuned thresholds, area filter,
-    TTA) and gives each pixel the blended, view-averaged probability of the class it was decided to be."""
+    TTA) and gives each pixel the blended, view-averaged probability of the class it was decided to be; under
+    a decision that keeps defects by their defect probability, a defect pixel's score is that probability."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     cases = [(["background", "a", "b"], 3, Decision("tuned", [0.4, 0.6], [0, 8])),
-             (["background", "defect"], 1, Decision("tuned", [0.45], [4]))]  # fmt: skip
+             (["background", "defect"], 1, Decision("tuned", [0.45], [4])),
+             (["background", "a", "b"], 3, Decision("defect", [0.7, 0.75], [0, 8]))]  # fmt: skip
     for classes, outputs, decision in cases:
         model = _model(torch.nn.Conv2d(1, outputs, 3, padding=1), classes)
         items = [(torch.randint(0, 256, (GRID.count, 1, GRID.tile, GRID.tile), dtype=torch.uint8, generator=g), k)
@@ -237,6 +239,10 @@ def test_scored_predictions_decide_like_predict_and_score_the_tta_probabilities(
                 expect = np.where(decided > 0, p[0], 1 - p[0])
             else:
                 expect = np.take_along_axis(p, decided[None].astype(np.int64), 0)[0]
+                if decision.kind == "defect":
+                    own = expect.copy()
+                    expect = np.where(decided > 0, 1 - p[0], expect)
+                    assert (expect - own)[decided > 0].min() > 0.05  # the other defect class's share counts
             np.testing.assert_allclose(confidence, expect, atol=1e-6)
 
 
