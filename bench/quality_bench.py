@@ -147,26 +147,37 @@ def training_changes(old: dict, new: dict) -> list[str]:
 
 
 def retune(out: Path, cfg: dict) -> float:
-    """Re-tune a kept run's best.pt for the decision settings of ``cfg`` (it must train as the kept run did);
-    returns the seconds it took."""
+    """Re-tune a kept run's best.pt for the decision settings of ``cfg`` (it must train as the kept run did, on
+    the training scans of ``cfg``'s data); returns the seconds it took."""
     kept = yaml.safe_load(out.with_suffix(".yaml").read_text())  # what train() wrote
     if diff := training_changes(kept, yaml.safe_load(yaml.safe_dump(cfg))):
         sys.exit(f"quality_bench: --retune: {out} was trained with other settings ({', '.join(diff)}); train it again")
     import torch  # only --retune loads models in this process
 
-    from evaluate.inference import load_model
+    from evaluate import EvaluateError
+    from evaluate.inference import check_dataset, load_model
     from evaluate.tune import tune_model
     from shardgen import schema
+    from trainer import checkpoint
+    from trainer.config import Config, from_dict
 
     start = time.perf_counter()
-    ckpt = out / "best.pt"
-    train_cfg = {"decision_beta": 2.0, "class_decision": "pixel", **cfg["train"]}
-    model = load_model(str(ckpt), torch.device(cfg["train"]["device"]))
-    decision, _ = tune_model(model, schema.read_manifest(cfg["data"]["train"]), "val", train_cfg["decision_beta"],
-                             1, form=train_cfg["class_decision"])  # fmt: skip
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    train_cfg = from_dict(Config, cfg).train  # the trainer's defaults for what cfg leaves out
+    model = load_model(str(out / "best.pt"), torch.device(train_cfg.device))
+    manifest = schema.read_manifest(cfg["data"]["train"])
+    try:
+        check_dataset(model, manifest)
+    except EvaluateError as e:
+        sys.exit(f"quality_bench: --retune: {e}")
+    if model.meta.get("train_scans") != schema.split_info(manifest, "train").get("scans"):
+        sys.exit(f"quality_bench: --retune: {out} was trained on other scans than {cfg['data']['train']}; "
+                 f"train it again")
+    decision, _ = tune_model(model, manifest, "val", train_cfg.decision_beta, 1, form=train_cfg.class_decision)
+    state = checkpoint.load(str(out / "best.pt"), map_location="cpu")
     state["meta"]["decision"] = decision.to_json()
-    torch.save(state, ckpt)
+    for key in DECISION_KEYS:  # the checkpoint's config says what its decision was tuned with
+        state["meta"]["config"]["train"][key] = getattr(train_cfg, key)
+    checkpoint.save(str(out), "best", state, pointer=False)
     out.with_suffix(".yaml").write_text(yaml.safe_dump(cfg))
     return time.perf_counter() - start
 
@@ -248,8 +259,10 @@ def main(argv: list[str] | None = None) -> None:
                     f"{label} {results[f'{arm} held-out'][label][-1] or 0:.3f}" for label, _ in figures[:4]),
                     flush=True)  # fmt: skip
     print()
-    print("median [min, max] over seeds (* some seeds undefined); compare arms on val, report held-out")
-    headers = ["arm, scored on", *(label for label, _ in figures), "train s"]
+    print("median [min, max] over seeds (* some seeds undefined)"
+          + ("" if args.held_out_only else "; compare arms on val, report held-out"))
+    # With --retune a kept run's seconds are its re-tuning's, not its training's.
+    headers = ["arm, scored on", *(label for label, _ in figures), "train or retune s" if args.retune else "train s"]
     print_table(headers, [[name, *(spread(row[label]) for label, _ in figures),
                            f"{statistics.median(row['train s']):.0f}"] for name, row in results.items()])  # fmt: skip
     if args.mode == "multiclass":

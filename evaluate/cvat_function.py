@@ -14,7 +14,8 @@ read by ``shardgen.crust.open_scan``), tiling, Gaussian blending and the checkpo
 shape per predicted component in the frame's own geometry, as predict writes them in its CVAT XML: a polygon,
 or a mask for a component with holes (``masks``: ``holes``, ``all`` or ``none``). With CVAT's
 ``conv_mask_to_poly`` every shape is a polygon (a component's holes filled). Each shape has the attribute
-``score``: its mean probability, as an integer percentage (cvat-sdk's number attributes are integers); shapes
+``score``: its mean probability (under a ``defect`` or ``objects`` decision, its mean defect probability,
+1 - P(background)), as an integer percentage (cvat-sdk's number attributes are integers); shapes
 below the context's ``conf_threshold`` are left out. Labels are the checkpoint's class names (background
 excluded), matched by name to the task's labels, typed by ``masks``: ``any`` for ``holes`` (polygons and
 masks: the task's labels must be of type ``any``, CVAT's default), ``mask`` for ``all``, ``polygon`` for

@@ -63,7 +63,7 @@ class PredictOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger scans are refused from their header
     simplify: float = DEFAULT_SIMPLIFY  # px of Douglas-Peucker on polygon outlines; 0: exact outlines
     masks: str = "holes"  # holes: RLE masks for components with holes; all: for every component
-    min_score: float = 0.0  # shapes whose mean probability is lower are left out of the XML
+    min_score: float = 0.0  # shapes whose score (Predictor.confidence averaged) is lower are left out of the XML
     labels_from: str | None = None  # a CVAT export whose label names the XML uses
     save_crops: bool = False  # also write crops/{stem}.png: the resized crust crop the model saw
 

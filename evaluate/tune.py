@@ -98,6 +98,8 @@ class ScanTuner:
     def score(self, candidates: Sequence[tuple[float, int, float]]) -> None:
         """Compute the stats of the candidates not yet scored, for every class."""
         todo = [c for c in candidates if (0, *c) not in self.stats]
+        if not todo:
+            return
         for c in todo:
             for k in range(self.n):
                 self.stats[(k, *c)] = np.zeros(len(STATS), np.int64)
