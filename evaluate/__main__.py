@@ -86,8 +86,8 @@ def _predict_parser() -> argparse.ArgumentParser:
                    help="RLE masks for components with holes, or for all of them, or none (polygons only, holes "
                         "filled) (default: %(default)s)")  # fmt: skip
     p.add_argument("--min-score", type=float, default=0.0, metavar="P",
-                   help="leave out shapes whose score (mean probability; under a defect or object decision, mean defect "
-                        "probability) is below P (default: %(default)s)")  # fmt: skip
+                   help="leave out shapes whose score (mean probability; under a defect or object decision, "
+                        "mean defect probability) is below P (default: %(default)s)")  # fmt: skip
     p.add_argument("--labels-from", metavar="XML",
                    help="a CVAT export of the task to import into: its label names are used")  # fmt: skip
     p.add_argument("--save-crops", action="store_true",
