@@ -189,7 +189,7 @@ class Predictor:
             conf = torch.where(decided.bool(), probs[0], 1 - probs[0])
         else:
             conf = probs.gather(0, decided[None])[0]
-            if self.decision.kind in ("defect", "objects"):
+            if self.decision.by_defect:
                 conf = torch.where(decided > 0, 1 - probs[0], conf)
         return conf.float().cpu().numpy()
 

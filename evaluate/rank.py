@@ -80,7 +80,7 @@ def thresholds_of(decision, n_defect: int) -> np.ndarray:
 def deciding_probability(probs: torch.Tensor, decision) -> np.ndarray:
     """(S, S) the probability the decision compares with a class's threshold: the defect probability for an
     ``objects`` or ``defect`` decision, else the likeliest defect class's (binary: the defect probability)."""
-    if decision.kind in ("objects", "defect"):
+    if decision.by_defect:
         return defect_probability(probs[None])[0].cpu().numpy()
     return deciding(probs[None])[1][0].cpu().numpy()
 

@@ -109,11 +109,12 @@ class ScanTuner:
         for top, p, truth in self.scans:
             scored = truth != IGNORE_INDEX
             if self.objects:  # each pixel of a component: the component's class index; the rest unused
+                truths = [components(truth == k + 1) for k in range(self.n)]  # the same at every threshold
                 for t, rules in by_threshold.items():
                     labels, _, cls = object_classes(top, p, t)
                     top_t = np.concatenate([[0], cls - 1])[labels]
                     for k in range(self.n):
-                        self._add(k, t, rules, _class_stats(top_t, p, truth, scored, k, t, rules))
+                        self._add(k, t, rules, _class_stats(top_t, p, truth, scored, k, t, rules, truths[k]))
                 continue
             lowest = min(by_threshold, default=1.0)
             for k in range(self.n):
@@ -143,9 +144,9 @@ class ScanTuner:
         return dist.all_reduce(torch.from_numpy(counts).to(self.device)).cpu().numpy()
 
 
-def _class_stats(top, p, truth, scored, k: int, t: float, rules, truth_k=None) -> list[np.ndarray]:
+def _class_stats(top, p, truth, scored, k: int, t: float, rules, truth_k) -> list[np.ndarray]:
     """STATS of class index ``k`` at threshold ``t`` on one scan, for each (area, peak) of ``rules``;
-    ``truth_k``: ``components(truth == k + 1)`` when the caller has it."""
+    ``truth_k``: ``components(truth == k + 1)``, the same at every threshold, so labelled once by the caller."""
     sel = (top == k) & (p >= t)
     region = sel | (truth == k + 1)
     if not region.any():
@@ -153,7 +154,7 @@ def _class_stats(top, p, truth, scored, k: int, t: float, rules, truth_k=None) -
     box = ndimage.find_objects(region.astype(np.int8))[0]  # components never cross their bounding box
     sel, p, truth, scored = sel[box], p[box], truth[box], scored[box]
     # The box holds every truth pixel of class k, so its truth components are whole: the same labels and areas.
-    t_lab, t_area = (truth_k[0][box], truth_k[1]) if truth_k is not None else components(truth == k + 1)
+    t_lab, t_area = truth_k[0][box], truth_k[1]
     labels, s_area = components(sel, scored)
     n = len(s_area)
     size = np.bincount(labels.ravel(), minlength=n + 1)[1:]  # the area rule counts every pixel, as the Decision does

@@ -86,6 +86,11 @@ class Decision:
         if self.min_peak is None:
             self.min_peak = [0.0] * len(self.thresholds)
 
+    @property
+    def by_defect(self) -> bool:
+        """Whether its thresholds and peaks read the defect probability (1 - background's), not a class's own."""
+        return self.kind in ("defect", "objects")
+
     @classmethod
     def argmax(cls, n_defect: int) -> Decision:
         return cls("argmax", [0.5] * n_defect, [0] * n_defect)
@@ -110,7 +115,7 @@ class Decision:
             raise ValueError("an 'objects' decision classes whole components: call the decision, not classes()")
         if self.kind not in PER_PIXEL:
             return probs.max(1).indices  # same ties as argmax(1), much faster on CPU over dim 1
-        top, p = deciding(probs, self.kind == "defect")
+        top, p = deciding(probs, self.by_defect)
         t = torch.as_tensor(self.thresholds, device=probs.device, dtype=probs.dtype)[top]
         return torch.where(p >= t, top + 1, 0)
 
@@ -138,7 +143,7 @@ class Decision:
         if self.kind == "objects":
             return self.by_object(probs)
         pred = self.classes(probs[None])[0].to(torch.uint8).cpu().numpy()
-        confidence = deciding(probs[None], self.kind == "defect")[1][0].cpu().numpy() if any(self.min_peak) else None
+        confidence = deciding(probs[None], self.by_defect)[1][0].cpu().numpy() if any(self.min_peak) else None
         return self.filter_components(pred, confidence)
 
     def by_object(self, probs: torch.Tensor) -> np.ndarray:
