@@ -122,8 +122,12 @@ def match(iou: np.ndarray, at: float = FOUND_IOU) -> tuple[np.ndarray, np.ndarra
     rows, cols = np.flatnonzero(w.any(1)), np.flatnonzero(w.any(0))
     if not len(rows):
         return rows, cols
-    r, c = linear_sum_assignment(w[np.ix_(rows, cols)], maximize=True)
-    ok = w[rows[r], cols[c]] > 0
+    w = w[np.ix_(rows, cols)]
+    if np.count_nonzero(w) == len(rows) == len(cols):  # each overlaps exactly one: those pairs, no assignment
+        r, c = np.nonzero(w)
+        return rows[r], cols[c]
+    r, c = linear_sum_assignment(w, maximize=True)
+    ok = w[r, c] > 0
     return rows[r[ok]], cols[c[ok]]
 
 

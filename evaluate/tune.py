@@ -27,15 +27,19 @@ F-beta of the found, kept and truth objects summed over the classes tuned on the
 The deciding class and probability of this rank's validation scans and their truth are kept in memory (6
 bytes a pixel, ~9 MB per 1200 px scan; for the ``objects`` decision every defect class's probability in
 float16 instead, 25 bytes a pixel with ten classes, ~36 MB) while the grid widens; under torchrun every rank
-scores its own scans and the counts are all-reduced.
+scores its own scans and the counts are all-reduced. Scans are scored on a pool of threads (two on a 2-core CPU;
+numpy and scipy release the GIL for most of the work), and a rule keeping the same matchable components as
+one already matched is not matched again: 24 demo scans in 21-23 s instead of 32-35 s, the same decisions.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import statistics
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -50,7 +54,7 @@ from trainer.decision import Decision, component_max, deciding, defect_probabili
 from . import EvaluateError
 from .blend import reassemble_mask
 from .inference import Model, Predictor
-from .metrics import components, match, pair_iou
+from .metrics import FOUND_IOU, components, match, pair_iou
 from .tiles import grid_of, image_loader
 
 log = logging.getLogger("evaluate.tune")
@@ -70,7 +74,7 @@ class ScanTuner:
     """Per defect class and candidate (threshold, area, peak): ``STATS`` summed over scans, computed on demand
     from the scans given to ``add`` so that a widened grid scores only its new candidates."""
 
-    def __init__(self, n_defect: int, device: torch.device | str = "cpu", kind: str = "tuned"):
+    def __init__(self, n_defect: int, device: torch.device | str = "cpu", kind: str = "tuned", threads: int = 0):
         self.kind = kind  # the Decision.kind scored: "tuned", "defect" (per-pixel rules) or "objects"
         self.n, self.device = n_defect, torch.device(device)  # device: where counts meet across ranks (NCCL: cuda)
         # (deciding class index, its probability, truth); objects: (defect classes' probabilities, defect
@@ -78,6 +82,7 @@ class ScanTuner:
         self.scans: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.stats: dict[tuple[int, float, int, float], np.ndarray] = {}  # (class, t, area, peak) -> STATS
         self.truth = np.zeros((n_defect, 2), np.int64)  # [class, pixels / objects]
+        self.threads = threads or min(2, os.cpu_count() or 1)  # scans scored at once
 
     @property
     def objects(self) -> bool:  # the ``objects`` decision (trainer.decision) rather than per-pixel rules
@@ -106,28 +111,37 @@ class ScanTuner:
         by_threshold: dict[float, list[tuple[int, float]]] = {}
         for t, area, peak in todo:
             by_threshold.setdefault(t, []).append((area, peak))
-        for top, p, truth in self.scans:
-            scored = truth != IGNORE_INDEX
-            if self.objects:  # each pixel of a component: the component's class index; the rest unused
-                truths = [components(truth == k + 1) for k in range(self.n)]  # the same at every threshold
-                for t, rules in by_threshold.items():
-                    labels, _, cls = object_classes(top, p, t)
-                    top_t = np.concatenate([[0], cls - 1])[labels]
-                    for k in range(self.n):
-                        self._add(k, t, rules, _class_stats(top_t, p, truth, scored, k, t, rules, truths[k]))
+        with ThreadPoolExecutor(self.threads) as pool:  # numpy and scipy release the GIL for most of it
+            for rows in pool.map(lambda scan: self._scan_stats(scan, by_threshold), self.scans):
+                for k, t, rules, stats in rows:
+                    self._add(k, t, rules, stats)
+
+    def _scan_stats(self, scan, by_threshold: dict[float, list[tuple[int, float]]]) -> list[tuple]:
+        """One scan's (class index, threshold, rules, their STATS rows) for the rules of each threshold."""
+        top, p, truth = scan
+        scored = truth != IGNORE_INDEX
+        out = []
+        if self.objects:  # each pixel of a component: the component's class index; the rest unused
+            truths = [components(truth == k + 1) for k in range(self.n)]  # the same at every threshold
+            for t, rules in by_threshold.items():
+                labels, _, cls = object_classes(top, p, t)
+                top_t = np.concatenate([[0], cls - 1])[labels]
+                for k in range(self.n):
+                    out.append((k, t, rules, _class_stats(top_t, p, truth, scored, k, t, rules, truths[k])))
+            return out
+        lowest = min(by_threshold, default=1.0)
+        for k in range(self.n):
+            # Every threshold's selection of class k lies in the box of its pixels at the lowest threshold
+            # and its truth: cut the scan to it once, not once per threshold (the same components, so the
+            # same stats).
+            boxes = ndimage.find_objects((((top == k) & (p >= lowest)) | (truth == k + 1)).astype(np.int8))
+            if not boxes:
                 continue
-            lowest = min(by_threshold, default=1.0)
-            for k in range(self.n):
-                # Every threshold's selection of class k lies in the box of its pixels at the lowest threshold
-                # and its truth: cut the scan to it once, not once per threshold (the same components, so the
-                # same stats).
-                boxes = ndimage.find_objects((((top == k) & (p >= lowest)) | (truth == k + 1)).astype(np.int8))
-                if not boxes:
-                    continue
-                sub = tuple(a[boxes[0]] for a in (top, p, truth, scored))
-                truth_k = components(sub[2] == k + 1)  # the same at every threshold: labelled once
-                for t, rules in by_threshold.items():
-                    self._add(k, t, rules, _class_stats(*sub, k, t, rules, truth_k))
+            sub = tuple(a[boxes[0]] for a in (top, p, truth, scored))
+            truth_k = components(sub[2] == k + 1)  # the same at every threshold: labelled once
+            for t, rules in by_threshold.items():
+                out.append((k, t, rules, _class_stats(*sub, k, t, rules, truth_k)))
+        return out
 
     def _add(self, k: int, t: float, rules, rows) -> None:
         for rule, row in zip(rules, rows, strict=True):
@@ -161,10 +175,14 @@ def _class_stats(top, p, truth, scored, k: int, t: float, rules, truth_k) -> lis
     peak = component_max(p, labels, n)
     right = np.bincount(labels[truth == k + 1], minlength=n + 1)[1:]
     iou = pair_iou(t_lab, t_area, labels, s_area, scored)
+    can_match = (iou >= FOUND_IOU).any(0)  # the components that can be found at all
+    found_by: dict[bytes, int] = {}  # many rules keep the same matchable components: matched once
     out = []
     for area, min_peak in rules:
         keep = (size >= area) & (peak >= min_peak)
-        found = len(match(iou[:, keep])[0])
+        key = (keep & can_match).tobytes()
+        if (found := found_by.get(key)) is None:
+            found = found_by[key] = len(match(iou[:, keep & can_match])[0])
         out.append(np.array([keep.sum(), found, right[keep].sum(), (s_area - right)[keep].sum()], np.int64))
     return out
 

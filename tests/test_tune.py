@@ -370,3 +370,23 @@ def test_classes_are_tuned_together_so_a_class_of_false_alarms_keeps_none():
     useful = spray.copy()
     useful[1, 0] = [6, 4, 40, 10]
     assert together(useful, candidates, truth, 2.0, [0, 1]) == [0, 0]
+
+
+def test_scans_scored_on_two_threads_give_the_one_thread_counts():
+    """ScanTuner scores scans on a thread pool: the counts of every candidate are those of one thread."""
+    g = torch.Generator().manual_seed(0)
+    scans = []
+    for _ in range(6):
+        probs = torch.rand(4, 48, 48, generator=g).softmax(0)
+        truth = torch.randint(0, 4, (48, 48), generator=g).numpy().astype(np.uint8)
+        truth[:5] = 255
+        scans.append((probs, truth))
+    counts = []
+    for threads in (1, 2):
+        tuner = ScanTuner(3, kind="defect", threads=threads)
+        for probs, truth in scans:
+            tuner.add(probs, truth)
+        candidates = [(t, a, p) for t in (0.3, 0.6) for a in (0, 8) for p in (0.0, 0.9)]
+        counts.append(tuner.table(candidates))
+    assert counts[0].sum() > 0
+    np.testing.assert_array_equal(counts[0], counts[1])
