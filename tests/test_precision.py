@@ -51,3 +51,24 @@ def test_a_channels_last_bf16_unet_learns_a_fixed_batch():
     loss_fn = build_loss(LossConfig(object_window=15), 1)
     losses = fixed_batch_losses(model, loss_fn, x, y, lr=2e-2, steps=30, ctx=precision.autocast(CPU, "bf16"))
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("trained, native_cpu, expected", [("bf16", True, True), ("bf16", False, False),
+                                                          ("off", True, False), ("auto", True, False)])  # fmt: skip
+def test_evaluate_predicts_in_the_precision_the_model_was_trained_in(monkeypatch, trained, native_cpu, expected):
+    """A model trained in bf16 is evaluated (and its decision tuned) in bf16 where the CPU has it natively;
+    an fp32 model, or a CPU without native bf16, stays fp32 (and no warning)."""
+    import warnings
+
+    from evaluate import inference
+    from shardgen.tiling import TileGrid
+
+    monkeypatch.setattr(inference, "cpu_bf16_native", lambda: native_cpu)
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: native_cpu)
+    net = build_model("unet", 1, 3, channels=[4, 8]).eval()
+    meta = {"classes": ["background", "a", "b"], "in_channels": 1, "config": {"train": {"amp": trained}}}
+    model = inference.Model(net, None, meta, "m.pt", CPU)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predictor = inference.Predictor(model, TileGrid(64, 32, 32))
+    assert autocast_on(predictor.amp) == expected
