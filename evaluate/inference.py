@@ -62,6 +62,15 @@ class Model:
         native = self.device.type == "cpu" and isinstance(self.net, nn.Module) and cpu_bf16_native()
         return "bf16" if trained == "bf16" and native else "auto"
 
+    @property
+    def precision(self) -> str:
+        """What its forward passes run in under ``autocast(device, amp)``: ``bf16`` or ``fp32`` (an exported
+        model in ONNX Runtime: fp32). metrics.json records it: the same checkpoint predicts in bf16 on a CPU
+        with native bf16 and in fp32 on one without, and its maps differ slightly."""
+        if not isinstance(self.net, nn.Module):
+            return "fp32"
+        return "bf16" if self.amp == "bf16" or self.device.type == "cuda" else "fp32"
+
 
 def load_model(url: str, device: torch.device) -> Model:
     """The checkpoint at ``url`` as an eval-mode network; a bad checkpoint raises ``CheckpointError``. A

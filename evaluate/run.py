@@ -262,6 +262,7 @@ def evaluate(opts: EvalOptions) -> dict:
                   f"training scans: these figures do not measure held-out quality", file=sys.stderr)
     metrics["decision"] = {"requested": opts.decision, **decision.to_json()}
     metrics["tta"] = opts.tta
+    metrics["precision"] = model.precision  # bf16 or fp32: what the tiles were predicted in
     metrics["config"] = {
         "evaluate": {**asdict(opts), "data": manifest["_url"], "world_size": dist.world_size()},
         "grid": {"image_size": grid.image_size, "tile": grid.tile, "stride": grid.stride},

@@ -179,6 +179,13 @@ def test_the_assignment_maximizes_total_iou():
     assert len(match(np.array([[0.6, 0.4], [0.3, 0.0]]), at=0.5)[0]) == 1  # only A-P reaches 0.5
 
 
+def test_one_to_one_overlaps_are_matched_as_they_are():
+    """Each truth overlapping exactly one prediction and each prediction one truth (no assignment to solve):
+    those pairs, in truth order; a pair under IoU 0.1 is no match."""
+    rows, cols = match(np.array([[0.0, 0.5, 0.0], [0.7, 0.0, 0.0], [0.0, 0.0, 0.05]]))
+    assert list(zip(rows.tolist(), cols.tolist(), strict=True)) == [(0, 1), (1, 0)]
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_found_matches_equal_a_brute_force_maximum_total_iou(seed):
     """Small random maps of up to 4 truth and 5 predicted rectangles: the matches at IoU >= 0.1 are those of

@@ -105,6 +105,7 @@ def test_outputs(evaluated, tiny, capsys):
     ):
         assert key in metrics
     assert metrics["n_images"] == 3 and sorted(metrics["per_image_dice"]) == ids
+    assert metrics["precision"] == "fp32"  # the tiny model trained with train.amp auto, on a CPU
     assert set(metrics["per_class"]) == set(manifest["classes"])
     for row in metrics["per_class"].values():
         assert {"iou", "dice", "precision", "recall", "object_recall", "object_precision"} <= set(row)

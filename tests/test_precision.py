@@ -72,3 +72,4 @@ def test_evaluate_predicts_in_the_precision_the_model_was_trained_in(monkeypatch
         warnings.simplefilter("error")
         predictor = inference.Predictor(model, TileGrid(64, 32, 32))
     assert autocast_on(predictor.amp) == expected
+    assert model.precision == ("bf16" if expected else "fp32")

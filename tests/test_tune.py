@@ -372,7 +372,8 @@ def test_classes_are_tuned_together_so_a_class_of_false_alarms_keeps_none():
     assert together(useful, candidates, truth, 2.0, [0, 1]) == [0, 0]
 
 
-def test_scans_scored_on_two_threads_give_the_one_thread_counts():
+@pytest.mark.parametrize("kind", ["defect", "objects"])
+def test_scans_scored_on_two_threads_give_the_one_thread_counts(kind):
     """ScanTuner scores scans on a thread pool: the counts of every candidate are those of one thread."""
     g = torch.Generator().manual_seed(0)
     scans = []
@@ -383,7 +384,7 @@ def test_scans_scored_on_two_threads_give_the_one_thread_counts():
         scans.append((probs, truth))
     counts = []
     for threads in (1, 2):
-        tuner = ScanTuner(3, kind="defect", threads=threads)
+        tuner = ScanTuner(3, kind=kind, threads=threads)
         for probs, truth in scans:
             tuner.add(probs, truth)
         candidates = [(t, a, p) for t in (0.3, 0.6) for a in (0, 8) for p in (0.0, 0.9)]
