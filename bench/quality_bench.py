@@ -7,9 +7,10 @@
     python bench/quality_bench.py --mode multiclass --arms demo --set loss.form=where_what   # try a change
 
 ``--retune`` (with ``--keep``) measures a change of the decision alone: each kept run whose configuration differs
-from the arm's only in ``train.decision_beta`` or ``train.class_decision`` is not trained again; its best.pt is
-re-tuned on its validation split as the trainer would tune it (training is deterministic on one machine: the same
-seed gives bit-identical weights, bench/README.md). ``--held-out-only`` skips scoring the validation split.
+from the arm's only in ``train.decision_beta``, ``train.class_decision`` or ``train.decision_grow`` is not trained
+again; its best.pt is re-tuned on its validation split as the trainer would tune it (training is deterministic on
+one machine: the same seed gives bit-identical weights, bench/README.md). ``--held-out-only`` skips scoring the
+validation split.
 
 ``--mode multiclass`` (what ``make demo`` trains) adds mIoU, the mean per-class object F1 and the share of found
 defects with the right class, and a table of the multiclass goals (held-out median, and the worst seed at 0.8 of
@@ -57,7 +58,7 @@ TRAINED_AS = {"no-tta": "demo"}  # arms that reuse another arm's models
 # make demo's evaluation: each tile's probabilities averaged over its 4 flips, the decision tuned without them
 # (the Makefile's evaluate --tta; bench/README.md measures the choice).
 DEMO_TTA = "flips"
-DECISION_KEYS = ("decision_beta", "class_decision")  # train.* settings that --retune may change
+DECISION_KEYS = ("decision_beta", "class_decision", "decision_grow")  # train.* settings that --retune may change
 HELD_OUT_SEED = 7
 DEMO_IMAGES, DEMO_SPLIT = 72, "train=0.5,val=0.33,test=0.17"  # as the Makefile's demo builds it: 36/24/12
 # (column, metrics.json path); multiclass adds its class figures.
@@ -172,7 +173,8 @@ def retune(out: Path, cfg: dict) -> float:
     if model.meta.get("train_scans") != schema.split_info(manifest, "train").get("scans"):
         sys.exit(f"quality_bench: --retune: {out} was trained on other scans than {cfg['data']['train']}; "
                  f"train it again")
-    decision, _ = tune_model(model, manifest, "val", train_cfg.decision_beta, 1, form=train_cfg.class_decision)
+    decision, _ = tune_model(model, manifest, "val", train_cfg.decision_beta, 1, form=train_cfg.class_decision,
+                             grow_px=train_cfg.decision_grow)  # fmt: skip
     state = checkpoint.load(str(out / "best.pt"), map_location="cpu")
     state["meta"]["decision"] = decision.to_json()
     for key in DECISION_KEYS:  # the checkpoint's config says what its decision was tuned with

@@ -57,8 +57,12 @@ class Model:
     def amp(self) -> str:
         """The precision evaluate runs it in (``trainer.precision.autocast``): bf16 on CUDA; on a CPU, bf16 where
         it was trained in bf16 (``train.amp``) and the CPU multiplies bf16 natively (1.4x the tiles per second
-        of fp32 on a 2-core AVX512-BF16 EPYC, bench/README.md), else fp32. Tuning and evaluation share it."""
-        trained = (self.meta.get("config") or {}).get("train", {}).get("amp")
+        of fp32 on a 2-core AVX512-BF16 EPYC, bench/README.md), else fp32. Tuning and evaluation share it.
+        "Trained in bf16" is the checkpoint's recorded ``precision`` (a ``train.amp: bf16`` run on a CPU without
+        native bf16 trained in fp32); a checkpoint from before it was recorded is read by its ``train.amp``."""
+        trained = self.meta.get("precision")
+        if trained is None:
+            trained = "bf16" if (self.meta.get("config") or {}).get("train", {}).get("amp") == "bf16" else "fp32"
         native = self.device.type == "cpu" and isinstance(self.net, nn.Module) and cpu_bf16_native()
         return "bf16" if trained == "bf16" and native else "auto"
 

@@ -270,6 +270,10 @@ def _decision(decision: Mapping | None, class_names: Sequence[str]) -> dict:
         explain = ("A pixel takes its most likely defect class when that probability reaches the class's "
                    "threshold; a component smaller than the minimum area, or whose highest probability stays "
                    "below the minimum peak, is dropped.")
+    if decision.get("grow_px") and decision["kind"] != "objects":
+        explain += (f" Then each kept defect grows by up to {decision['grow_px']} px into the neighbouring pixels "
+                    f"that are more likely defect than not and of its own most likely class, never joining another "
+                    f"defect: the rules are tuned to find defects, the growth gives back their outlines.")
     if borrowed:
         line += (f"; {', '.join(borrowed)} had fewer than {MIN_OBJECTS} validation objects and took their values "
                  f"from the other classes (their median, or one rule for all classes pooled when none had enough)")

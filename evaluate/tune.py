@@ -259,9 +259,10 @@ def shared_threshold(table: np.ndarray, candidates, truth: np.ndarray, beta: flo
     return max(options, key=lambda o: o[0])[1]
 
 
-def tune(tuner: ScanTuner, beta: float, class_names: Sequence[str]) -> tuple[Decision, dict]:
+def tune(tuner: ScanTuner, beta: float, class_names: Sequence[str], grow_px: int = 0) -> tuple[Decision, dict]:
     """The decision for the scans ``tuner`` holds (every rank's), and per class what it reaches on them; the
-    classes' rules are chosen ``together``."""
+    classes' rules are chosen ``together``. ``grow_px`` is stored with it as given (``Decision.grow_px``): the
+    growth changes outlines, not which components are kept, so the rules are tuned without it."""
     truth = tuner.reduce(tuner.truth.copy())
     own = [k for k in range(tuner.n) if truth[k, 1] >= MIN_OBJECTS]
     pooled = not own  # no class has enough objects: one rule for all, tuned on all their objects together
@@ -308,7 +309,7 @@ def tune(tuner: ScanTuner, beta: float, class_names: Sequence[str]) -> tuple[Dec
     decision = Decision(tuner.kind, [float(v[0]) for v in values],
                         [int(v[1]) for v in values], [float(v[2]) for v in values],
                         val_objects=[int(v) for v in truth[:, 1]],
-                        borrowed=[names[k] for k in borrowed])  # fmt: skip
+                        borrowed=[names[k] for k in borrowed], grow_px=grow_px)  # fmt: skip
     reached = {}
     for k in own or range(tuner.n):
         kept, found, right, wrong = table[k, best[k]].tolist()
@@ -318,10 +319,11 @@ def tune(tuner: ScanTuner, beta: float, class_names: Sequence[str]) -> tuple[Dec
 
 
 def tune_model(model: Model, manifest: dict, split: str, beta: float, workers: int = 2, batch_size: int = 25,
-               blend: str = "gaussian", form: str = "pixel") -> tuple[Decision, dict]:  # fmt: skip
+               blend: str = "gaussian", form: str = "pixel", grow_px: int = 0) -> tuple[Decision, dict]:  # fmt: skip
     """Predict this rank's scans of ``split`` as evaluate does and tune the decision on all ranks' scans.
     A multiclass model gets the decision ``form`` names (``train.class_decision``: ``pixel``, a rule per class on
-    its own probability; ``defect``, on the defect probability; ``object``); a binary model the ``tuned`` one."""
+    its own probability; ``defect``, on the defect probability; ``object``); a binary model the ``tuned`` one.
+    ``grow_px``: ``train.decision_grow``, stored with the decision."""
     if form not in FORMS:
         raise ValueError(f"decision form must be one of {', '.join(FORMS)}, got {form!r}")
     if not schema.split_info(manifest, split)["images"]:
@@ -338,4 +340,4 @@ def tune_model(model: Model, manifest: dict, split: str, beta: float, workers: i
         failure = str(e)
     if (failure := dist.any_rank(failure)) is not None:
         raise EvaluateError(failure)
-    return tune(tuner, beta, names)
+    return tune(tuner, beta, names, grow_px)

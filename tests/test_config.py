@@ -82,6 +82,7 @@ def test_wrong_types_are_rejected(write, text, where, expected):
         ("data.batch_size=0", "batch_size must be >= 1, got 0"),
         ("augment.hflip_p=1.5", "hflip_p must be a probability"),
         ("train.decision_beta=0", "decision_beta must be > 0, got 0"),
+        ("train.decision_grow=-1", "decision_grow must be >= 0, got -1"),
         ("loss.object_window=16", "object_window must be 0 or odd, got 16"),
         ("loss.form=both", "form must be one of ('joint', 'where_what'), got 'both'"),
         ("train.class_decision=component", "class_decision must be one of defect, object, pixel; got 'component'"),

@@ -276,3 +276,40 @@ def test_a_binary_decision_of_either_per_pixel_kind_reads_its_threshold():
     for kind in ("tuned", "defect"):
         assert Decision(kind, [0.7], [0]).classes(binary).tolist() == [[[0, 0, 1]]]
     assert Decision.argmax(1).classes(binary).tolist() == [[[0, 1, 1]]]
+
+
+def test_growth_gives_back_an_outline_without_joining_or_adding_defects():
+    """A needle kept by a strict threshold (its core at 0.95) grows into the pixels around it that are more likely
+    defect than not and of its class, up to ``grow_px``; not into a neighbour of another likeliest class, not
+    past ``grow_px``, not across the gap to a second defect, and a qualifying pixel cut off from every kept
+    defect stays background: the object count and the classes do not change."""
+    classes = np.zeros((20, 40), np.uint8)
+    p = np.full(classes.shape, 0.9, np.float32)  # background sure of itself
+    classes[4:7, 2:20], p[4:7, 2:20] = 1, 0.6  # the needle's outline: class 1, defect probability 0.6
+    p[5, 2:20] = 0.95  # its core: what the threshold keeps
+    classes[7, 2:20], p[7, 2:20] = 2, 0.6  # a row below it whose likeliest class is another
+    classes[4:7, 20:23], p[4:7, 20:23] = 1, 0.6  # a bridge to a second defect...
+    classes[4:7, 23:30], p[4:7, 23:30] = 1, 0.95  # ... which is kept too
+    classes[12, 10:14], p[12, 10:14] = 1, 0.6  # a faint patch nowhere near a kept pixel of its own
+    classes[10, 2:20], p[10, 2:20] = 1, 0.6  # a faint line 5 px from the core, cut off from it by background
+    probs = probs_of(classes, p)
+    plain = Decision("tuned", [0.9, 0.9, 0.9], [0] * 3)
+    kept = plain(probs)
+    assert kept.sum() == 18 + 3 * 7  # the needle's core and the second defect
+    for px in (1, 2, 8):
+        out = Decision("tuned", [0.9] * 3, [0] * 3, grow_px=px)(probs)
+        assert set(np.unique(out)) == {0, 1}  # no pixel of class 2 painted, no class changed
+        assert ndimage.label(out > 0, np.ones((3, 3)))[1] == 2  # still two defects: the bridge does not join them
+        assert (out[4:7, 2:19] == 1).all()  # the outline given back (within 1 px of the core)
+        assert not out[10:13].any()  # cut-off pixels stay background
+        assert (out[kept > 0] == kept[kept > 0]).all()  # every kept pixel stays as it was
+    # Not past grow_px: the second defect's outline rows are 1 px from its core rows, so px 1 reaches them, but
+    # nothing grows 2 px away on the bridge side of a 1 px limit.
+    one = Decision("tuned", [0.9] * 3, [0] * 3, grow_px=1)(probs)
+    assert not one[4:7, 21].any()
+    # The defect decision grows on the defect probability; the old decision (no grow_px) loads without growth.
+    assert (Decision("defect", [0.9] * 3, [0] * 3, grow_px=2)(probs) == Decision("tuned", [0.9] * 3, [0] * 3,
+                                                                                grow_px=2)(probs)).all()
+    saved = Decision("tuned", [0.9] * 3, [0] * 3, grow_px=4)
+    assert Decision.from_meta({"decision": saved.to_json()}) == saved
+    assert Decision.from_meta({"decision": {"kind": "tuned", "thresholds": [0.5], "min_area": [0]}}).grow_px == 0

@@ -245,6 +245,10 @@ def test_decision_says_what_probability_its_thresholds_read(tmp_path):
     page = write_report(tmp_path, metrics, [], NAMES).read_text(encoding="utf-8")
     assert "when its defect probability (1 − P(background)) reaches that class&#39;s threshold" in page
     assert len(_parse(page).tables["decision"]) == len(NAMES)  # header + a row per defect class
+    assert "grows" not in page
+    metrics["decision"]["grow_px"] = 8  # train.decision_grow: the report says what it does
+    page = write_report(tmp_path / "grown", metrics, [], NAMES).read_text(encoding="utf-8")
+    assert "each kept defect grows by up to 8 px into the neighbouring pixels" in page
 
 
 def test_histogram_prints_each_bar_count_and_leaves_out_undefined_means(tmp_path):

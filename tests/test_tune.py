@@ -299,7 +299,8 @@ def test_a_multiclass_model_gets_the_objects_decision(tiny):
     model = load_model(str(tiny.ckpt), torch.device("cpu"))
     objects, _ = tune_model(model, manifest, "val", beta=2.0, workers=0, form="object")
     per_class, _ = tune_model(model, manifest, "val", beta=2.0, workers=0)
-    defect, _ = tune_model(model, manifest, "val", beta=2.0, workers=0, form="defect")
+    defect, _ = tune_model(model, manifest, "val", beta=2.0, workers=0, form="defect", grow_px=8)
+    assert defect.grow_px == 8 and per_class.grow_px == 0  # train.decision_grow, stored as given
     assert objects.kind == "objects" and len(set(objects.thresholds)) == 1
     assert len(objects.min_area) == len(objects.min_peak) == 10
     assert per_class.kind == "tuned" and len(per_class.thresholds) == 10

@@ -21,7 +21,12 @@ them into defects is chosen on the validation split, as the Severstal steel-defe
   1200x1200 model space, or whose most confident pixel stays below the class's ``min_peak``, become
   background. The second rule is hysteresis thresholding (as Canny's edge detector keeps weak edge pixels
   connected to a strong one): a pinpoint of 14 px that the model is sure of survives, a speck of dust or a
-  facet-edge fragment it half believes does not, which no single area or threshold can tell apart.
+  facet-edge fragment it half believes does not, which no single area or threshold can tell apart;
+- then, with ``grow_px`` (``train.decision_grow``; per-pixel decisions), each kept component grows into the
+  pixels within ``grow_px`` of it whose deciding probability reaches 0.5 and whose likeliest defect class is
+  its own, never joining two components and never starting a new one. The rules above are tuned to *find*
+  defects (object F-beta), and a threshold that finds a pinpoint best paints less of it than the defect is;
+  the growth gives back the outline without changing which defects are found or their class.
 
 The values are tuned on whole validation scans by ``evaluate.tune``, through the very prediction code that
 applies them. ``ThresholdTuner`` is the cheap per-tile pixel-IoU curve that training uses to score each
@@ -81,6 +86,7 @@ class Decision:
     min_peak: list[float] | None = None  # per defect class; 0 (or None: all 0) keeps every component
     val_objects: list[int] | None = None  # per defect class: the validation objects it was tuned on
     borrowed: list[str] | None = None  # classes with too few of them, given the other classes' median values
+    grow_px: int = 0  # per-pixel decisions: kept components grow up to this far (``grow``); 0: not at all
 
     def __post_init__(self) -> None:
         if self.min_peak is None:
@@ -102,7 +108,7 @@ class Decision:
         if not d:
             return None
         return cls(d["kind"], list(d["thresholds"]), list(d["min_area"]), list(d.get("min_peak") or []) or None,
-                   d.get("val_objects"), d.get("borrowed"))  # fmt: skip
+                   d.get("val_objects"), d.get("borrowed"), int(d.get("grow_px") or 0))  # fmt: skip
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -143,8 +149,12 @@ class Decision:
         if self.kind == "objects":
             return self.by_object(probs)
         pred = self.classes(probs[None])[0].to(torch.uint8).cpu().numpy()
-        confidence = deciding(probs[None], self.by_defect)[1][0].cpu().numpy() if any(self.min_peak) else None
-        return self.filter_components(pred, confidence)
+        grows = self.grow_px > 0 and self.kind in PER_PIXEL
+        top, confidence = None, None
+        if any(self.min_peak) or grows:
+            top, confidence = (t[0].cpu().numpy() for t in deciding(probs[None], self.by_defect))
+        pred = self.filter_components(pred, confidence)
+        return grow(pred, top + 1, confidence, self.grow_px) if grows else pred
 
     def by_object(self, probs: torch.Tensor) -> np.ndarray:
         """The ``objects`` rule on (K, H, W) multiclass probabilities: defect components, then their classes."""
@@ -158,6 +168,35 @@ class Decision:
         lut = np.zeros(n + 1, np.uint8)
         lut[1:] = np.where(keep, cls, 0)
         return lut[labels]
+
+
+def grow(pred: np.ndarray, top: np.ndarray, confidence: np.ndarray, px: int, at_least: float = 0.5) -> np.ndarray:
+    """``pred`` (H, W) class ids with each component grown into the background pixels within ``px`` of it
+    (Euclidean) whose ``confidence`` reaches ``at_least`` and whose likeliest defect class ``top`` (1..) is the
+    class of its nearest kept pixel, reached through such pixels. A grown pixel touching (8-connected) a pixel of
+    another component stays background, so two defects never merge and the object count does not change."""
+    kept = pred > 0
+    if px <= 0 or not kept.any() or kept.all():
+        return pred
+    labels, _ = ndimage.label(kept, EIGHT)
+    dist, (iy, ix) = ndimage.distance_transform_edt(~kept, return_indices=True)
+    nearest = pred[iy, ix]
+    grown = ~kept & (dist <= px) & (confidence >= at_least) & (top == nearest)
+    owner = np.where(grown, labels[iy, ix], labels)  # each pixel's component; 0 = background
+    # A grown pixel whose 3x3 neighbourhood holds another component's pixel would join the two: dropped.
+    # (Dropping pixels creates no new contact, so one pass leaves no two components touching.)
+    high = ndimage.maximum_filter(owner, size=3)
+    low = ndimage.minimum_filter(np.where(owner > 0, owner, np.iinfo(owner.dtype).max), size=3)
+    grown &= (high == owner) & (low == owner)
+    out = pred.copy()
+    out[grown] = nearest[grown]
+    # Grown pixels cut off from their component (the path ran through pixels that did not qualify) would be
+    # new objects: only the grown pixels connected to a kept one stay.
+    joined, n = ndimage.label(out > 0, EIGHT)
+    has_kept = np.zeros(n + 1, bool)
+    has_kept[joined[kept]] = True
+    out[grown & ~has_kept[joined]] = 0
+    return out
 
 
 def object_classes(class_probs, defect: np.ndarray, threshold: float) -> tuple[np.ndarray, int, np.ndarray]:
@@ -278,7 +317,8 @@ def decide(run, val, states: dict[str, dict]) -> dict[str, Decision]:
             model = Model(net.eval(), normalize, run.meta, storage.join(cfg.train.out_dir, f"{name}.pt"), run.device)
             try:
                 done[state["step"]] = tune_model(model, val.manifest, val.split, cfg.train.decision_beta,
-                                                 cfg.data.workers, form=cfg.train.class_decision)
+                                                 cfg.data.workers, form=cfg.train.class_decision,
+                                                 grow_px=cfg.train.decision_grow)  # fmt: skip
             except EvaluateError as e:
                 raise TrainError(f"tuning the decision of {name}.pt: {e}") from None
         out[name], reached = done[state["step"]]
@@ -302,5 +342,8 @@ def log_decision(name, step, decision: Decision, reached: dict, manifest, split:
     log.info("on validation: %s", "; ".join(
         f"{n}: {r['found']} of {r['objects']} objects found, {r['kept'] - r['found']} false, IoU {r['iou']:.3f}"
         for n, r in reached.items()))  # fmt: skip
+    if decision.grow_px and decision.kind in PER_PIXEL:
+        log.info("then each kept defect grows up to %d px into neighbouring pixels of p >= 0.5 and of its own "
+                 "likeliest class, never joining another", decision.grow_px)  # fmt: skip
     if decision.borrowed:
         log.info("fewer than 5 validation objects, values from the other classes: %s", ", ".join(decision.borrowed))

@@ -117,7 +117,10 @@ def build_run(cfg: Config, device: torch.device, manifest: dict, n_train: int) -
             "grid": {k: manifest[k] for k in ("image_size", "tile", "stride")},
             # the sha256 of each training scan: evaluate warns when it scores any of them
             "train_scans": schema.split_info(manifest, cfg.data.train_split).get("scans", [])}  # fmt: skip
+    amp = autocast(device, cfg.train.amp)
+    # What the steps really run in: a ``train.amp: bf16`` run on a CPU without native bf16 trains in fp32
+    # (evaluate predicts a model in the precision it was trained in, evaluate.inference.Model.amp).
+    meta["precision"] = "bf16" if isinstance(amp, torch.autocast) else "fp32"
     augment = GpuAugment(cfg.augment, cfg.normalize).to(device)
     names = runlog.RunLog.class_names(classes, binary)
-    return RunState(cfg, device, model, optimizer, scheduler, meta, augment, autocast(device, cfg.train.amp), names,
-                    total)  # fmt: skip
+    return RunState(cfg, device, model, optimizer, scheduler, meta, augment, amp, names, total)
