@@ -26,7 +26,8 @@ them into defects is chosen on the validation split, as the Severstal steel-defe
   pixels within ``grow_px`` of it whose deciding probability reaches 0.5 and whose likeliest defect class is
   its own, never joining two components and never starting a new one. The rules above are tuned to *find*
   defects (object F-beta), and a threshold that finds a pinpoint best paints less of it than the defect is;
-  the growth gives back the outline without changing which defects are found or their class.
+  the growth gives back the outline without adding, dropping or joining defects (a defect painted in two
+  classes grows each part in its own class, so its majority may change).
 
 The values are tuned on whole validation scans by ``evaluate.tune``, through the very prediction code that
 applies them. ``ThresholdTuner`` is the cheap per-tile pixel-IoU curve that training uses to score each
@@ -173,8 +174,10 @@ class Decision:
 def grow(pred: np.ndarray, top: np.ndarray, confidence: np.ndarray, px: int, at_least: float = 0.5) -> np.ndarray:
     """``pred`` (H, W) class ids with each component grown into the background pixels within ``px`` of it
     (Euclidean) whose ``confidence`` reaches ``at_least`` and whose likeliest defect class ``top`` (1..) is the
-    class of its nearest kept pixel, reached through such pixels. A grown pixel touching (8-connected) a pixel of
-    another component stays background, so two defects never merge and the object count does not change."""
+    class of its nearest kept pixel (by straight-line distance; a pixel nearer another component across a gap
+    stays background). A grown pixel touching (8-connected) a pixel of another component stays background, and
+    one not connected to its component through grown pixels too, so two defects never merge and the number of
+    defects does not change (per class, a distance tie may join two pieces of one class inside one defect)."""
     kept = pred > 0
     if px <= 0 or not kept.any() or kept.all():
         return pred
