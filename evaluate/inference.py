@@ -56,7 +56,7 @@ class Model:
     @property
     def amp(self) -> str:
         """The precision evaluate runs it in (``trainer.precision.autocast``): bf16 on CUDA; on a CPU, bf16 where
-        it was trained in bf16 (``train.amp``) and the CPU multiplies bf16 natively (1.4x the tiles per second
+        it was trained in bf16 and the CPU multiplies bf16 natively (1.4x the tiles per second
         of fp32 on a 2-core AVX512-BF16 EPYC, bench/README.md), else fp32. Tuning and evaluation share it.
         "Trained in bf16" is the checkpoint's recorded ``precision`` (a ``train.amp: bf16`` run on a CPU without
         native bf16 trained in fp32); a checkpoint from before it was recorded is read by its ``train.amp``."""

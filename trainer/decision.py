@@ -122,8 +122,12 @@ class Decision:
             raise ValueError("an 'objects' decision classes whole components: call the decision, not classes()")
         if self.kind not in PER_PIXEL:
             return probs.max(1).indices  # same ties as argmax(1), much faster on CPU over dim 1
-        top, p = deciding(probs, self.by_defect)
-        t = torch.as_tensor(self.thresholds, device=probs.device, dtype=probs.dtype)[top]
+        return self._threshold(*deciding(probs, self.by_defect))
+
+    def _threshold(self, top: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """The per-pixel rule on ``deciding``'s (class index, probability): the class where ``p`` reaches its
+        threshold, else background."""
+        t = torch.as_tensor(self.thresholds, device=p.device, dtype=p.dtype)[top]
         return torch.where(p >= t, top + 1, 0)
 
     def filter_components(self, pred: np.ndarray, confidence: np.ndarray | None = None) -> np.ndarray:
@@ -149,11 +153,17 @@ class Decision:
         """(K, H, W) probabilities of one image -> (H, W) uint8 class ids, component filters included."""
         if self.kind == "objects":
             return self.by_object(probs)
-        pred = self.classes(probs[None])[0].to(torch.uint8).cpu().numpy()
         grows = self.grow_px > 0 and self.kind in PER_PIXEL
         top, confidence = None, None
-        if any(self.min_peak) or grows:
-            top, confidence = (t[0].cpu().numpy() for t in deciding(probs[None], self.by_defect))
+        if self.kind in PER_PIXEL and (any(self.min_peak) or grows):
+            # The deciding class and probability once, for the rule, the peak filter and the growth.
+            top_t, p_t = deciding(probs[None], self.by_defect)
+            pred = self._threshold(top_t, p_t)[0].to(torch.uint8).cpu().numpy()
+            top, confidence = top_t[0].cpu().numpy(), p_t[0].cpu().numpy()
+        else:
+            pred = self.classes(probs[None])[0].to(torch.uint8).cpu().numpy()
+            if any(self.min_peak):
+                confidence = deciding(probs[None], self.by_defect)[1][0].cpu().numpy()
         pred = self.filter_components(pred, confidence)
         return grow(pred, top + 1, confidence, self.grow_px) if grows else pred
 
