@@ -40,8 +40,6 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_and_runs_fp32(monkeypatch):
     assert not autocast_on(ctx)
 
 
-@native
-@pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("native_cpu", [True, False])
 def test_a_run_records_the_precision_its_steps_really_run_in(monkeypatch, native_cpu):
     """``train.amp: bf16`` on a CPU without native bf16 runs fp32, and its checkpoints say so (evaluate then
@@ -60,6 +58,8 @@ def test_a_run_records_the_precision_its_steps_really_run_in(monkeypatch, native
     assert run.meta["precision"] == ("bf16" if native_cpu else "fp32")
 
 
+@native
+@pytest.mark.usefixtures("one_torch_thread")
 def test_a_channels_last_bf16_unet_learns_a_fixed_batch():
     """The demo's CPU setting (train.amp=bf16, channels_last) still trains: the loss halves on one batch."""
     from trainer.losses import LossConfig, build_loss
