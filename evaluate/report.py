@@ -271,8 +271,9 @@ def _decision(decision: Mapping | None, class_names: Sequence[str]) -> dict:
                    "threshold; a component smaller than the minimum area, or whose highest probability stays "
                    "below the minimum peak, is dropped.")
     if decision.get("grow_px") and decision["kind"] != "objects":
+        reads = "defect probability" if decision["kind"] == "defect" else "probability of that class"
         explain += (f" Then each kept defect grows by up to {decision['grow_px']} px into the neighbouring pixels "
-                    f"that are more likely defect than not and of its own most likely class, never joining another "
+                    f"whose most likely class is its own, with a {reads} of at least 0.5, never joining another "
                     f"defect: the rules are tuned to find defects, the growth gives back their outlines.")
     if borrowed:
         line += (f"; {', '.join(borrowed)} had fewer than {MIN_OBJECTS} validation objects and took their values "

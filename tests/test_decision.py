@@ -286,6 +286,7 @@ def test_growth_gives_back_an_outline_without_joining_or_adding_defects():
     classes = np.zeros((20, 40), np.uint8)
     p = np.full(classes.shape, 0.9, np.float32)  # background sure of itself
     classes[4:7, 2:20], p[4:7, 2:20] = 1, 0.6  # the needle's outline: class 1, defect probability 0.6
+    classes[2:4, 2:20], p[2:4, 2:20] = 1, 0.6  # a wider halo above it: 2 and 3 px from its core
     p[5, 2:20] = 0.95  # its core: what the threshold keeps
     classes[7, 2:20], p[7, 2:20] = 2, 0.6  # a row below it whose likeliest class is another
     classes[4:7, 20:23], p[4:7, 20:23] = 1, 0.6  # a bridge to a second defect...
@@ -301,10 +302,12 @@ def test_growth_gives_back_an_outline_without_joining_or_adding_defects():
         assert set(np.unique(out)) == {0, 1}  # no pixel of class 2 painted, no class changed
         assert ndimage.label(out > 0, np.ones((3, 3)))[1] == 2  # still two defects: the bridge does not join them
         assert (out[4:7, 2:19] == 1).all()  # the outline given back (within 1 px of the core)
+        assert not out[7].any()  # 1-2 px from the core, but its likeliest class is another
+        assert (out[3, 2:19] == 1).all() == (px >= 2) and (out[2, 2:19] == 1).all() == (px >= 3)
         assert not out[10:13].any()  # cut-off pixels stay background
         assert (out[kept > 0] == kept[kept > 0]).all()  # every kept pixel stays as it was
-    # Not past grow_px: the second defect's outline rows are 1 px from its core rows, so px 1 reaches them, but
-    # nothing grows 2 px away on the bridge side of a 1 px limit.
+    # The bridge between the two defects stays background near its middle (not past grow_px from the needle's
+    # core; the halo rows above check the limit itself).
     one = Decision("tuned", [0.9] * 3, [0] * 3, grow_px=1)(probs)
     assert not one[4:7, 21].any()
     # The defect decision grows on the defect probability; the old decision (no grow_px) loads without growth.

@@ -75,7 +75,8 @@ def test_a_channels_last_bf16_unet_learns_a_fixed_batch():
 
 @pytest.mark.parametrize("trained, recorded, native_cpu, expected", [
     ("bf16", None, True, True), ("bf16", None, False, False), ("off", None, True, False), ("auto", None, True, False),
-    ("bf16", "bf16", True, True), ("bf16", "fp32", True, False)])  # fmt: skip
+    ("bf16", "bf16", True, True), ("bf16", "fp32", True, False),
+    ("auto", "bf16", True, True)])  # trained on CUDA (auto: bf16 there), predicted on a native CPU  # fmt: skip
 def test_evaluate_predicts_in_the_precision_the_model_was_trained_in(monkeypatch, trained, recorded, native_cpu,
                                                                      expected):  # fmt: skip
     """A model trained in bf16 is evaluated (and its decision tuned) in bf16 where the CPU has it natively;

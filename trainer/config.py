@@ -130,9 +130,11 @@ class TrainConfig:
     # "object" one threshold on the defect probability, each component taking the class of largest summed
     # probability, then per-class area and peak rules.
     class_decision: str = "pixel"
-    # Per-pixel decisions: each kept defect grows up to this many pixels into its neighbours that are more
-    # likely defect than not and of its own likeliest class, never joining another (trainer.decision.grow); 0:
-    # the tuned rules' pixels only. Not tuned: it changes outlines, not which defects are found.
+    # Per-pixel decisions: each kept defect grows up to this many pixels into its neighbours of its own
+    # likeliest class whose deciding probability (the defect probability under class_decision: defect, the
+    # class's own under pixel) reaches 0.5, never joining another (trainer.decision.grow); 0: the tuned rules'
+    # pixels only. Not tuned: the rules are tuned without it; it changes outlines, not which components are
+    # kept (an object's IoU, so whether it counts as found at IoU >= 0.1, may still move).
     decision_grow: int = 0
 
     def __post_init__(self) -> None:
