@@ -49,7 +49,7 @@ from shardgen import schema
 from shardgen.classes import IGNORE_INDEX
 from trainer import dist
 from trainer.config import CLASS_DECISIONS as FORMS  # train.class_decision -> Decision.kind
-from trainer.decision import Decision, component_max, deciding, defect_probability, object_classes
+from trainer.decision import PER_PIXEL, Decision, component_max, deciding, defect_probability, object_classes
 
 from . import EvaluateError
 from .blend import reassemble_mask
@@ -329,7 +329,10 @@ def tune_model(model: Model, manifest: dict, split: str, beta: float, workers: i
     if not schema.split_info(manifest, split)["images"]:
         raise EvaluateError(f"{manifest['_url']}: split {split!r} has no images to tune the decision on")
     grid, names = grid_of(manifest), list(manifest["classes"])
-    tuner = ScanTuner(max(1, len(names) - 1), model.device, FORMS[form] if len(names) > 2 else "tuned")
+    kind = FORMS[form] if len(names) > 2 else "tuned"
+    if grow_px and kind not in PER_PIXEL:
+        raise ValueError(f"grow_px {grow_px}: the {form!r} decision does not grow (only per-pixel ones do)")
+    tuner = ScanTuner(max(1, len(names) - 1), model.device, kind)
     predictor = Predictor(model, grid, blend, batch_size)
     failure = None
     try:

@@ -83,6 +83,7 @@ def test_wrong_types_are_rejected(write, text, where, expected):
         ("augment.hflip_p=1.5", "hflip_p must be a probability"),
         ("train.decision_beta=0", "decision_beta must be > 0, got 0"),
         ("train.decision_grow=-1", "decision_grow must be >= 0, got -1"),
+        ("train.class_decision=object train.decision_grow=8", "class_decision: object does not grow"),
         ("loss.object_window=16", "object_window must be 0 or odd, got 16"),
         ("loss.form=both", "form must be one of ('joint', 'where_what'), got 'both'"),
         ("train.class_decision=component", "class_decision must be one of defect, object, pixel; got 'component'"),
@@ -90,7 +91,7 @@ def test_wrong_types_are_rejected(write, text, where, expected):
 )
 def test_values_out_of_range_are_rejected(write, override, message):
     with pytest.raises(ConfigError, match="run.yaml") as e:
-        load_config(write(""), [override])
+        load_config(write(""), override.split())
     assert message in str(e.value)
 
 

@@ -308,6 +308,8 @@ def test_a_multiclass_model_gets_the_objects_decision(tiny):
     assert objects.val_objects == per_class.val_objects == defect.val_objects
     with pytest.raises(ValueError, match="decision form must be one of pixel, defect, object, got 'class'"):
         tune_model(model, manifest, "val", beta=2.0, workers=0, form="class")
+    with pytest.raises(ValueError, match="the .object. decision does not grow"):  # not stored, never done
+        tune_model(model, manifest, "val", beta=2.0, workers=0, form="object", grow_px=8)
 
 
 def test_defect_tuning_finds_a_defect_two_classes_share():

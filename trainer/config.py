@@ -142,6 +142,10 @@ class TrainConfig:
         _one_of(self, "class_decision", tuple(sorted(CLASS_DECISIONS)))
         _one_of(self, "amp", AMP_MODES)
         _at_least(self, 0, "steps", "decision_grow")
+        if self.decision_grow and self.class_decision == "object":
+            raise ValueError(f"decision_grow grows the per-pixel decisions (class_decision: pixel or defect); "
+                             f"class_decision: object does not grow, so set decision_grow to 0 "
+                             f"(got {self.decision_grow})")
         if self.decision_beta <= 0:
             raise ValueError(f"train config: decision_beta must be > 0, got {self.decision_beta}")
         _at_least(self, 1, "log_every", "val_every", "ckpt_every", "max_bad_steps")
