@@ -31,18 +31,16 @@ def cpu_model() -> str:
 
 
 def cpu_features() -> str:
-    """The instruction sets that decide this CPU's speed here: one model name ("AMD EPYC") covers CPUs with
-    AVX512-BF16 and without AVX512 at all, and their training steps differ by 2x."""
+    """The widest instruction set this CPU's flags name: one model name ("AMD EPYC") covers CPUs with
+    AVX512-BF16 and without AVX512 at all, and their training steps differ by 2x. Whether bf16 runs natively
+    is oneDNN's answer (``print_machine``), the one ``train.amp: bf16`` goes by."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
     except OSError:
         return ""
     names = [("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2")]
-    have = next((label for flag, label in names if flag in flags), "")
-    if have and "bf16" not in have.lower():
-        have += ", no native bf16"
-    return have
+    return next((label for flag, label in names if flag in flags), "")
 
 
 def usable_cores() -> int:
@@ -58,8 +56,10 @@ def print_machine() -> None:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    features = cpu_features()
-    print(f"machine: {cpu_model()}{f' ({features})' if features else ''}, {usable_cores()} cores (load avg {load}), "
+    from trainer.precision import cpu_bf16_native  # what train.amp: bf16 decides by (oneDNN), not the flags
+
+    features = ", ".join(f for f in (cpu_features(), "native bf16" if cpu_bf16_native() else "no native bf16") if f)
+    print(f"machine: {cpu_model()} ({features}), {usable_cores()} cores (load avg {load}), "
           f"GPU: {gpu}")
     print(f"python {platform.python_version()}, torch {torch.__version__}")
 
