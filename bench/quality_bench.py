@@ -160,10 +160,13 @@ def retune(out: Path, cfg: dict) -> float:
     from evaluate.tune import tune_model
     from shardgen import schema
     from trainer import checkpoint
-    from trainer.config import Config, from_dict
+    from trainer.config import Config, ConfigError, from_dict
 
     start = time.perf_counter()
-    train_cfg = from_dict(Config, cfg).train  # the trainer's defaults for what cfg leaves out
+    try:
+        train_cfg = from_dict(Config, cfg).train  # the trainer's defaults for what cfg leaves out
+    except ConfigError as e:  # a --set the trainer would refuse too (its message names the setting)
+        sys.exit(f"quality_bench: --retune: {e}")
     model = load_model(str(out / "best.pt"), torch.device(train_cfg.device))
     manifest = schema.read_manifest(cfg["data"]["train"])
     try:

@@ -6,6 +6,7 @@ import copy
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -29,3 +30,15 @@ def test_a_training_setting_is_named():
     new["loss"] = {"object_window": 0}  # a section the kept run did not have
     assert quality_bench.training_changes(DEMO, new) == ["loss.object_window", "optim.lr", "train.amp"]
     assert DEMO["optim"]["lr"] != 1e-3  # the copy, not the demo config, changed
+
+
+def test_retune_to_a_setting_the_trainer_refuses_is_one_line(tmp_path):
+    """--retune --set train.class_decision=object on the demo (which grows its kept defects): the trainer's own
+    message, not a traceback, before any model is loaded."""
+    out = tmp_path / "demo-seed0"
+    out.with_suffix(".yaml").write_text(yaml.safe_dump(DEMO))
+    new = copy.deepcopy(DEMO)
+    new["train"]["class_decision"] = "object"
+    with pytest.raises(SystemExit, match=r"^quality_bench: --retune: config.train: decision_grow grows") as e:
+        quality_bench.retune(out, new)
+    assert "\n" not in str(e.value)
