@@ -71,6 +71,25 @@ def test_small_true_defects_are_kept():
     assert applies_exactly(decision, probs, target)
 
 
+def test_pixels_under_a_tenth_defect_probability_are_never_painted():
+    """Two thin lines: one the model gives 25% (a rule at 0.2 finds it, the edge of the first window, so lower
+    thresholds are tried too), one it is sure of at a single pixel and gives 3% along the rest of it and its
+    blurred surroundings. A 2% rule gated by the sure peak would find the second line at IoU 0.17 by painting
+    120 px around its 20; the tuned rules never go below 10%."""
+    target = torch.zeros((3, 40, 40), dtype=torch.long)
+    probs = torch.zeros((3, 1, 40, 40))
+    target[:, 32, 10:30] = 1
+    probs[:, 0, 32, 10:30] = 0.25
+    target[:, 20, 10:30] = 1
+    probs[:, 0, 18:23, 8:32] = 0.03
+    probs[:, 0, 20, 20] = 0.99
+    decision, _ = tuned(probs, target)
+    assert min(decision.thresholds) >= 0.1
+    for p in probs:
+        painted = decision(p) > 0
+        assert painted[32, 10:30].all() and (p[0].numpy()[painted] >= 0.1).all()
+
+
 def test_peak_rule_keeps_a_whole_sure_pinpoint_and_drops_unsure_specks():
     """A 4x4 pinpoint whose core the model is sure of (0.99) and whose rim it half believes (0.7), and three
     false 4x4 specks at 0.7. No area separates them; a threshold above 0.7 drops the specks but cuts the
